@@ -1,0 +1,48 @@
+# seqrec: `make demo` and `make test` work on a fresh clone with only Python 3.11 installed.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION := 2.13.0
+DATA ?= synthetic
+export SEQREC_DATA_DIR ?= $(abspath ../shared/data)
+DEMO_TRAIN_ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-fast lint format bench clean
+
+# Install once: the stamp file is newer than pyproject.toml until the dependencies change.
+$(VENV)/.installed: pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found: install Python 3.11 or run 'make PYTHON=python3 ...'"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch pinned in the same pip call: a bare `torch` would resolve to a multi-GB CUDA build.
+	$(PY) -m pip install --quiet --no-compile torch==$(TORCH_VERSION) -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(PY) scripts/prepare_data.py data=$(DATA)
+	$(PY) scripts/train.py data=$(DATA) $(DEMO_TRAIN_ARGS)
+	$(PY) scripts/evaluate.py data=$(DATA)
+	$(PY) scripts/export_onnx.py data=$(DATA)
+	$(PY) scripts/show_recommendations.py artifacts/export/$(DATA) data/processed/$(DATA) --num 3 --k 10
+	@echo; cat artifacts/reports/$(DATA)/test_metrics.md
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow and not real_data" $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check src tests scripts
+	$(VENV)/bin/ruff format --check src tests scripts
+
+format: setup
+	$(VENV)/bin/ruff check --fix src tests scripts
+	$(VENV)/bin/ruff format src tests scripts
+
+clean:
+	rm -rf logs artifacts data/processed .pytest_cache

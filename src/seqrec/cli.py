@@ -1,0 +1,106 @@
+"""Command line: recommend next items for one session from an ONNX export (torch-free).
+
+Usage::
+
+    python -m seqrec.cli artifacts/export/synthetic 1234 987 --k 10 [--exclude-seen] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from seqrec.predictor import Recommendation, RecommendInfo, SessionRecommender
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+"""Bad arguments or an unusable export directory (argparse uses 2 as well)."""
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of :func:`main`."""
+    parser = argparse.ArgumentParser(
+        prog="seqrec-recommend",
+        description="Recommend the next items for a session of raw item ids (oldest first).",
+    )
+    parser.add_argument(
+        "export_dir", help="export directory (model.onnx, item_vocab.json, export_meta.json)"
+    )
+    parser.add_argument(
+        "items", nargs="+", metavar="ITEM", help="raw item ids of the session, oldest first"
+    )
+    parser.add_argument(
+        "--k", type=_positive_int, default=10, help="number of recommendations (default 10)"
+    )
+    parser.add_argument(
+        "--exclude-seen", action="store_true", help="never recommend items of the session"
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument(
+        "--num-threads", type=_positive_int, default=1, help="onnxruntime intra-op threads"
+    )
+    return parser
+
+
+def _format_table(recs: Sequence[Recommendation], info: RecommendInfo) -> str:
+    lines = [
+        f"session: {info.num_known} known, {info.num_unknown} unknown item(s)"
+        + ("; no known item, popularity fallback" if info.used_fallback else ""),
+        f"{'rank':>4}  {'item_id':<20} {'score':>10}",
+    ]
+    for rank, rec in enumerate(recs, start=1):
+        score = f"{rec.score:10.4f}" if rec.source == "model" else f"{'-':>10}"
+        lines.append(f"{rank:>4}  {rec.item_id:<20} {score}")
+    return "\n".join(lines)
+
+
+def _format_json(recs: Sequence[Recommendation], info: RecommendInfo) -> str:
+    return json.dumps(
+        {
+            "num_known": info.num_known,
+            "num_unknown": info.num_unknown,
+            "used_fallback": info.used_fallback,
+            "recommendations": [
+                {"rank": rank, "item_id": rec.item_id, "score": rec.score, "source": rec.source}
+                for rank, rec in enumerate(recs, start=1)
+            ],
+        },
+        indent=2,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` (default ``sys.argv[1:]``), recommend, print the result.
+
+    Returns:
+        0 on success; 2 for bad arguments or a missing / malformed export directory (the message
+        goes to stderr, no traceback).
+    """
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        recommender = SessionRecommender.from_dir(args.export_dir, num_threads=args.num_threads)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    recs, info = recommender.recommend_with_info(
+        args.items, k=args.k, exclude_seen=args.exclude_seen
+    )
+    print(_format_json(recs, info) if args.json else _format_table(recs, info))
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

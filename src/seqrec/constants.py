@@ -1,0 +1,24 @@
+"""Names shared by every stage: the padding index and the canonical column names."""
+
+from typing import Final
+
+PAD_IDX: Final[int] = 0
+"""Item index reserved for left padding; never a real item, never recommended."""
+
+# Canonical event / session frame columns.
+VISITOR_ID: Final[str] = "visitor_id"
+"""Raw visitor id (str); sessions are cut per visitor."""
+SESSION_ID: Final[str] = "session_id"
+"""Session id (str), unique within a dataset."""
+ITEM_ID: Final[str] = "item_id"
+"""Raw item id from the source (str)."""
+TS_MS: Final[str] = "ts_ms"
+"""Event time, integer milliseconds since the Unix epoch (int64)."""
+EVENT_TYPE: Final[str] = "event_type"
+"""Event kind from the source, e.g. ``view``, ``addtocart``, ``transaction`` (str)."""
+
+# Evaluation example frame columns (one row per prefix -> next item).
+PREFIX_ITEM_IDS: Final[str] = "prefix_item_ids"
+"""Raw item ids seen so far in the session, oldest first (list[str])."""
+NEXT_ITEM_ID: Final[str] = "next_item_id"
+"""Raw id of the item to predict (str)."""

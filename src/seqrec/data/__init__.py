@@ -1,0 +1,1 @@
+"""Data stages: read raw events, cut sessions, split by time, synthetic demo data."""

@@ -1,0 +1,130 @@
+"""Lightning module: SASRec + full-softmax cross-entropy + full-catalog ranking metrics."""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from seqrec.constants import PAD_IDX
+from seqrec.metrics import NextItemMetrics
+from seqrec.models.sasrec import SASRec, SASRecConfig
+
+METRIC_KS = (10, 20)
+
+
+class SASRecModule(pl.LightningModule):
+    """Trains :class:`SASRec` with cross-entropy over the full catalog at every real position.
+
+    Logits are computed only at positions whose target is a real item (N of them in a batch), so the
+    cost is N x C rather than B x L x C.
+
+    Args:
+        num_items: catalog size excluding PAD (from the vocabulary, not from YAML).
+        max_len: context length L.
+        d_model, n_heads, n_layers, dropout, ffn_mult: see :class:`SASRecConfig`.
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay (not applied to biases, LayerNorms and position embeddings).
+        warmup_steps: linear learning-rate warm-up steps, then constant.
+    """
+
+    def __init__(
+        self,
+        num_items: int,
+        max_len: int = 50,
+        d_model: int = 64,
+        n_heads: int = 2,
+        n_layers: int = 2,
+        dropout: float = 0.2,
+        ffn_mult: int = 4,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = SASRec(
+            SASRecConfig(
+                num_items=num_items,
+                max_len=max_len,
+                d_model=d_model,
+                n_heads=n_heads,
+                n_layers=n_layers,
+                dropout=dropout,
+                ffn_mult=ffn_mult,
+            )
+        )
+        self.val_metrics = NextItemMetrics(METRIC_KS)
+        self.test_metrics = NextItemMetrics(METRIC_KS)
+
+    def forward(self, item_ids: Tensor) -> Tensor:
+        """(B, L) int64 left-padded item indices -> (B, C) float scores for the next item."""
+        return self.model.score_last(item_ids)
+
+    def loss(self, item_ids: Tensor, targets: Tensor) -> Tensor:
+        """Mean cross-entropy over real target positions.
+
+        Args:
+            item_ids: (B, L) int64 inputs, left-padded.
+            targets: (B, L) int64 next items, PAD (0) where there is no target.
+
+        Returns:
+            Scalar float loss; 0 (with a graph) when the batch has no real target.
+        """
+        hidden = self.model(item_ids)  # (B, L, D)
+        is_target = targets != PAD_IDX  # (B, L)
+        if not bool(is_target.any()):
+            return hidden.sum() * 0.0
+        logits = self.model.score(hidden[is_target])  # (N, C)
+        return F.cross_entropy(logits, targets[is_target])
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss = self.loss(batch["item_ids"], batch["targets"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["item_ids"].shape[0])
+        return loss
+
+    def _eval_step(self, batch: dict[str, Tensor], stage: str, metrics: NextItemMetrics) -> None:
+        scores = self(batch["item_ids"])  # (B, C)
+        loss = F.cross_entropy(scores, batch["next_items"])
+        metrics.update(scores, batch["next_items"])
+        self.log(f"{stage}/loss", loss, batch_size=scores.shape[0], sync_dist=True)
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "val", self.val_metrics)
+
+    def on_validation_epoch_end(self) -> None:
+        for key, value in self.val_metrics.compute().items():
+            self.log(f"val/{key}", value, prog_bar=key == "mrr@20", sync_dist=False)
+        self.val_metrics.reset()
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "test", self.test_metrics)
+
+    def on_test_epoch_end(self) -> None:
+        for key, value in self.test_metrics.compute().items():
+            self.log(f"test/{key}", value)
+        self.test_metrics.reset()
+
+    def configure_optimizers(self):  # noqa: ANN201 - Lightning's union return type
+        decay, no_decay = [], []
+        for name, param in self.named_parameters():
+            is_no_decay = param.ndim < 2 or "pos_emb" in name  # biases, LayerNorms, positions
+            (no_decay if is_no_decay else decay).append(param)
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": self.hparams.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=self.hparams.lr,
+        )
+        warmup = max(int(self.hparams.warmup_steps), 0)
+        if warmup == 0:
+            return optimizer
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: min(1.0, (step + 1) / warmup)
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }

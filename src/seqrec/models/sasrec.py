@@ -1,0 +1,188 @@
+"""SASRec-style causal transformer over item sequences (pure tensors).
+
+Kang & McAuley, "Self-Attentive Sequential Recommendation", ICDM 2018 (arXiv:1808.09781), with
+three deliberate changes:
+
+* pre-LayerNorm blocks with a final LayerNorm (stable training without warm-up tricks);
+* learned positions counted from the first real item of the session (left padding gets no position),
+  so any amount of left padding gives identical outputs and position never reveals future length;
+* attention is written by hand over ``scaled_dot_product_attention`` with a finite additive mask in
+  which every position may attend to itself, so padded rows never produce NaN and the graph exports
+  to ONNX with dynamic batch and sequence axes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from seqrec.constants import PAD_IDX
+
+
+@dataclass(frozen=True)
+class SASRecConfig:
+    """Architecture hyperparameters.
+
+    Attributes:
+        num_items: catalog size, excluding PAD; embeddings have C = num_items + 1 rows.
+        max_len: context length L; longer sessions must be truncated by the caller.
+        d_model: hidden size D.
+        n_heads: attention heads H (D % H == 0).
+        n_layers: transformer blocks.
+        dropout: dropout probability on embeddings, attention weights and block outputs.
+        ffn_mult: feed-forward width as a multiple of D.
+    """
+
+    num_items: int
+    max_len: int = 50
+    d_model: int = 64
+    n_heads: int = 2
+    n_layers: int = 2
+    dropout: float = 0.2
+    ffn_mult: int = 4
+
+    def __post_init__(self) -> None:
+        if self.num_items < 1:
+            raise ValueError(f"num_items must be >= 1, got {self.num_items}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} not divisible by n_heads={self.n_heads}")
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with an explicit additive mask."""
+
+    def __init__(self, cfg: SASRecConfig) -> None:
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.dropout = cfg.dropout
+
+    def forward(self, hidden: Tensor, attn_bias: Tensor) -> Tensor:
+        """Attend over earlier positions.
+
+        Args:
+            hidden: (B, L, D) float.
+            attn_bias: (B, 1, L, L) float additive mask: 0 where allowed, dtype minimum elsewhere;
+                the diagonal is always 0.
+
+        Returns:
+            (B, L, D) float.
+        """
+        batch, length, d_model = hidden.shape
+        head_dim = d_model // self.n_heads
+        qkv = self.qkv(hidden).view(batch, length, 3, self.n_heads, head_dim)  # (B, L, 3, H, Dh)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, L, Dh)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_bias, dropout_p=self.dropout if self.training else 0.0
+        )  # (B, H, L, Dh)
+        out = out.transpose(1, 2).reshape(batch, length, d_model)  # (B, L, D)
+        return self.proj(out)
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x + Attn(LN(x)), then x + FFN(LN(x))."""
+
+    def __init__(self, cfg: SASRecConfig) -> None:
+        super().__init__()
+        self.ln_attn = nn.LayerNorm(cfg.d_model)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_ffn = nn.LayerNorm(cfg.d_model)
+        self.ffn = nn.Sequential(
+            nn.Linear(cfg.d_model, cfg.ffn_mult * cfg.d_model),
+            nn.GELU(),
+            nn.Linear(cfg.ffn_mult * cfg.d_model, cfg.d_model),
+        )
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, hidden: Tensor, attn_bias: Tensor) -> Tensor:
+        """(B, L, D) float -> (B, L, D) float; see :class:`CausalSelfAttention` for the mask."""
+        hidden = hidden + self.drop(self.attn(self.ln_attn(hidden), attn_bias))
+        return hidden + self.drop(self.ffn(self.ln_ffn(hidden)))
+
+
+class SASRec(nn.Module):
+    """Causal transformer that scores the catalog for the next item after each position."""
+
+    def __init__(self, cfg: SASRecConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.item_emb = nn.Embedding(cfg.num_items + 1, cfg.d_model, padding_idx=PAD_IDX)
+        self.pos_emb = nn.Embedding(cfg.max_len, cfg.d_model)
+        self.emb_drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.ln_out = nn.LayerNorm(cfg.d_model)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal(0, 0.02) init for embeddings and linear weights (GPT-2 style), zero biases."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=0.02)
+        with torch.no_grad():
+            self.item_emb.weight[PAD_IDX].zero_()
+
+    def forward(self, item_ids: Tensor) -> Tensor:
+        """Encode sessions.
+
+        Args:
+            item_ids: (B, L) int64 item indices, left-padded with PAD_IDX = 0; L <= max_len.
+
+        Returns:
+            (B, L, D) float hidden states; position t summarises items[..t]. Rows at padded
+            positions are zeros.
+        """
+        is_real = item_ids != PAD_IDX  # (B, L)
+        # Position of each real item counted from the session's first real item; PAD gets 0.
+        positions = (torch.cumsum(is_real.to(torch.int64), dim=1) - 1).clamp(min=0)  # (B, L)
+        hidden = self.item_emb(item_ids) * (self.cfg.d_model**0.5) + self.pos_emb(positions)
+        hidden = self.emb_drop(hidden) * is_real.unsqueeze(-1).to(hidden.dtype)  # (B, L, D)
+
+        length = item_ids.shape[1]
+        idx = torch.arange(length, device=item_ids.device)
+        is_causal = idx.unsqueeze(0) <= idx.unsqueeze(1)  # (L, L): query row, key column
+        is_self = idx.unsqueeze(0) == idx.unsqueeze(1)  # (L, L)
+        # Allowed: causal key that is a real item, or the diagonal (never a fully masked row).
+        is_allowed = (is_causal.unsqueeze(0) & is_real.unsqueeze(1)) | is_self.unsqueeze(
+            0
+        )  # (B, L, L)
+        neg = torch.finfo(hidden.dtype).min
+        attn_bias = torch.zeros(is_allowed.shape, dtype=hidden.dtype, device=item_ids.device)
+        attn_bias = attn_bias.masked_fill(~is_allowed, neg).unsqueeze(1)  # (B, 1, L, L)
+
+        for block in self.blocks:
+            hidden = block(hidden, attn_bias)
+        hidden = self.ln_out(hidden)
+        return hidden * is_real.unsqueeze(-1).to(hidden.dtype)
+
+    def score(self, hidden: Tensor) -> Tensor:
+        """Dot-product scores against every item embedding.
+
+        Args:
+            hidden: (N, D) float hidden states.
+
+        Returns:
+            (N, C) float scores; column PAD_IDX is the dtype's minimum so it never ranks.
+        """
+        scores = hidden @ self.item_emb.weight.t()  # (N, C)
+        return scores.index_fill(
+            1, torch.tensor([PAD_IDX], device=scores.device), torch.finfo(scores.dtype).min
+        )
+
+    def score_last(self, item_ids: Tensor) -> Tensor:
+        """Score the whole catalog for the next item of each session.
+
+        Args:
+            item_ids: (B, L) int64 item indices, left-padded with PAD_IDX = 0.
+
+        Returns:
+            (B, C) float32 scores; column PAD_IDX is the dtype's minimum so it never ranks. An
+            all-padding row gets score 0 for every real item (callers apply their fallback).
+        """
+        return self.score(self.forward(item_ids)[:, -1])

@@ -1,0 +1,437 @@
+"""Wiring of the four stages (prepare, train, evaluate, export); no math lives here."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+
+from seqrec.constants import ITEM_ID, NEXT_ITEM_ID, PREFIX_ITEM_IDS, SESSION_ID, TS_MS
+
+log = logging.getLogger(__name__)
+
+if not OmegaConf.has_resolver("seqrec_pid"):
+    OmegaConf.register_new_resolver("seqrec_pid", lambda: str(os.getpid()))
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    return path
+
+
+# --------------------------------------------------------------------------------------- prepare
+
+
+def _examples_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    """Normalise an examples frame to ``session_id, prefix_item_ids, next_item_id, ts_ms``."""
+    out = frame[[SESSION_ID, PREFIX_ITEM_IDS, NEXT_ITEM_ID, TS_MS]].copy()
+    out[SESSION_ID] = out[SESSION_ID].astype(str)
+    out[TS_MS] = out[TS_MS].astype("Int64")
+    return out.reset_index(drop=True)
+
+
+def _session_stats(sessions: pd.DataFrame) -> dict[str, Any]:
+    lengths = sessions.groupby(SESSION_ID, sort=False).size()
+    return {
+        "num_events": len(sessions),
+        "num_sessions": int(lengths.size),
+        "num_items": int(sessions[ITEM_ID].nunique()),
+        "session_len_mean": round(float(lengths.mean()), 3) if lengths.size else 0.0,
+        "session_len_median": float(lengths.median()) if lengths.size else 0.0,
+        "session_len_max": int(lengths.max()) if lengths.size else 0,
+    }
+
+
+def _prepare_events(cfg: DictConfig) -> dict[str, Any]:
+    from seqrec.data.events import read_events
+    from seqrec.data.sessionize import drop_consecutive_repeats, filter_min_support, sessionize
+    from seqrec.data.split import drop_unknown_items, sessions_to_examples, temporal_split
+
+    raw_path = Path(cfg.data.raw_path)
+    if not raw_path.exists():
+        if not cfg.data.get("generate", False):
+            raise FileNotFoundError(
+                f"{raw_path} not found. Download RetailRocket from Kaggle (see README, 'Real data') "
+                "or set SEQREC_DATA_DIR / data.raw_path."
+            )
+        from seqrec.data.synthetic import write_events_csv
+
+        log.info("generating the demo shop at %s", raw_path)
+        write_events_csv(raw_path, **OmegaConf.to_container(cfg.data.generator))
+    event_types = list(cfg.data.event_types) if cfg.data.event_types is not None else None
+    events, read_stats = read_events(raw_path, event_types=event_types, ts_unit=cfg.data.ts_unit)
+    stats: dict[str, Any] = {"source": str(raw_path), "read": read_stats}
+
+    sessions = sessionize(events, gap_s=int(cfg.data.gap_s))
+    stats["sessionize"] = {
+        "gap_s": int(cfg.data.gap_s),
+        "num_sessions": int(sessions[SESSION_ID].nunique()),
+    }
+    if cfg.data.collapse_repeats:
+        sessions, num_repeats = drop_consecutive_repeats(sessions)
+        stats["num_consecutive_repeats_dropped"] = num_repeats
+    sessions, filter_stats = filter_min_support(
+        sessions,
+        min_session_len=int(cfg.data.min_session_len),
+        min_item_support=int(cfg.data.min_item_support),
+    )
+    stats["filter"] = filter_stats
+
+    train, test, test_split = temporal_split(sessions, holdout_days=float(cfg.data.holdout_days))
+    train, valid, valid_split = temporal_split(train, holdout_days=float(cfg.data.holdout_days))
+    stats["split_test"], stats["split_valid"] = test_split, valid_split
+    known = set(train[ITEM_ID].unique().tolist())
+    valid, stats["unknown_valid"] = drop_unknown_items(valid, known, int(cfg.data.min_session_len))
+    test, stats["unknown_test"] = drop_unknown_items(test, known, int(cfg.data.min_session_len))
+    return _write_processed(
+        cfg,
+        train=train,
+        valid=valid,
+        test=test,
+        valid_examples=sessions_to_examples(valid),
+        test_examples=sessions_to_examples(test),
+        stats=stats,
+    )
+
+
+def _prepare_benchmark(cfg: DictConfig) -> dict[str, Any]:
+    from seqrec.data.sources import read_benchmark, split_last_sessions
+    from seqrec.data.split import sessions_to_examples
+
+    full_train, test_examples = read_benchmark(cfg.data.benchmark_dir)
+    train, valid = split_last_sessions(full_train, float(cfg.data.valid_fraction))
+    stats: dict[str, Any] = {
+        "source": str(cfg.data.benchmark_dir),
+        "valid_fraction": float(cfg.data.valid_fraction),
+        "train_file": _session_stats(full_train),
+        "num_test_examples_read": len(test_examples),
+    }
+    # Validation examples use only items the model trains on; the test set is kept exactly as shipped,
+    # so its catalog is the whole shipped train file (vocab below).
+    known = set(train[ITEM_ID].unique().tolist())
+    # No timestamps in this format: click order stands in for time, and example times stay missing.
+    valid_examples = sessions_to_examples(
+        valid.assign(**{TS_MS: np.arange(len(valid), dtype=np.int64)})
+    )
+    valid_examples[TS_MS] = pd.array([pd.NA] * len(valid_examples), dtype="Int64")
+    is_known = valid_examples[NEXT_ITEM_ID].isin(known) & valid_examples[PREFIX_ITEM_IDS].map(
+        lambda p: all(i in known for i in p)
+    )
+    stats["num_valid_examples_unknown_item_dropped"] = int((~is_known).sum())
+    return _write_processed(
+        cfg,
+        train=train,
+        valid=valid,
+        test=None,
+        valid_examples=valid_examples[is_known],
+        test_examples=test_examples,
+        stats=stats,
+        vocab_items=full_train[ITEM_ID],
+    )
+
+
+def _write_processed(
+    cfg: DictConfig,
+    train: pd.DataFrame,
+    valid: pd.DataFrame,
+    test: pd.DataFrame | None,
+    valid_examples: pd.DataFrame,
+    test_examples: pd.DataFrame,
+    stats: dict[str, Any],
+    vocab_items: pd.Series | None = None,
+) -> dict[str, Any]:
+    from seqrec.data.vocab import ItemVocab
+
+    out_dir = Path(cfg.data.processed_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    columns = [SESSION_ID, ITEM_ID, TS_MS]
+    for name, frame in (("train", train), ("valid", valid), ("test", test)):
+        if frame is None:
+            continue
+        part = frame[columns].copy()
+        part[SESSION_ID] = part[SESSION_ID].astype(str)
+        part[ITEM_ID] = part[ITEM_ID].astype(str)
+        part[TS_MS] = part[TS_MS].astype("Int64")
+        part.to_parquet(out_dir / f"{name}.parquet", index=False)
+        stats[f"{name}_sessions"] = _session_stats(part)
+    _examples_frame(valid_examples).to_parquet(out_dir / "valid_examples.parquet", index=False)
+    _examples_frame(test_examples).to_parquet(out_dir / "test_examples.parquet", index=False)
+    stats["num_valid_examples"] = len(valid_examples)
+    stats["num_test_examples"] = len(test_examples)
+    vocab = ItemVocab.fit((vocab_items if vocab_items is not None else train[ITEM_ID]).astype(str))
+    vocab.save(out_dir / "item_vocab.json")
+    stats["num_items"] = vocab.num_items
+    _write_json(out_dir / "stats.json", stats)
+    log.info(
+        "wrote %s (%d items, %d valid / %d test examples)",
+        out_dir,
+        vocab.num_items,
+        len(valid_examples),
+        len(test_examples),
+    )
+    return stats
+
+
+def prepare(cfg: DictConfig) -> dict[str, Any]:
+    """Read the configured source, build sessions / examples / vocab, write ``data.processed_dir``.
+
+    Returns:
+        The stats written to ``stats.json``.
+
+    Raises:
+        FileNotFoundError: the source files are missing.
+        ValueError: unknown ``data.source``.
+    """
+    source = cfg.data.source
+    if source == "events":
+        return _prepare_events(cfg)
+    if source == "benchmark":
+        return _prepare_benchmark(cfg)
+    raise ValueError(f"unknown data.source {source!r}: expected 'events' or 'benchmark'")
+
+
+def _ensure_prepared(cfg: DictConfig) -> None:
+    if not (Path(cfg.data.processed_dir) / "item_vocab.json").is_file():
+        log.info("processed data missing in %s: preparing", cfg.data.processed_dir)
+        prepare(cfg)
+
+
+# ----------------------------------------------------------------------------------------- train
+
+
+def _latest_pointer(cfg: DictConfig) -> Path:
+    return Path(cfg.paths.artifacts_dir) / "runs" / f"{cfg.data.name}_latest_train.json"
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Train SASRec with Lightning on the processed data; early stopping on val/mrr@20.
+
+    Returns:
+        ``{"best_ckpt", "best_val_mrr@20", "val": {...}, "train_time_s", "epochs", "global_step",
+        "output_dir"}``; also written to ``<output_dir>/train_result.json`` and to a per-dataset
+        pointer used by ``evaluate`` / ``export`` when no ``ckpt_path`` is given.
+    """
+    import pytorch_lightning as pl
+    import torch
+    from hydra.utils import instantiate
+
+    if cfg.get("num_threads"):
+        torch.set_num_threads(int(cfg.num_threads))
+    pl.seed_everything(int(cfg.seed), workers=True)
+    _ensure_prepared(cfg)
+    datamodule = instantiate(cfg.data.datamodule)
+    module = instantiate(cfg.model, num_items=datamodule.num_items)
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    train_time_s = time.perf_counter() - start
+
+    ckpt_cb = next((c for c in callbacks if isinstance(c, pl.callbacks.ModelCheckpoint)), None)
+    best_ckpt = ckpt_cb.best_model_path if ckpt_cb is not None else ""
+    val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    result = {
+        "dataset": cfg.data.name,
+        "best_ckpt": str(Path(best_ckpt).resolve()) if best_ckpt else "",
+        "best_val_mrr@20": float(ckpt_cb.best_model_score)
+        if ckpt_cb and ckpt_cb.best_model_score is not None
+        else None,
+        "last_val": val,
+        "train_time_s": round(train_time_s, 1),
+        "epochs": int(trainer.current_epoch),
+        "global_step": int(trainer.global_step),
+        "num_items": datamodule.num_items,
+        "output_dir": str(Path(cfg.paths.output_dir).resolve()),
+    }
+    _write_json(Path(cfg.paths.output_dir) / "train_result.json", result)
+    if best_ckpt:
+        _write_json(_latest_pointer(cfg), result)
+    log.info("training done in %.1f s: %s", train_time_s, result)
+    return result
+
+
+# -------------------------------------------------------------------------------------- evaluate
+
+
+def _resolve_ckpt(cfg: DictConfig) -> Path:
+    if cfg.get("ckpt_path"):
+        return Path(cfg.ckpt_path)
+    pointer = _latest_pointer(cfg)
+    if not pointer.is_file():
+        raise FileNotFoundError(
+            f"no ckpt_path given and no trained model for {cfg.data.name} ({pointer}); run scripts/train.py first"
+        )
+    return Path(json.loads(pointer.read_text())["best_ckpt"])
+
+
+def load_module(ckpt_path: str | Path):  # noqa: ANN201 - SASRecModule (imported lazily)
+    """Load a trained :class:`SASRecModule` on CPU in eval mode."""
+    from seqrec.lit_module import SASRecModule
+
+    return SASRecModule.load_from_checkpoint(str(ckpt_path), map_location="cpu").eval()
+
+
+def model_scorer(module, max_len: int):  # noqa: ANN001, ANN201
+    """Wrap a module as ``score(prefixes) -> (B, C)`` (the baselines' contract)."""
+    import torch
+
+    from seqrec.sequence import encode_prefixes
+
+    def score(prefixes: list[np.ndarray]) -> torch.Tensor:
+        with torch.inference_mode():
+            return module(torch.from_numpy(encode_prefixes(prefixes, max_len)))
+
+    return score
+
+
+def metrics_table(results: dict[str, dict[str, float]], ks: list[int]) -> str:
+    """Markdown table: one row per model, Recall/MRR/NDCG at each k."""
+    cols = [f"{m}@{k}" for m in ("recall", "mrr", "ndcg") for k in ks]
+    head = (
+        "| model | "
+        + " | ".join(
+            c.replace("recall", "Recall").replace("mrr", "MRR").replace("ndcg", "NDCG")
+            for c in cols
+        )
+        + " |"
+    )
+    sep = "|---|" + "---:|" * len(cols)
+    rows = [
+        f"| {name} | " + " | ".join(f"{res[c]:.4f}" for c in cols) + " |"
+        for name, res in results.items()
+    ]
+    return "\n".join([head, sep, *rows])
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Rank every example of ``cfg.split`` against the full catalog with the model and baselines.
+
+    Returns:
+        ``{"split", "num_examples", "num_items", "ckpt", "results": {model: metrics}, "table_md"}``;
+        written to ``<report_dir>/<split>_metrics.json`` and ``.md``.
+    """
+    import torch
+    from hydra.utils import instantiate
+
+    from seqrec import baselines as bl
+    from seqrec.metrics import evaluate_scorer
+
+    if cfg.get("num_threads"):
+        torch.set_num_threads(int(cfg.num_threads))
+    ks = [int(k) for k in cfg.ks]
+    datamodule = instantiate(cfg.data.datamodule)
+    examples = datamodule.examples(cfg.split)
+    train_sessions = datamodule.train_sessions()
+    results: dict[str, dict[str, float]] = {}
+    timings: dict[str, float] = {}
+
+    ckpt = _resolve_ckpt(cfg)
+    module = load_module(ckpt)
+    start = time.perf_counter()
+    results["SASRec"] = evaluate_scorer(
+        model_scorer(module, int(cfg.data.max_len)),
+        examples.prefixes,
+        examples.next_items,
+        batch_size=int(cfg.data.datamodule.eval_batch_size),
+        ks=ks,
+    )
+    timings["SASRec"] = time.perf_counter() - start
+    for name in cfg.baselines:
+        baseline = getattr(bl, name)().fit(train_sessions, datamodule.num_items)
+        start = time.perf_counter()
+        results[name] = evaluate_scorer(
+            baseline.score, examples.prefixes, examples.next_items, batch_size=512, ks=ks
+        )
+        timings[name] = time.perf_counter() - start
+
+    table = metrics_table(results, ks)
+    report = {
+        "dataset": cfg.data.name,
+        "split": cfg.split,
+        "num_examples": len(examples),
+        "num_items": datamodule.num_items,
+        "ckpt": str(ckpt),
+        "protocol": "full-catalog ranking; rank = 1 + #other items scored >= next item (ties count against the model)",
+        "results": results,
+        "eval_time_s": {k: round(v, 2) for k, v in timings.items()},
+        "table_md": table,
+    }
+    report_dir = Path(cfg.report_dir)
+    _write_json(report_dir / f"{cfg.split}_metrics.json", report)
+    (report_dir / f"{cfg.split}_metrics.md").write_text(
+        f"# {cfg.data.name}: {cfg.split} split, {len(examples)} examples, {datamodule.num_items} items\n\n{table}\n"
+    )
+    return report
+
+
+# ---------------------------------------------------------------------------------------- export
+
+
+def export(cfg: DictConfig) -> Path:
+    """Export the trained model to ``cfg.export_dir`` (ONNX + vocab + metadata), verified.
+
+    Returns:
+        The export directory.
+    """
+    from hydra.utils import instantiate
+
+    from seqrec.baselines import item_counts
+    from seqrec.export import export_onnx
+
+    ckpt = _resolve_ckpt(cfg)
+    module = load_module(ckpt)
+    datamodule = instantiate(cfg.data.datamodule)
+    counts = item_counts(datamodule.train_sessions(), datamodule.num_items)
+    order = np.argsort(-counts[1:], kind="stable") + 1
+    fallback = datamodule.vocab.decode(order[: int(cfg.num_fallback_items)])
+    report_path = Path(cfg.report_path)
+    test_metrics = json.loads(report_path.read_text()) if report_path.is_file() else None
+    return export_onnx(
+        module.model,
+        vocab=datamodule.vocab,
+        out_dir=Path(cfg.export_dir),
+        opset=int(cfg.opset),
+        fallback_items=fallback,
+        extra_meta={
+            "source_checkpoint": str(ckpt),
+            "dataset": cfg.data.name,
+            "test_metrics": test_metrics["results"]["SASRec"] if test_metrics else None,
+        },
+    )
+
+
+def summarize(stage: str, result: Any) -> str:
+    """Human-readable summary of a stage's result, printed by the scripts."""
+    if stage == "evaluate":
+        return (
+            f"\n{result['dataset']} / {result['split']}: {result['num_examples']} examples ranked against "
+            f"{result['num_items']} items (ties count against the model)\n\n{result['table_md']}\n"
+        )
+    if stage == "train":
+        return (
+            f"\ntrained {result['epochs'] + 1} epoch(s), {result['global_step']} steps in {result['train_time_s']} s; "
+            f"best val MRR@20 = {result['best_val_mrr@20']}\nbest checkpoint: {result['best_ckpt']}\n"
+        )
+    if stage == "prepare":
+        keys = ("train_sessions", "valid_sessions", "test_sessions")
+        parts = [
+            f"{k}: {result[k]['num_sessions']} sessions / {result[k]['num_events']} events"
+            for k in keys
+            if k in result
+        ]
+        return (
+            f"\nprepared {result['num_items']} items; "
+            + "; ".join(parts)
+            + f"; {result['num_valid_examples']} valid / {result['num_test_examples']} test examples\n"
+        )
+    return f"\n{stage}: {result}\n"

@@ -1,0 +1,54 @@
+"""The one way to turn a session into model input (numpy only, shared by training and serving)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from seqrec.constants import PAD_IDX
+
+
+def encode_prefix(item_idxs: Sequence[int] | np.ndarray, max_len: int) -> np.ndarray:
+    """Keep the most recent ``max_len`` item indices and left-pad with ``PAD_IDX``.
+
+    Args:
+        item_idxs: item indices of one session, oldest first (ints in 1..num_items).
+        max_len: model context length L (> 0).
+
+    Returns:
+        (L,) int64 array; the last element is the most recent item, padding (0) is on the left.
+
+    Raises:
+        ValueError: if ``max_len`` < 1.
+    """
+    if max_len < 1:
+        raise ValueError(f"max_len must be >= 1, got {max_len}")
+    items = np.asarray(item_idxs, dtype=np.int64)[-max_len:]
+    out = np.full(max_len, PAD_IDX, dtype=np.int64)
+    if items.size:
+        out[max_len - items.size :] = items
+    return out
+
+
+def encode_prefixes(
+    prefixes: Sequence[Sequence[int] | np.ndarray], max_len: int, pad_to_longest: bool = True
+) -> np.ndarray:
+    """Encode many sessions with :func:`encode_prefix` into one left-padded batch.
+
+    Args:
+        prefixes: B sessions of item indices, oldest first.
+        max_len: model context length L.
+        pad_to_longest: pad only to the longest (truncated) session in the batch instead of L.
+            The model is invariant to extra left padding, so both give the same scores.
+
+    Returns:
+        (B, L') int64 array with L' = min(L, longest session) (at least 1) or L.
+    """
+    width = max_len
+    if pad_to_longest:
+        width = max(1, min(max_len, max((len(p) for p in prefixes), default=1)))
+    out = np.empty((len(prefixes), width), dtype=np.int64)
+    for row, prefix in enumerate(prefixes):
+        out[row] = encode_prefix(prefix, width)
+    return out

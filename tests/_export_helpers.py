@@ -1,0 +1,67 @@
+"""Shared tiny model + ONNX export for test_export.py and test_predictor.py.
+
+pytest only auto-loads ``conftest.py``, so the test modules import this helper and wrap
+:func:`tiny_export` in their own fixtures. The dynamo export (several seconds) runs once per session.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from seqrec.data.vocab import ItemVocab
+from seqrec.export import export_onnx
+from seqrec.models.sasrec import SASRec, SASRecConfig
+
+NUM_ITEMS = 30
+MAX_LEN = 12
+FALLBACK_ITEMS = ["1003", "1001", "1007", "1002", "1010"]
+
+
+@dataclass(frozen=True)
+class TinyExport:
+    """An exported tiny model and what it was exported from."""
+
+    model: SASRec
+    vocab: ItemVocab
+    export_dir: Path
+
+
+def tiny_vocab(num_items: int = NUM_ITEMS) -> ItemVocab:
+    """Raw ids "1001", "1002", ... (index i <-> str(1000 + i))."""
+    return ItemVocab([str(1000 + i) for i in range(1, num_items + 1)])
+
+
+def tiny_model(num_items: int = NUM_ITEMS, seed: int = 0) -> SASRec:
+    """A small random SASRec in eval mode, with weights scaled up so scores are well spread."""
+    torch.manual_seed(seed)
+    cfg = SASRecConfig(num_items=num_items, max_len=MAX_LEN, d_model=16, n_heads=2, n_layers=1)
+    model = SASRec(cfg).eval()
+    with torch.no_grad():
+        model.item_emb.weight.mul_(20.0)
+        model.item_emb.weight[0].zero_()
+    return model
+
+
+_CACHE: dict[str, TinyExport] = {}
+
+
+def tiny_export(tmp_path_factory: pytest.TempPathFactory) -> TinyExport:
+    """Export the default tiny model once per test session (dynamo exporter, opset 18)."""
+    if "default" not in _CACHE:
+        torch.set_num_threads(1)
+        model, vocab = tiny_model(), tiny_vocab()
+        out_dir = tmp_path_factory.mktemp("tiny_export") / "export"
+        export_onnx(
+            model,
+            vocab,
+            out_dir,
+            opset=18,
+            fallback_items=FALLBACK_ITEMS,
+            extra_meta={"dataset": "tiny", "source_checkpoint": "none", "test_metrics": None},
+        )
+        _CACHE["default"] = TinyExport(model, vocab, out_dir)
+    return _CACHE["default"]

@@ -1,0 +1,24 @@
+import numpy as np
+import pytest
+
+from seqrec.sequence import encode_prefix, encode_prefixes
+
+
+def test_keeps_most_recent_and_left_pads() -> None:
+    out = encode_prefix([3, 4, 5], max_len=5)
+    assert out.dtype == np.int64
+    assert out.tolist() == [0, 0, 3, 4, 5]
+    assert encode_prefix(list(range(1, 61)), max_len=50).tolist() == list(range(11, 61))
+    assert encode_prefix([], max_len=3).tolist() == [0, 0, 0]
+
+
+def test_batch_pads_to_longest_or_max_len() -> None:
+    batch = encode_prefixes([[1], [2, 3, 4]], max_len=10)
+    assert batch.tolist() == [[0, 0, 1], [2, 3, 4]]
+    assert encode_prefixes([[1]], max_len=4, pad_to_longest=False).tolist() == [[0, 0, 0, 1]]
+    assert encode_prefixes([list(range(1, 9))], max_len=4).tolist() == [[5, 6, 7, 8]]
+
+
+def test_rejects_bad_max_len() -> None:
+    with pytest.raises(ValueError, match="max_len"):
+        encode_prefix([1], max_len=0)
