@@ -5,7 +5,6 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION := 2.13.0
 DATA ?= synthetic
-export SEQREC_DATA_DIR ?= $(abspath ../shared/data)
 DEMO_TRAIN_ARGS ?=
 PYTEST_ARGS ?=
 

@@ -324,6 +324,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     from hydra.utils import instantiate
 
     from seqrec import baselines as bl
+    from seqrec.filters import mask_scores
     from seqrec.metrics import evaluate_scorer
 
     if cfg.get("num_threads"):
@@ -335,11 +336,20 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     results: dict[str, dict[str, float]] = {}
     timings: dict[str, float] = {}
 
+    exclude_seen = bool(cfg.get("exclude_seen", False))
+
+    def filtered(score_fn):  # noqa: ANN001, ANN202 - the filter SessionRecommender applies
+        if not exclude_seen:
+            return score_fn
+        return lambda batch: mask_scores(
+            np.asarray(score_fn(batch), dtype=np.float32), batch, exclude_seen=True
+        )
+
     ckpt = _resolve_ckpt(cfg)
     module = load_module(ckpt)
     start = time.perf_counter()
     results["SASRec"] = evaluate_scorer(
-        model_scorer(module, int(cfg.data.max_len)),
+        filtered(model_scorer(module, int(cfg.data.max_len))),
         examples.prefixes,
         examples.next_items,
         batch_size=int(cfg.data.datamodule.eval_batch_size),
@@ -350,7 +360,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         baseline = getattr(bl, name)().fit(train_sessions, datamodule.num_items)
         start = time.perf_counter()
         results[name] = evaluate_scorer(
-            baseline.score, examples.prefixes, examples.next_items, batch_size=512, ks=ks
+            filtered(baseline.score), examples.prefixes, examples.next_items, batch_size=512, ks=ks
         )
         timings[name] = time.perf_counter() - start
 
@@ -360,6 +370,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "split": cfg.split,
         "num_examples": len(examples),
         "num_items": datamodule.num_items,
+        "exclude_seen": exclude_seen,
         "ckpt": str(ckpt),
         "protocol": "full-catalog ranking; rank = 1 + #other items scored >= next item (ties count against the model)",
         "results": results,

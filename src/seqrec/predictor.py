@@ -22,6 +22,7 @@ import numpy as np
 import onnxruntime as ort
 
 from seqrec.constants import PAD_IDX
+from seqrec.filters import mask_scores
 from seqrec.sequence import encode_prefixes
 
 logger = logging.getLogger(__name__)
@@ -338,10 +339,7 @@ class SessionRecommender:
         self, scores: np.ndarray, known: list[int], k: int, exclude_seen: bool
     ) -> list[Recommendation]:
         """Top-k of one (C,) float32 score row, PAD (and the session if asked) excluded."""
-        masked = scores.copy()  # (C,) float32
-        masked[PAD_IDX] = -np.inf
-        if exclude_seen:
-            masked[known] = -np.inf
+        masked = mask_scores(scores[None, :], [known], exclude_seen=exclude_seen)[0]  # (C,)
         top = _top_k(masked, k)
         return [
             Recommendation(self._item_ids[idx - 1], float(scores[idx]), "model")
