@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from seqrec import losses
 from seqrec.constants import PAD_IDX
 from seqrec.metrics import NextItemMetrics
 from seqrec.models.sasrec import SASRec, SASRecConfig
@@ -27,6 +28,12 @@ class SASRecModule(pl.LightningModule):
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay (not applied to biases, LayerNorms and position embeddings).
         warmup_steps: linear learning-rate warm-up steps, then constant.
+        loss: one of ``ce`` (full softmax), ``sampled_softmax``, ``bce``, ``gbce``
+            (see :mod:`seqrec.losses`).
+        num_negatives: M negatives per batch for the sampled losses (shared by all positions).
+        sampler: ``popularity`` (q proportional to training counts, set from the data module at
+            fit start) or ``uniform``; used by the sampled losses.
+        gbce_t: gBCE calibration parameter t in [0, 1].
     """
 
     def __init__(
@@ -41,8 +48,16 @@ class SASRecModule(pl.LightningModule):
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
+        loss: str = "ce",
+        num_negatives: int = 256,
+        sampler: str = "popularity",
+        gbce_t: float = 0.75,
     ) -> None:
         super().__init__()
+        if loss not in losses.LOSSES:
+            raise ValueError(f"unknown loss {loss!r}; expected one of {losses.LOSSES}")
+        if sampler not in ("popularity", "uniform"):
+            raise ValueError(f"unknown sampler {sampler!r}; expected 'popularity' or 'uniform'")
         self.save_hyperparameters()
         self.model = SASRec(
             SASRecConfig(
@@ -55,6 +70,10 @@ class SASRecModule(pl.LightningModule):
                 ffn_mult=ffn_mult,
             )
         )
+        uniform = torch.ones(num_items + 1)
+        uniform[PAD_IDX] = 0.0
+        # Proposal distribution of the sampled losses; not saved (it is data, refilled at fit start).
+        self.register_buffer("sampling_probs", uniform / uniform.sum(), persistent=False)
         self.val_metrics = NextItemMetrics(METRIC_KS)
         self.test_metrics = NextItemMetrics(METRIC_KS)
 
@@ -76,8 +95,37 @@ class SASRecModule(pl.LightningModule):
         is_target = targets != PAD_IDX  # (B, L)
         if not bool(is_target.any()):
             return hidden.sum() * 0.0
-        logits = self.model.score(hidden[is_target])  # (N, C)
-        return F.cross_entropy(logits, targets[is_target])
+        hidden_at, targets_at = hidden[is_target], targets[is_target]  # (N, D), (N,)
+        item_emb = self.model.item_emb.weight  # (C, D)
+        name = self.hparams.loss
+        if name == "ce":
+            return losses.full_ce(hidden_at, item_emb, targets_at)
+        negatives = losses.sample_negatives(self.hparams.num_negatives, self.sampling_probs)  # (M,)
+        if name == "sampled_softmax":
+            log_q = torch.log(self.sampling_probs.clamp_min(1e-12))
+            return losses.sampled_softmax(hidden_at, item_emb, targets_at, negatives, log_q)
+        if name == "bce":
+            return losses.bce(hidden_at, item_emb, targets_at, negatives)
+        return losses.gbce(
+            hidden_at, item_emb, targets_at, negatives, self.hparams.num_items, self.hparams.gbce_t
+        )
+
+    def set_item_counts(self, counts: Tensor) -> None:
+        """Set the popularity proposal from (C,) training counts (used when sampler=popularity)."""
+        if self.hparams.sampler != "popularity":
+            return
+        probs = counts.to(torch.float32).clamp_min(0.0) + 1e-3  # every real item stays drawable
+        probs[PAD_IDX] = 0.0
+        self.sampling_probs = (probs / probs.sum()).to(self.sampling_probs.device)
+
+    def on_fit_start(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if (
+            self.hparams.loss != "ce"
+            and datamodule is not None
+            and hasattr(datamodule, "item_counts")
+        ):
+            self.set_item_counts(torch.as_tensor(datamodule.item_counts()))
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss = self.loss(batch["item_ids"], batch["targets"])

@@ -67,6 +67,22 @@ class SessionDataModule(pl.LightningDataModule):
         frame = pd.read_parquet(self.processed_dir / "train.parquet")
         return sessions_to_index_lists(frame, self.vocab)
 
+    def item_counts(self) -> np.ndarray:
+        """(C,) int64 training-event count per item index (PAD = 0)."""
+        sessions = self.train_sessions()
+        counts = (
+            np.bincount(np.concatenate(sessions), minlength=self.num_items + 1)
+            if sessions
+            else None
+        )
+        out = (
+            np.zeros(self.num_items + 1, dtype=np.int64)
+            if counts is None
+            else counts.astype(np.int64)
+        )
+        out[0] = 0
+        return out
+
     def examples(self, split: str) -> NextItemExamples:
         """Evaluation examples of ``split`` (``valid`` or ``test``)."""
         frame = pd.read_parquet(self.processed_dir / f"{split}_examples.parquet")
