@@ -7,8 +7,10 @@ TORCH_VERSION := 2.13.0
 DATA ?= synthetic
 DEMO_TRAIN_ARGS ?=
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
+SERVE_ARGS ?=
 
-.PHONY: setup demo test test-fast lint format bench clean
+.PHONY: setup demo test test-fast lint format bench bench-quick serve clean
 
 # Install once: the stamp file is newer than pyproject.toml until the dependencies change.
 $(VENV)/.installed: pyproject.toml
@@ -16,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch pinned in the same pip call: a bare `torch` would resolve to a multi-GB CUDA build.
-	$(PY) -m pip install --quiet --no-compile torch==$(TORCH_VERSION) -e '.[dev]'
+	$(PY) -m pip install --quiet --no-compile torch==$(TORCH_VERSION) -e '.[dev,serve]'
 	touch $@
 
 setup: $(VENV)/.installed
@@ -42,6 +44,17 @@ lint: setup
 format: setup
 	$(VENV)/bin/ruff check --fix src tests scripts
 	$(VENV)/bin/ruff format src tests scripts
+
+# Latency benchmark (predictor vs eager vs memory floor, HTTP load): artifacts/reports/latency/.
+bench: setup
+	$(PY) scripts/bench_latency.py $(BENCH_ARGS)
+
+bench-quick: setup
+	$(PY) scripts/bench_latency.py --quick $(BENCH_ARGS)
+
+# HTTP service + demo widget (http://127.0.0.1:8000/widget/) over the export of `make demo`.
+serve: setup
+	$(VENV)/bin/seqrec-serve artifacts/export/$(DATA) $(SERVE_ARGS)
 
 clean:
 	rm -rf logs artifacts data/processed .pytest_cache

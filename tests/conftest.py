@@ -43,6 +43,13 @@ def compose_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
     return _compose
 
 
+def compose_at(root: Path, config_name: str, overrides: list[str] | None = None) -> DictConfig:
+    """Like the ``compose_cfg`` fixture, for any root directory (e.g. in module-scoped fixtures)."""
+    base = [f"paths.root_dir={root}", f"paths.output_dir={root}/run"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name=config_name, overrides=base + (overrides or []))
+
+
 def real_data_dir() -> Path:
     """``$SEQREC_DATA_DIR``; real-data tests fail (not skip) in CI when it is missing."""
     value = os.environ.get("SEQREC_DATA_DIR")

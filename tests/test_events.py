@@ -120,10 +120,12 @@ def test_duplicates_counted_and_dropped_first_kept(tmp_path: Path) -> None:
 
 def test_ids_stay_strings(tmp_path: Path) -> None:
     path = write_csv(tmp_path, [HEADER, f"{T0_MS},00123,view,000456,", f"{T0_MS},7,view,1e5,"])
-    events, _ = read_events(path)
+    events, _ = read_events(path, id_pattern=None)  # any text is an id when no pattern is set
     assert events[VISITOR_ID].tolist() == ["00123", "7"]
     assert events[ITEM_ID].tolist() == ["000456", "1e5"]
     assert all(isinstance(v, str) for v in events[ITEM_ID])
+    with pytest.raises(EventsFormatError, match=r"'itemid'.*line 3 \(data row 2\).*'1e5'"):
+        read_events(path)  # the default pattern (digits, as in the Kaggle file) rejects 1e5
 
 
 def test_reads_gzip_by_extension(tmp_path: Path) -> None:

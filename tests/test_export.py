@@ -13,7 +13,14 @@ import torch
 
 import seqrec.export as export_mod
 from _export_helpers import MAX_LEN, NUM_ITEMS, TinyExport, tiny_export, tiny_model, tiny_vocab
-from seqrec.export import ExportValidationError, ScoringModel, export_onnx, validate_onnx
+from seqrec.export import (
+    ExportValidationError,
+    ExportVariant,
+    ScoringModel,
+    export_onnx,
+    validate_onnx,
+)
+from seqrec.predictor import SessionRecommender
 from seqrec.sequence import encode_prefixes
 
 META_KEYS = {
@@ -34,6 +41,12 @@ META_KEYS = {
     "dataset",
     "source_checkpoint",
     "test_metrics",
+    "model_version",
+    "input_names",
+    "output_names",
+    "variant",
+    "quality",
+    "sha256",
 }
 
 
@@ -189,3 +202,195 @@ def test_bad_inputs_raise_before_exporting(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="vocab has 6 items"):
         export_onnx(model, tiny_vocab(6), tmp_path / "b")
     assert os.listdir(tmp_path) == []
+
+
+# ------------------------------------------------------------------------------------ variants
+
+
+def _examples(num: int, seed: int = 0) -> tuple[list[np.ndarray], np.ndarray]:
+    rng = np.random.default_rng(seed)
+    prefixes = [rng.integers(1, NUM_ITEMS + 1, size=n) for n in rng.integers(1, 2 * MAX_LEN, num)]
+    return prefixes, rng.integers(1, NUM_ITEMS + 1, size=num)
+
+
+def _legacy_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delitem(export_mod._EXPORTERS, "dynamo")  # < 1 s per export
+
+
+def test_default_variant_metadata(exported: TinyExport) -> None:
+    meta = json.loads((exported.export_dir / "export_meta.json").read_text())
+    assert meta["format_version"] == 2
+    assert meta["variant"] == {
+        "top_k_in_graph": False,
+        "precision": "fp32",
+        "graph_optimization_level": "all",
+        "min_top_k_overlap": 0.9,
+    }
+    assert (meta["input_names"], meta["output_names"]) == (["item_ids"], ["scores"])
+    assert meta["quality"]["top_k_overlap_mean"] == 1.0
+    assert meta["quality"]["source"] == "random sessions"
+    assert set(meta["sha256"]) == {"model.onnx", "item_vocab.json"}
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        ExportVariant(top_k_in_graph=True),
+        ExportVariant(precision="fp16"),
+        ExportVariant(precision="int8", min_top_k_overlap=0.5),
+        ExportVariant(precision="int8", top_k_in_graph=True, min_top_k_overlap=0.5),
+    ],
+    ids=["fp32-topk", "fp16", "int8", "int8-topk"],
+)
+def test_variants_report_overlap_and_metric_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, variant: ExportVariant
+) -> None:
+    _legacy_only(monkeypatch)
+    model, vocab = tiny_model(), tiny_vocab()
+    out = export_onnx(
+        model,
+        vocab,
+        tmp_path / "export",
+        fallback_items=["1001"],
+        variant=variant,
+        quality_examples=_examples(300),
+        quality_k=10,
+    )
+    meta = json.loads((out / "export_meta.json").read_text())
+    quality = meta["quality"]
+    assert meta["variant"]["precision"] == variant.precision
+    assert quality["source"] == "validation examples" and quality["num_examples"] == 300
+    assert quality["k"] == 10
+    assert variant.min_top_k_overlap <= quality["top_k_overlap_mean"] <= 1.0
+    assert set(quality["metric_change"]) == {"recall@10", "mrr@10", "ndcg@10"}
+    for name, change in quality["metric_change"].items():
+        want = quality["metrics_onnx"][name] - quality["metrics_pytorch"][name]
+        assert change == pytest.approx(want)
+    if variant.precision == "fp32":
+        assert quality["top_k_overlap_mean"] == 1.0
+        assert all(change == 0.0 for change in quality["metric_change"].values())
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == meta["input_names"]
+    assert [o.name for o in session.get_outputs()] == meta["output_names"]
+    # the predictor serves every variant
+    recs = SessionRecommender.from_dir(out).recommend(["1001", "1002"], k=5, exclude_seen=True)
+    assert len(recs) == 5 and not {"1001", "1002"} & {r.item_id for r in recs}
+
+
+def test_top_k_graph_outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _legacy_only(monkeypatch)
+    model = tiny_model()
+    out = export_onnx(
+        model, tiny_vocab(), tmp_path / "e", variant=ExportVariant(top_k_in_graph=True)
+    )
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    item_ids = np.array([[0, 0, 3, 4], [5, 6, 7, 8]], dtype=np.int64)
+    mask = np.zeros((2, NUM_ITEMS + 1), dtype=np.float32)
+    mask[:, 0] = -np.inf
+    mask[1, 8] = -np.inf
+    top_scores, top_idx = session.run(
+        None, {"item_ids": item_ids, "score_mask": mask, "k": np.array([NUM_ITEMS], dtype=np.int64)}
+    )
+    assert top_scores.shape == top_idx.shape == (2, NUM_ITEMS)
+    with torch.inference_mode():
+        want = model.score_last(torch.from_numpy(item_ids)).numpy()
+    is_kept = top_scores > -np.inf  # excluded items can only fill the tail of a row
+    assert is_kept.sum(axis=1).tolist() == [NUM_ITEMS, NUM_ITEMS - 1]
+    assert 0 not in top_idx[is_kept]  # PAD never ranks
+    assert 8 not in top_idx[1][is_kept[1]] and 8 in top_idx[0]  # per-row mask
+    top_scores, top_idx = top_scores[:, :-1], top_idx[:, :-1]
+    np.testing.assert_allclose(top_scores, np.take_along_axis(want, top_idx, 1), atol=1e-5)
+    assert (np.diff(top_scores, axis=1) <= 0).all()  # best first
+
+
+def test_low_overlap_variant_fails_and_publishes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _legacy_only(monkeypatch)
+    monkeypatch.setattr(export_mod, "_convert_precision", _shuffled_copy)
+    with pytest.raises(
+        ExportValidationError,
+        match=r"int8 variant .* mean top-20 overlap with PyTorch 0\.\d+ < 0\.9",
+    ):
+        export_onnx(
+            tiny_model(), tiny_vocab(), tmp_path / "export", variant=ExportVariant(precision="int8")
+        )
+    assert os.listdir(tmp_path) == []
+
+
+def _shuffled_copy(src: Path, dst: Path, precision: str) -> None:
+    """A 'quantised' graph whose item table rows are permuted: it ranks the wrong items."""
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(src))
+    for init in proto.graph.initializer:
+        array = numpy_helper.to_array(init)
+        if array.ndim == 2 and NUM_ITEMS in array.shape:
+            axis = array.shape.index(NUM_ITEMS)
+            init.CopyFrom(numpy_helper.from_array(np.flip(array, axis=axis).copy(), init.name))
+    onnx.save(proto, str(dst))
+
+
+def test_bad_variant_names() -> None:
+    with pytest.raises(ValueError, match="precision"):
+        ExportVariant(precision="int4")
+    with pytest.raises(ValueError, match="graph_optimization_level"):
+        ExportVariant(graph_optimization_level="max")
+
+
+def test_last_position_graph_equals_score_last() -> None:
+    model = tiny_model()
+    rng = np.random.default_rng(0)
+    item_ids = rng.integers(1, NUM_ITEMS + 1, size=(64, MAX_LEN))
+    item_ids[0] = 0  # all padding
+    item_ids[1, :-1] = 0  # one item
+    item_ids[2, : MAX_LEN // 2] = 0
+    batch = torch.from_numpy(item_ids)
+    fast = ScoringModel(model, "last_position")
+    assert fast.last_position_only
+    with torch.inference_mode():
+        want = model.score_last(batch)
+        torch.testing.assert_close(fast(batch)[:, 1:], want[:, 1:], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ScoringModel(model, "dot")(batch)[:, 1:], want[:, 1:])
+    assert (fast(batch)[:, 0] == torch.finfo(torch.float32).min).all()
+
+
+def test_broken_last_position_graph_falls_back_to_full_forward(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _legacy_only(monkeypatch)
+    real_last_hidden = ScoringModel._last_hidden
+
+    def off_by_a_bit(self: ScoringModel, item_ids: torch.Tensor) -> torch.Tensor:
+        return real_last_hidden(self, item_ids) * 1.01
+
+    monkeypatch.setattr(ScoringModel, "_last_hidden", off_by_a_bit)
+    out = export_onnx(tiny_model(), tiny_vocab(), tmp_path / "export")
+    meta = json.loads((out / "export_meta.json").read_text())
+    assert meta["validation"]["scoring_graph"] == "dot"
+    assert meta["exporter"] == "legacy"
+
+
+def test_default_export_uses_the_last_position_graph(exported: TinyExport) -> None:
+    meta = json.loads((exported.export_dir / "export_meta.json").read_text())
+    assert meta["validation"]["scoring_graph"] == "last_position"
+
+
+def test_models_without_plain_dot_scores_export_score_last(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from seqrec.models.sasrec import SASRec, SASRecConfig
+
+    if "copy_mechanism" not in SASRecConfig.__dataclass_fields__:
+        pytest.skip("this SASRec has no copy mechanism")
+    _legacy_only(monkeypatch)
+    torch.manual_seed(0)
+    cfg = SASRecConfig(
+        num_items=NUM_ITEMS, max_len=MAX_LEN, d_model=16, n_heads=2, n_layers=1, copy_mechanism=True
+    )
+    model = SASRec(cfg).eval()
+    assert ScoringModel(model).mode == "score_last"
+    out = export_onnx(model, tiny_vocab(), tmp_path / "export")
+    meta = json.loads((out / "export_meta.json").read_text())
+    assert meta["validation"]["scoring_graph"] == "score_last"

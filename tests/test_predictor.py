@@ -23,9 +23,10 @@ from _export_helpers import (
     tiny_vocab,
 )
 from seqrec.cli import main as cli_main
-from seqrec.export import export_onnx
-from seqrec.predictor import Recommendation, SessionRecommender
-from seqrec.sequence import encode_prefix
+from seqrec.export import ExportVariant, export_onnx
+from seqrec.filters import filtered_scorer
+from seqrec.predictor import ArtifactIntegrityError, Recommendation, SessionRecommender, file_sha256
+from seqrec.sequence import encode_prefix, encode_prefixes
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -200,8 +201,10 @@ def test_from_dir_errors_name_the_file(exported: TinyExport, tmp_path: Path) -> 
 
     mismatch = _copy_export(exported.export_dir, tmp_path / "mismatch")
     tiny_vocab(NUM_ITEMS - 1).save(mismatch / "item_vocab.json")
-    with pytest.raises(ValueError, match=r"item_vocab.json has 29 items .* num_items=30"):
+    with pytest.raises(ArtifactIntegrityError, match=r"item_vocab.json has sha256"):
         SessionRecommender.from_dir(mismatch)
+    with pytest.raises(ValueError, match=r"item_vocab.json has 29 items .* num_items=30"):
+        SessionRecommender.from_dir(mismatch, verify_integrity=False)
 
 
 def test_cli_prints_ranked_table(exported: TinyExport, capsys: pytest.CaptureFixture[str]) -> None:
@@ -252,3 +255,194 @@ def test_recommend_script_runs(exported: TinyExport) -> None:
 def test_single_string_session_is_rejected(rec: SessionRecommender) -> None:
     with pytest.raises(TypeError, match="single string"):
         rec.recommend("1001", k=3)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------ hardening
+
+
+@pytest.fixture(scope="module")
+def rec_top_k(tmp_path_factory: pytest.TempPathFactory, exported: TinyExport) -> SessionRecommender:
+    """The same tiny model exported with top-k in the graph (legacy exporter: fast)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delitem(export_mod._EXPORTERS, "dynamo")
+        out = export_onnx(
+            exported.model,
+            exported.vocab,
+            tmp_path_factory.mktemp("top_k") / "export",
+            fallback_items=FALLBACK_ITEMS,
+            variant=ExportVariant(top_k_in_graph=True),
+        )
+    return SessionRecommender.from_dir(out)
+
+
+def _random_sessions(count: int, length: int, seed: int) -> list[list[str]]:
+    rng = np.random.default_rng(seed)
+    return [
+        [str(1000 + i) for i in rng.integers(1, NUM_ITEMS + 1, size=length)] for _ in range(count)
+    ]
+
+
+@pytest.mark.parametrize(("batch", "length"), [(1, 1), (1, MAX_LEN), (3, 7), (64, MAX_LEN)])
+def test_batch_parity_with_eager_for_both_layouts(
+    exported: TinyExport,
+    rec: SessionRecommender,
+    rec_top_k: SessionRecommender,
+    batch: int,
+    length: int,
+) -> None:
+    sessions = _random_sessions(batch, length, seed=batch * 100 + length)
+    for recommender in (rec, rec_top_k):
+        got = recommender.recommend_batch(sessions, k=10)
+        for session, recs in zip(sessions, got, strict=True):
+            want_ids, want_scores = _eager_top_k(exported, session, k=10)
+            assert _ids(recs) == want_ids
+            np.testing.assert_allclose([r.score for r in recs], want_scores, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "filters",
+    [
+        {},
+        {"exclude_seen": True},
+        {"deny_items": ["1003", "1017", "nope"]},
+        {"allow_items": ["1002", "1005", "1011", "1029", "unknown"]},
+        {"exclude_seen": True, "allow_items": ["1001", "1002", "1030"], "deny_items": ["1030"]},
+        {"allow_items": []},
+    ],
+)
+def test_top_k_graph_and_numpy_top_k_agree_under_filters(
+    rec: SessionRecommender, rec_top_k: SessionRecommender, filters: dict
+) -> None:
+    sessions = [*_random_sessions(5, 4, seed=7), [], ["unknown"], ["1001", "1002"]]
+    full = rec.recommend_batch(sessions, k=8, **filters)
+    in_graph = rec_top_k.recommend_batch(sessions, k=8, **filters)
+    for a, b in zip(full, in_graph, strict=True):
+        assert _ids(a) == _ids(b)
+        np.testing.assert_allclose([r.score for r in a], [r.score for r in b], atol=1e-5)
+
+
+def test_allow_and_deny_lists(rec: SessionRecommender) -> None:
+    session = ["1004", "1008"]
+    everything = rec.recommend(session, k=NUM_ITEMS)
+    denied = rec.recommend(session, k=NUM_ITEMS, deny_items=["1004", 1010, "zzz"])
+    assert denied == [r for r in everything if r.item_id not in {"1004", "1010"}]
+    allowed = rec.recommend(session, k=NUM_ITEMS, allow_items=["1012", "1004", "1001"])
+    assert allowed == [r for r in everything if r.item_id in {"1012", "1004", "1001"}]
+    both = rec.recommend(
+        session, k=2, exclude_seen=True, allow_items=["1012", "1004", "1001"], deny_items=["1001"]
+    )
+    assert _ids(both) == ["1012"]
+    assert rec.recommend(session, k=5, allow_items=[]) == []
+    assert rec.recommend(session, k=5, allow_items=["not-in-catalog"]) == []
+    # the fallback obeys the same filters
+    assert _ids(rec.recommend([], k=3, deny_items=FALLBACK_ITEMS[:2])) == FALLBACK_ITEMS[2:5]
+    assert _ids(rec.recommend(["?"], k=9, allow_items=FALLBACK_ITEMS[3:])) == FALLBACK_ITEMS[3:]
+    with pytest.raises(TypeError, match="not a string"):
+        rec.recommend(session, k=3, deny_items="1001")  # type: ignore[arg-type]
+
+
+def test_offline_filters_equal_serving_filters(
+    exported: TinyExport, rec: SessionRecommender
+) -> None:
+    """pipeline.evaluate wraps scorers with filtered_scorer; the predictor masks identically."""
+    sessions = _random_sessions(6, 5, seed=11)
+    allow, deny = ["1002", "1005", "1007", "1011", "1020", "1021", "1029"], ["1005", "1021"]
+    prefixes = [exported.vocab.encode(s) for s in sessions]
+
+    def eager(batch: list[np.ndarray]) -> np.ndarray:
+        with torch.inference_mode():
+            return exported.model.score_last(
+                torch.from_numpy(encode_prefixes(batch, MAX_LEN))
+            ).numpy()
+
+    score = filtered_scorer(eager, True, exported.vocab.encode(allow), exported.vocab.encode(deny))
+    offline = score(prefixes)  # (B, C) with -inf for excluded items
+    served = rec.recommend_batch(
+        sessions, k=NUM_ITEMS, exclude_seen=True, allow_items=allow, deny_items=deny
+    )
+    for row, recs in enumerate(served):
+        keep = np.flatnonzero(np.isfinite(offline[row]))
+        order = keep[np.argsort(-offline[row, keep], kind="stable")]
+        assert _ids(recs) == exported.vocab.decode(order)
+
+
+def test_thread_settings_are_visible_on_the_session(exported: TinyExport) -> None:
+    default = SessionRecommender.from_dir(exported.export_dir)
+    assert default.session_options.intra_op_num_threads == 1
+    assert default.session_options.inter_op_num_threads == 1
+    two = SessionRecommender.from_dir(
+        exported.export_dir, num_threads=2, graph_optimization_level="basic"
+    )
+    assert two.session_options.intra_op_num_threads == 2
+    assert "BASIC" in str(two.session_options.graph_optimization_level)
+    with pytest.raises(ValueError, match="num_threads"):
+        SessionRecommender.from_dir(exported.export_dir, num_threads=0)
+
+
+@pytest.mark.parametrize("layout", ["rec", "rec_top_k"])
+def test_many_threads_on_one_session_match_sequential(
+    request: pytest.FixtureRequest, layout: str
+) -> None:
+    recommender: SessionRecommender = request.getfixturevalue(layout)
+    calls = [
+        (session, {"k": 1 + i % 9, "exclude_seen": bool(i % 2), "deny_items": [session[0]]})
+        for i, session in enumerate(_random_sessions(60, 1 + MAX_LEN // 2, seed=3))
+    ]
+    expected = [recommender.recommend(s, **kw) for s, kw in calls]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        got = list(pool.map(lambda call: recommender.recommend(call[0], **call[1]), calls * 3))
+    assert got == expected * 3
+    batches = [[s for s, _ in calls[i : i + 7]] for i in range(0, len(calls), 7)]
+    expected_batches = [recommender.recommend_batch(b, k=5) for b in batches]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        got_batches = list(pool.map(lambda b: recommender.recommend_batch(b, k=5), batches))
+    assert got_batches == expected_batches
+
+
+def test_integrity_refuses_a_model_from_another_export(
+    exported: TinyExport, tmp_path: Path
+) -> None:
+    meta = json.loads((exported.export_dir / "export_meta.json").read_text())
+    assert meta["sha256"] == {
+        "model.onnx": file_sha256(exported.export_dir / "model.onnx"),
+        "item_vocab.json": file_sha256(exported.export_dir / "item_vocab.json"),
+    }
+    assert meta["model_version"] == meta["sha256"]["model.onnx"][:12]
+    swapped = _copy_export(exported.export_dir, tmp_path / "swapped")
+    other = tiny_model(seed=5)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delitem(export_mod._EXPORTERS, "dynamo")
+        other_dir = export_onnx(other, exported.vocab, tmp_path / "other")
+    (swapped / "model.onnx").write_bytes((other_dir / "model.onnx").read_bytes())
+    with pytest.raises(
+        ArtifactIntegrityError, match=r"model.onnx has sha256 .* not from the same export"
+    ):
+        SessionRecommender.from_dir(swapped)
+
+    no_hashes = _copy_export(exported.export_dir, tmp_path / "no_hashes")
+    meta = json.loads((no_hashes / "export_meta.json").read_text())
+    del meta["sha256"]
+    (no_hashes / "export_meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ArtifactIntegrityError, match="no 'sha256' section"):
+        SessionRecommender.from_dir(no_hashes)
+
+
+def test_cli_reports_integrity_errors(
+    exported: TinyExport, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    broken = _copy_export(exported.export_dir, tmp_path / "broken")
+    tiny_vocab(NUM_ITEMS).save(broken / "item_vocab.json")
+    (broken / "item_vocab.json").write_text((broken / "item_vocab.json").read_text() + "\n")
+    assert cli_main([str(broken), "1001"]) == 2
+    assert "artifact integrity check failed" in capsys.readouterr().err
+
+
+def test_cli_filters(exported: TinyExport, capsys: pytest.CaptureFixture[str]) -> None:
+    args = [str(exported.export_dir), "1001", "--k", "3", "--json"]
+    assert cli_main([*args, "--allow", "1002", "1003", "1004", "--deny", "1003"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert {r["item_id"] for r in payload["recommendations"]} == {"1002", "1004"}
+    assert (
+        payload["model_version"]
+        == json.loads((exported.export_dir / "export_meta.json").read_text())["model_version"]
+    )

@@ -121,7 +121,7 @@ def test_read_sessionize_collapse_order_example(tmp_path: Path) -> None:
         f"{T0_MS + 20_000},7,view,B,\n"
         f"{T0_MS + 40_000},7,view,A,\n"
     )
-    events, stats = read_events(path, drop_duplicates=True)
+    events, stats = read_events(path, drop_duplicates=True, id_pattern=None)
     assert stats["num_duplicate_rows"] == 1
     sessions = sessionize(events, GAP_S)
     assert sessions[ITEM_ID].tolist() == ["A", "A", "C", "B", "A"]

@@ -3,6 +3,7 @@
 Usage::
 
     python -m seqrec.cli artifacts/export/synthetic 1234 987 --k 10 [--exclude-seen] [--json]
+        [--allow 11 12 ...] [--deny 13 ...] [--num-threads 1]
 """
 
 from __future__ import annotations
@@ -47,6 +48,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--exclude-seen", action="store_true", help="never recommend items of the session"
     )
+    parser.add_argument(
+        "--allow",
+        nargs="+",
+        metavar="ITEM",
+        default=None,
+        help="only these items may be recommended (allow-list)",
+    )
+    parser.add_argument(
+        "--deny", nargs="+", metavar="ITEM", default=None, help="never recommend these items"
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument(
         "--num-threads", type=_positive_int, default=1, help="onnxruntime intra-op threads"
@@ -66,12 +77,13 @@ def _format_table(recs: Sequence[Recommendation], info: RecommendInfo) -> str:
     return "\n".join(lines)
 
 
-def _format_json(recs: Sequence[Recommendation], info: RecommendInfo) -> str:
+def _format_json(recs: Sequence[Recommendation], info: RecommendInfo, model_version: str) -> str:
     return json.dumps(
         {
             "num_known": info.num_known,
             "num_unknown": info.num_unknown,
             "used_fallback": info.used_fallback,
+            "model_version": model_version,
             "recommendations": [
                 {"rank": rank, "item_id": rec.item_id, "score": rec.score, "source": rec.source}
                 for rank, rec in enumerate(recs, start=1)
@@ -96,9 +108,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     recs, info = recommender.recommend_with_info(
-        args.items, k=args.k, exclude_seen=args.exclude_seen
+        args.items,
+        k=args.k,
+        exclude_seen=args.exclude_seen,
+        allow_items=args.allow,
+        deny_items=args.deny,
     )
-    print(_format_json(recs, info) if args.json else _format_table(recs, info))
+    if args.json:
+        print(_format_json(recs, info, recommender.model_version))
+    else:
+        print(_format_table(recs, info))
     return EXIT_OK
 
 

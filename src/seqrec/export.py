@@ -2,14 +2,24 @@
 
 The export directory holds everything the torch-free predictor needs:
 
-* ``model.onnx``: ``item_ids`` (batch, seq_len) int64, left-padded with PAD_IDX = 0
-  -> ``scores`` (batch, C) float32, column PAD_IDX = float32 minimum;
-* ``item_vocab.json``: ``{"pad_idx": 0, "item_ids": [...]}``, index i <-> ``item_ids[i - 1]``;
-* ``export_meta.json``: shapes, names, exporter, validation report, fallback items (written last,
-  so a directory without it is not a finished export).
+* ``model.onnx``, one of two graph layouts (:class:`ExportVariant`):
 
-Exports are verified, not trusted (house rule 9): :func:`validate_onnx` compares onnxruntime
-with eager PyTorch on several batch shapes before anything is published.
+  - full scores (default): ``item_ids`` (batch, seq_len) int64, left-padded with PAD_IDX = 0
+    -> ``scores`` (batch, C) float32, column PAD_IDX = float32 minimum (or -inf in fp16);
+  - top-k in the graph: ``item_ids``, ``score_mask`` (1 or batch, C) float32 (0 = keep,
+    -inf = excluded; built by ``seqrec.filters.mask_scores``) and ``k`` (1,) int64
+    -> ``top_scores`` (batch, k) float32 and ``top_idx`` (batch, k) int64, best first;
+
+  in float32, float16 weights or dynamically quantised int8 weights;
+* ``item_vocab.json``: ``{"pad_idx": 0, "item_ids": [...]}``, index i <-> ``item_ids[i - 1]``;
+* ``export_meta.json``: shapes, names, exporter, variant, validation and quality reports, sha256
+  of the model and vocabulary files, fallback items (written last, so a directory without it is not
+  a finished export).
+
+Exports are verified, not trusted (house rule 9): :func:`validate_onnx` compares the float32 graph
+with eager PyTorch on several batch shapes, then :func:`check_variant` compares the published
+variant with PyTorch (top-k overlap and metric change on validation examples) before anything is
+published.
 """
 
 from __future__ import annotations
@@ -22,30 +32,41 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from seqrec.constants import PAD_IDX
 from seqrec.data.vocab import ItemVocab
 from seqrec.models.sasrec import SASRec
+from seqrec.predictor import file_sha256
 from seqrec.sequence import encode_prefixes
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-"""Version of the export directory layout and ``export_meta.json`` schema."""
+FORMAT_VERSION = 2
+"""Version of the export directory layout and ``export_meta.json`` schema (2: variants, sha256)."""
 MODEL_FILE = "model.onnx"
 VOCAB_FILE = "item_vocab.json"
 META_FILE = "export_meta.json"
 INPUT_NAME = "item_ids"
 OUTPUT_NAME = "scores"
+MASK_NAME = "score_mask"
+K_NAME = "k"
+TOP_SCORES_NAME = "top_scores"
+TOP_IDX_NAME = "top_idx"
+PRECISIONS = ("fp32", "fp16", "int8")
+GRAPH_OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
+SCORING_MODES = ("last_position", "dot", "score_last")
+"""Graphs :class:`ScoringModel` can write, fastest first; the export tries them in this order."""
 
 _TOP_K_CHECK = 10
 _PAD_SCORE_MAX = -1e30  # the PAD column must be at least this negative in both runtimes
@@ -57,12 +78,84 @@ class ExportValidationError(RuntimeError):
     """onnxruntime and eager PyTorch disagree on an exported model."""
 
 
-class ScoringModel(nn.Module):
-    """The exported graph: item ids in, next-item scores for the whole catalog out."""
+@dataclass(frozen=True)
+class ExportVariant:
+    """How the serving graph is laid out and stored (see the module docstring).
 
-    def __init__(self, model: SASRec) -> None:
+    The library default is the plain contract graph (``item_ids`` -> ``scores``, float32);
+    ``conf/export.yaml`` defaults to top-k in the graph, which ``scripts/bench_latency.py``
+    measured faster for one session and for batches on CPU.
+
+    Attributes:
+        top_k_in_graph: append ``Add(score_mask)`` + ``TopK(k)`` to the graph instead of returning
+            the full (B, C) scores (the predictor then needs no numpy top-k).
+        precision: ``fp32``; ``fp16`` (float16 weights and compute, float32 inputs/outputs); or
+            ``int8`` (``onnxruntime.quantization.quantize_dynamic``: int8 weights, activations
+            quantised per call).
+        graph_optimization_level: onnxruntime level the predictor should load the graph with
+            (``disable``, ``basic``, ``extended``, ``all``); recorded in the metadata.
+        min_top_k_overlap: smallest mean top-k overlap with PyTorch on the quality check that is
+            accepted (float32 variants must match exactly up to ties anyway).
+    """
+
+    top_k_in_graph: bool = False
+    precision: str = "fp32"
+    graph_optimization_level: str = "all"
+    min_top_k_overlap: float = 0.9
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.graph_optimization_level not in GRAPH_OPTIMIZATION_LEVELS:
+            raise ValueError(
+                f"graph_optimization_level must be one of {GRAPH_OPTIMIZATION_LEVELS}, "
+                f"got {self.graph_optimization_level!r}"
+            )
+        if not 0.0 <= self.min_top_k_overlap <= 1.0:
+            raise ValueError(f"min_top_k_overlap must be in [0, 1], got {self.min_top_k_overlap}")
+
+
+class ScoringModel(nn.Module):
+    """The exported graph: item ids in, next-item scores for the whole catalog out.
+
+    Same numbers as ``SASRec.score_last`` (``validate_onnx`` checks it), written for inference:
+
+    * in mode ``last_position`` the final block runs only at the last position (its keys and
+      values still cover every position): the other positions' outputs of that block are never
+      used, and skipping them removes about a third of the transformer's work;
+    * the real-item scores come from one MatMul against the constant table rows 1..C-1 and the
+      PAD column is concatenated in front, instead of ``index_fill`` (which the dynamo exporter
+      lowers to two (B, C) transposes around a ScatterND).
+
+    The specialised path reuses the model's own modules (embeddings, blocks, LayerNorms); it needs
+    the block layout of ``seqrec.models.sasrec`` and falls back to ``SASRec.forward`` otherwise.
+    """
+
+    def __init__(self, model: SASRec, mode: str = "last_position") -> None:
+        """Wrap ``model``.
+
+        Args:
+            model: the trained model.
+            mode: ``last_position`` (fastest), ``dot`` (full forward, then the dot-product
+                scores) or ``score_last`` (``SASRec.score_last`` as is, always exact). A mode the
+                model cannot use (a different block layout, or scores that are not a plain dot
+                product such as ``cfg.copy_mechanism``) degrades to ``score_last``.
+        """
         super().__init__()
+        if mode not in SCORING_MODES:
+            raise ValueError(f"mode must be one of {SCORING_MODES}, got {mode!r}")
         self.model = model
+        is_dot = not getattr(model.cfg, "copy_mechanism", False)
+        if mode == "last_position" and not (is_dot and _has_sasrec_blocks(model)):
+            mode = "score_last"
+        if mode == "dot" and not is_dot:
+            mode = "score_last"
+        self.mode = mode
+
+    @property
+    def last_position_only(self) -> bool:
+        """Whether the final block runs only at the last position."""
+        return self.mode == "last_position"
 
     def forward(self, item_ids: Tensor) -> Tensor:
         """Score the catalog for the next item of each session.
@@ -71,9 +164,77 @@ class ScoringModel(nn.Module):
             item_ids: (B, L) int64 item indices, left-padded with PAD_IDX = 0; 1 <= L <= max_len.
 
         Returns:
-            (B, C) float32 scores (``SASRec.score_last``); column PAD_IDX is the float32 minimum.
+            (B, C) float32 scores (as ``SASRec.score_last``); column PAD_IDX is the float32
+            minimum.
         """
-        return self.model.score_last(item_ids)
+        if self.mode == "score_last":
+            return self.model.score_last(item_ids)
+        if self.mode == "last_position":
+            hidden = self._last_hidden(item_ids)  # (B, D)
+        else:
+            hidden = self.model(item_ids)[:, -1]  # (B, D) state after the most recent item
+        real = hidden @ self.model.item_emb.weight[PAD_IDX + 1 :].t()  # (B, C-1)
+        pad = torch.full(
+            (hidden.shape[0], 1), torch.finfo(real.dtype).min, dtype=real.dtype
+        )  # (B, 1)
+        return torch.cat([pad, real], dim=1)  # (B, C); PAD_IDX = 0 is the first column
+
+    def _last_hidden(self, item_ids: Tensor) -> Tensor:
+        """``SASRec.forward(item_ids)[:, -1]`` with the final block computed at the last position.
+
+        Args:
+            item_ids: (B, L) int64, left-padded; the last position is always a real item here
+                (an all-padding row gives the same zeros as ``SASRec.forward``).
+
+        Returns:
+            (B, D) float hidden state after the most recent item.
+        """
+        model = self.model
+        cfg = model.cfg
+        batch, length = item_ids.shape
+        is_real = item_ids != PAD_IDX  # (B, L)
+        positions = (torch.cumsum(is_real.to(torch.int64), dim=1) - 1).clamp(min=0)  # (B, L)
+        hidden = model.item_emb(item_ids) * (cfg.d_model**0.5) + model.pos_emb(positions)
+        hidden = model.emb_drop(hidden) * is_real.unsqueeze(-1).to(hidden.dtype)  # (B, L, D)
+        idx = torch.arange(length, device=item_ids.device)
+        is_causal = idx.unsqueeze(0) <= idx.unsqueeze(1)  # (L, L): query row, key column
+        is_self = idx.unsqueeze(0) == idx.unsqueeze(1)  # (L, L)
+        is_allowed = (is_causal.unsqueeze(0) & is_real.unsqueeze(1)) | is_self.unsqueeze(0)
+        neg = torch.finfo(hidden.dtype).min
+        attn_bias = torch.zeros(is_allowed.shape, dtype=hidden.dtype, device=item_ids.device)
+        attn_bias = attn_bias.masked_fill(~is_allowed, neg).unsqueeze(1)  # (B, 1, L, L)
+        for block in model.blocks[:-1]:
+            hidden = block(hidden, attn_bias)  # (B, L, D)
+
+        block = model.blocks[-1]
+        heads = block.attn.n_heads
+        head_dim = cfg.d_model // heads
+        qkv = block.attn.qkv(block.ln_attn(hidden))  # (B, L, 3D)
+        qkv = qkv.view(batch, length, 3, heads, head_dim)  # (B, L, 3, H, Dh)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, L, Dh)
+        attended = F.scaled_dot_product_attention(
+            q[:, :, -1:], k, v, attn_mask=attn_bias[:, :, -1:]
+        )  # (B, H, 1, Dh)
+        attended = attended.transpose(1, 2).reshape(batch, 1, cfg.d_model)  # (B, 1, D)
+        last = hidden[:, -1:] + block.drop(block.attn.proj(attended))  # (B, 1, D)
+        last = last + block.drop(block.ffn(block.ln_ffn(last)))  # (B, 1, D)
+        last = model.ln_out(last)[:, 0]  # (B, D)
+        return last * is_real[:, -1:].to(last.dtype)  # (B, D); zeros for an all-padding row
+
+
+def _has_sasrec_blocks(model: nn.Module) -> bool:
+    """Whether ``model`` has the block layout :meth:`ScoringModel._last_hidden` relies on."""
+    blocks = getattr(model, "blocks", None)
+    if not blocks:
+        return False
+    names = ("ln_attn", "attn", "ln_ffn", "ffn", "drop")
+    return all(
+        all(hasattr(block, name) for name in names)
+        and hasattr(block.attn, "qkv")
+        and hasattr(block.attn, "proj")
+        and hasattr(block.attn, "n_heads")
+        for block in blocks
+    ) and all(hasattr(model, name) for name in ("item_emb", "pos_emb", "emb_drop", "ln_out"))
 
 
 @contextmanager
@@ -172,14 +333,22 @@ def export_onnx(
     opset: int = 18,
     fallback_items: list[str] | None = None,
     extra_meta: dict[str, Any] | None = None,
+    variant: ExportVariant | None = None,
+    quality_examples: tuple[Sequence[Sequence[int] | np.ndarray], np.ndarray] | None = None,
+    quality_k: int = 20,
+    exporters: Sequence[str] | None = None,
 ) -> Path:
     """Export ``model`` as a scoring graph, verify it, and write the serving directory.
 
-    The dynamo exporter is tried first; if it raises or its graph fails :func:`validate_onnx`, the
-    legacy TorchScript exporter is used instead (``exporter`` in the metadata says which, and
-    ``exporter_fallback_reason`` why). The dummy input is (2, 7) (shorter than ``max_len``) so no
-    axis is frozen. Files are written to a temporary sibling directory and published only after
-    validation passed, ``export_meta.json`` last.
+    The float32 scores graph is exported first: the dynamo exporter is tried first; if it raises or
+    its graph fails :func:`validate_onnx`, the legacy TorchScript exporter is used instead
+    (``exporter`` in the metadata says which, and ``exporter_fallback_reason`` why). The dummy input
+    is (2, 7) (shorter than ``max_len``) so no axis is frozen. The requested ``variant`` is then
+    derived from it (precision, top-k in the graph) and compared with PyTorch by
+    :func:`check_variant` (report under ``quality`` in the metadata). Files are written to a
+    temporary sibling directory and published only after both checks passed,
+    ``export_meta.json`` last; it records the sha256 of ``model.onnx`` and ``item_vocab.json`` so
+    the predictor can refuse a mismatched pair.
 
     Args:
         model: trained model; exported in eval mode on the CPU (its own mode is restored).
@@ -190,6 +359,11 @@ def export_onnx(
             (most popular train items). ``None`` stores an empty list.
         extra_meta: extra JSON-serialisable keys for ``export_meta.json``, e.g.
             ``source_checkpoint``, ``dataset``, ``test_metrics``.
+        variant: graph layout and precision; ``None`` = ``ExportVariant()`` (full scores, fp32).
+        quality_examples: (prefixes, next_items) of the validation split (item indices) for the
+            quality check's metric change; ``None`` uses random sessions (overlap only).
+        quality_k: k of the top-k overlap (metrics are computed at 10 and ``quality_k``).
+        exporters: names to try, in order (``dynamo``, ``legacy``); ``None`` = both.
 
     Returns:
         ``out_dir``.
@@ -197,9 +371,11 @@ def export_onnx(
     Raises:
         ValueError: vocab and model sizes differ, a fallback item is not in the vocab, or
             ``extra_meta`` overrides a reserved key.
-        ExportValidationError: neither exporter produced a graph that matches eager PyTorch.
+        ExportValidationError: neither exporter produced a graph that matches eager PyTorch, or the
+            variant's top-k overlap with PyTorch is below ``variant.min_top_k_overlap``.
     """
     out_dir = Path(out_dir)
+    variant = variant or ExportVariant()
     cfg = model.cfg
     if vocab.num_items != cfg.num_items:
         raise ValueError(f"vocab has {vocab.num_items} items but the model {cfg.num_items}")
@@ -218,31 +394,49 @@ def export_onnx(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     tmp_dir.chmod(0o755)  # mkdtemp makes it private; the published directory should not be
+    base_path = tmp_dir / "scores_fp32.onnx"  # intermediate, removed before publishing
     try:
         with _eval_mode(cpu_model):
             exporter, validation, fallback_reason, export_time_s = _export_validated(
-                cpu_model, tmp_dir / MODEL_FILE, opset
+                cpu_model, base_path, opset, exporters
             )
-        actual_opset = _onnx_opset(tmp_dir / MODEL_FILE)
+            actual_opset = _onnx_opset(base_path)
+            build_variant(base_path, tmp_dir / MODEL_FILE, variant, cfg.num_items + 1)
+            base_path.unlink()
+            quality = check_variant(
+                cpu_model, tmp_dir / MODEL_FILE, variant, quality_examples, k=quality_k
+            )
         if actual_opset != opset:
             logger.warning(
                 "requested opset %d, the %s exporter wrote %d", opset, exporter, actual_opset
             )
         vocab.save(tmp_dir / VOCAB_FILE)
+        hashes = {name: file_sha256(tmp_dir / name) for name in (MODEL_FILE, VOCAB_FILE)}
+        if variant.top_k_in_graph:
+            input_names = [INPUT_NAME, MASK_NAME, K_NAME]
+            output_names = [TOP_SCORES_NAME, TOP_IDX_NAME]
+        else:
+            input_names, output_names = [INPUT_NAME], [OUTPUT_NAME]
         meta: dict[str, Any] = {
             "format_version": FORMAT_VERSION,
+            "model_version": hashes[MODEL_FILE][:12],
             "max_len": cfg.max_len,
             "num_items": cfg.num_items,
             "pad_idx": PAD_IDX,
             "opset": actual_opset,
             "exporter": exporter,
             "input_name": INPUT_NAME,
-            "output_name": OUTPUT_NAME,
+            "output_name": output_names[0],
+            "input_names": input_names,
+            "output_names": output_names,
+            "variant": asdict(variant),
             "d_model": cfg.d_model,
             "n_layers": cfg.n_layers,
             "n_heads": cfg.n_heads,
             "fallback_items": fallback,
             "validation": validation,
+            "quality": quality,
+            "sha256": hashes,
             "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
             "export_time_s": round(export_time_s, 3),
             "torch_version": torch.__version__,
@@ -259,20 +453,311 @@ def export_onnx(
         if tmp_dir.exists():
             shutil.rmtree(tmp_dir, ignore_errors=True)
     logger.info(
-        "exported %s with the %s exporter in %.1f s (max |diff| %.2e over %d batches)",
+        "exported %s (%s, top-k in graph: %s) with the %s exporter in %.1f s "
+        "(max |diff| %.2e over %d batches; top-%d overlap %.4f)",
         out_dir,
+        variant.precision,
+        variant.top_k_in_graph,
         exporter,
         export_time_s,
         validation["max_abs_diff"],
         len(validation["batches_checked"]),
+        quality["k"],
+        quality["top_k_overlap_mean"],
     )
     return out_dir
 
 
+# ------------------------------------------------------------------------------------- variants
+
+
+def _convert_precision(src: Path, dst: Path, precision: str) -> None:
+    """Write ``src`` (float32 scores graph) to ``dst`` in ``precision`` (inputs/outputs unchanged)."""
+    import onnx
+
+    if precision == "fp32":
+        shutil.copyfile(src, dst)
+    elif precision == "fp16":
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "values clipped to the fp16 range"
+            proto = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+        onnx.save(proto, str(dst))
+    elif precision == "int8":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=False)
+    else:  # pragma: no cover - ExportVariant validates the name
+        raise ValueError(f"unknown precision {precision!r}")
+
+
+def _append_top_k(path: Path, num_columns: int) -> None:
+    """Rewrite the scores graph at ``path`` to end in ``Add(score_mask)`` + ``TopK(k)``.
+
+    New inputs: ``score_mask`` (1 or B, C) float32 added to the scores (0 keeps an item, -inf
+    excludes it) and ``k`` (1,) int64. New outputs ``top_scores`` (B, k) float32 and ``top_idx``
+    (B, k) int64 item indices, sorted best first; ONNX TopK puts the lower index first on ties, as
+    the predictor's numpy top-k does.
+
+    When the scores come from ``Concat([pad column, real scores], axis=1)`` (as
+    :class:`ScoringModel` writes them) the top-k runs on the real-item scores directly (mask
+    columns 1..C-1, indices shifted by one), so the (B, C) concatenation is never materialised;
+    otherwise it runs on the full scores, whose PAD column the mask excludes.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    proto = onnx.load(str(path))
+    graph = proto.graph
+    if [o.name for o in graph.output] != [OUTPUT_NAME]:
+        raise ExportValidationError(f"{path}: expected the single output {OUTPUT_NAME!r}")
+    producer = next((n for n in graph.node if OUTPUT_NAME in n.output), None)
+    axis = next((a.i for a in producer.attribute if a.name == "axis"), None) if producer else None
+    is_pad_concat = (
+        producer is not None
+        and producer.op_type == "Concat"
+        and len(producer.input) == 2
+        and axis in (1, -1)
+        and PAD_IDX == 0
+    )
+    graph.input.append(
+        helper.make_tensor_value_info(MASK_NAME, TensorProto.FLOAT, ["mask_batch", num_columns])
+    )
+    graph.input.append(helper.make_tensor_value_info(K_NAME, TensorProto.INT64, [1]))
+    if is_pad_concat:
+        real_scores = producer.input[1]  # (B, C-1) scores of items 1..C-1
+        graph.node.remove(producer)
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(np.array([1], dtype=np.int64), "seqrec_one"),
+                numpy_helper.from_array(np.array([num_columns], dtype=np.int64), "seqrec_end"),
+            ]
+        )
+        graph.node.extend(
+            [
+                helper.make_node(
+                    "Slice",
+                    [MASK_NAME, "seqrec_one", "seqrec_end", "seqrec_one"],
+                    ["seqrec_real_mask"],
+                    name="seqrec_real_mask",
+                ),  # (1 or B, C-1)
+                helper.make_node(
+                    "Add", [real_scores, "seqrec_real_mask"], ["masked_scores"], name="seqrec_mask"
+                ),
+                helper.make_node(
+                    "TopK",
+                    ["masked_scores", K_NAME],
+                    [TOP_SCORES_NAME, "seqrec_real_idx"],
+                    name="seqrec_top_k",
+                    axis=1,
+                    largest=1,
+                    sorted=1,
+                ),
+                helper.make_node(
+                    "Add", ["seqrec_real_idx", "seqrec_one"], [TOP_IDX_NAME], name="seqrec_idx"
+                ),
+            ]
+        )
+    else:
+        graph.node.extend(
+            [
+                helper.make_node(
+                    "Add", [OUTPUT_NAME, MASK_NAME], ["masked_scores"], name="seqrec_mask"
+                ),
+                helper.make_node(
+                    "TopK",
+                    ["masked_scores", K_NAME],
+                    [TOP_SCORES_NAME, TOP_IDX_NAME],
+                    name="seqrec_top_k",
+                    axis=1,
+                    largest=1,
+                    sorted=1,
+                ),
+            ]
+        )
+    del graph.output[:]
+    graph.output.extend(
+        [
+            helper.make_tensor_value_info(TOP_SCORES_NAME, TensorProto.FLOAT, ["batch", "k"]),
+            helper.make_tensor_value_info(TOP_IDX_NAME, TensorProto.INT64, ["batch", "k"]),
+        ]
+    )
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path))
+
+
+def build_variant(
+    base_path: Path, out_path: Path, variant: ExportVariant, num_columns: int
+) -> Path:
+    """Derive the serving graph ``out_path`` from the validated float32 scores graph.
+
+    Args:
+        base_path: graph written by the exporter (``item_ids`` -> ``scores``), float32.
+        out_path: where to write the variant (may not be ``base_path``).
+        variant: precision and layout.
+        num_columns: C = num_items + 1 (width of ``score_mask``).
+
+    Returns:
+        ``out_path``.
+    """
+    _convert_precision(base_path, out_path, variant.precision)
+    if variant.top_k_in_graph:
+        _append_top_k(out_path, num_columns)
+    return out_path
+
+
+def ort_session(
+    path: Path, num_threads: int = 1, graph_optimization_level: str = "all"
+) -> Any:  # onnxruntime.InferenceSession (imported lazily)
+    """A CPU onnxruntime session with ``num_threads`` intra-op threads and one inter-op thread."""
+    import onnxruntime as ort
+
+    levels = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = num_threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = levels[graph_optimization_level]
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def onnx_top_k_scorer(
+    session: Any, top_k_in_graph: bool, k: int, max_len: int, num_columns: int
+) -> Callable[[list[np.ndarray]], np.ndarray]:
+    """``score(prefixes) -> (B, C)`` over an exported graph, for :func:`evaluate_scorer`.
+
+    A full-scores graph returns its scores. A top-k graph returns a (B, C) matrix that holds the
+    k best scores at their items and -inf elsewhere, so metrics at cut-offs <= k are exact.
+    """
+
+    def score(prefixes: list[np.ndarray]) -> np.ndarray:
+        item_ids = encode_prefixes(prefixes, max_len)  # (B, L') int64
+        if not top_k_in_graph:
+            return session.run([OUTPUT_NAME], {INPUT_NAME: item_ids})[0]
+        mask = np.zeros((1, num_columns), dtype=np.float32)
+        mask[:, PAD_IDX] = -np.inf
+        top_scores, top_idx = session.run(
+            [TOP_SCORES_NAME, TOP_IDX_NAME],
+            {INPUT_NAME: item_ids, MASK_NAME: mask, K_NAME: np.array([k], dtype=np.int64)},
+        )  # (B, k) float32, (B, k) int64
+        dense = np.full((len(prefixes), num_columns), -np.inf, dtype=np.float32)
+        np.put_along_axis(dense, top_idx, top_scores, axis=1)
+        return dense
+
+    return score
+
+
+def check_variant(
+    model: SASRec,
+    onnx_path: Path,
+    variant: ExportVariant,
+    examples: tuple[Sequence[Sequence[int] | np.ndarray], np.ndarray] | None = None,
+    k: int = 20,
+    seed: int = 0,
+    batch_size: int = 256,
+) -> dict[str, Any]:
+    """Compare the published graph with eager PyTorch: top-k overlap and metric change.
+
+    Args:
+        model: the eager model (CPU, eval mode).
+        onnx_path: the variant written by :func:`build_variant`.
+        variant: what ``onnx_path`` is.
+        examples: (prefixes, next_items) item indices, usually a capped slice of the validation
+            split. ``None``: 512 random sessions, overlap only (no metrics).
+        k: overlap cut-off; metrics are computed at 10 and k.
+        seed: seed of the random sessions.
+        batch_size: sessions per call.
+
+    Returns:
+        ``{"k", "num_examples", "source", "top_k_overlap_mean", "top_k_overlap_min",
+        "metrics_pytorch", "metrics_onnx", "metric_change"}``: overlap = |onnx top-k ∩ eager
+        top-k| / k per session; metric change = onnx - pytorch per metric (absolute).
+
+    Raises:
+        ExportValidationError: the mean overlap is below ``variant.min_top_k_overlap`` (1.0 minus
+            exact ties for float32).
+    """
+    from seqrec.metrics import evaluate_scorer
+
+    k = min(k, model.cfg.num_items)
+    max_len = model.cfg.max_len
+    if examples is None:
+        rng = np.random.default_rng(seed)
+        lengths = rng.integers(1, max_len + 1, size=512)
+        prefixes: list[np.ndarray] = [
+            rng.integers(1, model.cfg.num_items + 1, size=n, dtype=np.int64) for n in lengths
+        ]
+        next_items = None
+        source = "random sessions"
+    else:
+        prefixes = [np.asarray(p, dtype=np.int64) for p in examples[0]]
+        next_items = np.asarray(examples[1], dtype=np.int64)
+        source = "validation examples"
+    session = ort_session(onnx_path, 1, variant.graph_optimization_level)
+    onnx_score = onnx_top_k_scorer(
+        session, variant.top_k_in_graph, k, max_len, model.cfg.num_items + 1
+    )
+
+    def eager_score(batch: list[np.ndarray]) -> np.ndarray:
+        with torch.inference_mode():
+            return model.score_last(torch.from_numpy(encode_prefixes(batch, max_len))).numpy()
+
+    overlaps: list[float] = []
+    for start in range(0, len(prefixes), batch_size):
+        batch = prefixes[start : start + batch_size]
+        got, want = onnx_score(batch), eager_score(batch)
+        if np.isnan(got).any():
+            raise ExportValidationError(f"{variant}: NaN scores in the exported graph")
+        for got_top, want_top in zip(_top_k_sets(got, k), _top_k_sets(want, k), strict=True):
+            overlaps.append(len(got_top & want_top) / k)
+    report: dict[str, Any] = {
+        "k": k,
+        "num_examples": len(prefixes),
+        "source": source,
+        "top_k_overlap_mean": float(np.mean(overlaps)) if overlaps else 1.0,
+        "top_k_overlap_min": float(np.min(overlaps)) if overlaps else 1.0,
+        "metrics_pytorch": None,
+        "metrics_onnx": None,
+        "metric_change": None,
+    }
+    if next_items is not None and len(prefixes):
+        ks = sorted({min(10, k), k})
+        want_metrics = evaluate_scorer(eager_score, prefixes, next_items, batch_size, ks)
+        got_metrics = evaluate_scorer(onnx_score, prefixes, next_items, batch_size, ks)
+        report["metrics_pytorch"] = want_metrics
+        report["metrics_onnx"] = got_metrics
+        report["metric_change"] = {
+            name: got_metrics[name] - want_metrics[name]
+            for name in want_metrics
+            if name != "num_examples"
+        }
+    if report["top_k_overlap_mean"] < variant.min_top_k_overlap:
+        raise ExportValidationError(
+            f"{variant.precision} variant (top-k in graph: {variant.top_k_in_graph}): mean top-{k} "
+            f"overlap with PyTorch {report['top_k_overlap_mean']:.4f} < "
+            f"{variant.min_top_k_overlap} on {len(prefixes)} {source}"
+        )
+    logger.info(
+        "variant %s: top-%d overlap mean %.4f min %.4f, metric change %s",
+        asdict(variant),
+        k,
+        report["top_k_overlap_mean"],
+        report["top_k_overlap_min"],
+        report["metric_change"],
+    )
+    return report
+
+
 def _export_validated(
-    model: SASRec, onnx_path: Path, opset: int
+    model: SASRec, onnx_path: Path, opset: int, exporters: Sequence[str] | None = None
 ) -> tuple[str, dict[str, Any], str | None, float]:
-    """Export with the first exporter whose graph validates.
+    """Export with the first exporter (of ``exporters``, default all in order) whose graph
+    validates.
 
     Returns:
         (exporter name, validation report, why the dynamo exporter was not used or None,
@@ -281,29 +766,41 @@ def _export_validated(
     Raises:
         ExportValidationError: no exporter produced a valid graph.
     """
-    wrapper = ScoringModel(model).eval()
     max_len = model.cfg.max_len
     dummy = torch.randint(
         1, model.cfg.num_items + 1, (_DUMMY_BATCH, min(_DUMMY_LEN, max_len)), dtype=torch.int64
     )
     errors: dict[str, str] = {}
-    for name, export_fn in _EXPORTERS.items():
-        onnx_path.unlink(missing_ok=True)
-        start = time.perf_counter()
-        try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
-                # the legacy exporter is deprecated as a whole; using it is logged instead
-                warnings.simplefilter("ignore", DeprecationWarning)
-                warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-                export_fn(wrapper, dummy, onnx_path, opset, max_len)
-            export_time_s = time.perf_counter() - start
-            validation = validate_onnx(model, onnx_path)
-        except Exception as exc:  # any failure moves on to the next exporter
-            errors[name] = f"{type(exc).__name__}: {exc}"[:2000]
-            logger.warning("%s ONNX export failed: %s", name, errors[name])
-            continue
-        return name, validation, errors.get("dynamo"), export_time_s
+    # The fastest graph the model allows first; SASRec.score_last itself as the last resort.
+    wrappers: list[ScoringModel] = []
+    for mode in SCORING_MODES:
+        wrapper = ScoringModel(model, mode).eval()
+        if wrapper.mode not in [w.mode for w in wrappers]:
+            wrappers.append(wrapper)
+    for wrapper in wrappers:
+        for name, export_fn in _EXPORTERS.items():
+            if exporters is not None and name not in exporters:
+                continue
+            key = name if wrapper is wrappers[0] else f"{name} ({wrapper.mode} graph)"
+            onnx_path.unlink(missing_ok=True)
+            start = time.perf_counter()
+            try:
+                with warnings.catch_warnings():
+                    warnings.filterwarnings(
+                        "ignore", message=r".*LeafSpec.*", category=FutureWarning
+                    )
+                    # the legacy exporter is deprecated as a whole; using it is logged instead
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+                    export_fn(wrapper, dummy, onnx_path, opset, max_len)
+                export_time_s = time.perf_counter() - start
+                validation = validate_onnx(model, onnx_path)
+            except Exception as exc:  # any failure moves on to the next exporter
+                errors[key] = f"{type(exc).__name__}: {exc}"[:2000]
+                logger.warning("%s ONNX export failed: %s", key, errors[key])
+                continue
+            validation["scoring_graph"] = wrapper.mode
+            return name, validation, errors.get("dynamo"), export_time_s
     raise ExportValidationError(
         "no exporter produced a valid ONNX graph: "
         + "; ".join(f"{name}: {err}" for name, err in errors.items())

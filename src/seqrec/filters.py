@@ -6,7 +6,8 @@ function with the same flags, so what is measured offline is what is served.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -53,3 +54,25 @@ def mask_scores(
             if len(prefix):
                 out[row, np.asarray(prefix, dtype=np.int64)] = EXCLUDED
     return out
+
+
+def filtered_scorer(
+    score_fn: Callable[[list[np.ndarray]], Any],
+    exclude_seen: bool = False,
+    allow_idxs: np.ndarray | None = None,
+    deny_idxs: np.ndarray | None = None,
+) -> Callable[[list[np.ndarray]], Any]:
+    """Wrap ``score(prefixes) -> (B, C)`` so its scores pass through :func:`mask_scores`.
+
+    Offline evaluation wraps every scorer with this; ``SessionRecommender`` calls
+    :func:`mask_scores` with the same arguments, so both apply identical filters. Without any
+    filter the scorer is returned unchanged (PAD is masked by the metrics anyway).
+    """
+    if not exclude_seen and allow_idxs is None and deny_idxs is None:
+        return score_fn
+
+    def score(prefixes: list[np.ndarray]) -> np.ndarray:
+        scores = np.asarray(score_fn(prefixes), dtype=np.float32)  # (B, C)
+        return mask_scores(scores, prefixes, exclude_seen, allow_idxs, deny_idxs)
+
+    return score

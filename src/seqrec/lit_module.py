@@ -34,6 +34,8 @@ class SASRecModule(pl.LightningModule):
         sampler: ``popularity`` (q proportional to training counts, set from the data module at
             fit start) or ``uniform``; used by the sampled losses.
         gbce_t: gBCE calibration parameter t in [0, 1].
+        copy_mechanism: add the pointer (copy) distribution over the session's items (see
+            :class:`SASRecConfig`); needs ``loss="ce"``.
     """
 
     def __init__(
@@ -52,12 +54,15 @@ class SASRecModule(pl.LightningModule):
         num_negatives: int = 256,
         sampler: str = "popularity",
         gbce_t: float = 0.75,
+        copy_mechanism: bool = False,
     ) -> None:
         super().__init__()
         if loss not in losses.LOSSES:
             raise ValueError(f"unknown loss {loss!r}; expected one of {losses.LOSSES}")
         if sampler not in ("popularity", "uniform"):
             raise ValueError(f"unknown sampler {sampler!r}; expected 'popularity' or 'uniform'")
+        if copy_mechanism and loss != "ce":
+            raise ValueError("copy_mechanism needs loss='ce' (the mixture is a full distribution)")
         self.save_hyperparameters()
         self.model = SASRec(
             SASRecConfig(
@@ -68,6 +73,7 @@ class SASRecModule(pl.LightningModule):
                 n_layers=n_layers,
                 dropout=dropout,
                 ffn_mult=ffn_mult,
+                copy_mechanism=copy_mechanism,
             )
         )
         uniform = torch.ones(num_items + 1)
@@ -98,6 +104,8 @@ class SASRecModule(pl.LightningModule):
         hidden_at, targets_at = hidden[is_target], targets[is_target]  # (N, D), (N,)
         item_emb = self.model.item_emb.weight  # (C, D)
         name = self.hparams.loss
+        if self.hparams.copy_mechanism:
+            return -self.model.log_prob_of(hidden, item_ids, is_target, targets).mean()
         if name == "ce":
             return losses.full_ce(hidden_at, item_emb, targets_at)
         negatives = losses.sample_negatives(self.hparams.num_negatives, self.sampling_probs)  # (M,)

@@ -112,8 +112,13 @@ def evaluate_scorer(
     next_items,  # noqa: ANN001 - (N,) int64 array-like
     batch_size: int = 1024,
     ks: Sequence[int] = (10, 20),
+    num_items: int | None = None,
 ) -> dict[str, float]:
     """Rank every example against the full catalog and average the metrics.
+
+    Only full-catalog ranking is offered: there is no sampled-candidate mode. Passing
+    ``num_items`` makes that checkable: a scorer that returns fewer (e.g. sampled) or more
+    columns than the catalog is rejected instead of silently ranking against a subset.
 
     Args:
         score_fn: maps a list of B item-index arrays (oldest first) to (B, C) scores (numpy or
@@ -122,9 +127,15 @@ def evaluate_scorer(
         next_items: (N,) int64 next-item indices.
         batch_size: examples per call of ``score_fn``.
         ks: cut-offs.
+        num_items: catalog size; when given, every score matrix must have ``num_items + 1``
+            columns.
 
     Returns:
         ``{"recall@10": ..., "mrr@10": ..., "ndcg@10": ..., ..., "num_examples": N}``.
+
+    Raises:
+        ValueError: NaN scores, a next item outside the score columns, or (with ``num_items``)
+            a score matrix that does not cover the whole catalog.
     """
     import numpy as np
 
@@ -133,6 +144,11 @@ def evaluate_scorer(
     for start in range(0, len(prefixes), batch_size):
         batch = list(prefixes[start : start + batch_size])
         scores = torch.as_tensor(score_fn(batch))
+        if num_items is not None and scores.shape[-1] != num_items + 1:
+            raise ValueError(
+                f"scorer returned {scores.shape[-1]} columns, the full catalog needs "
+                f"num_items + 1 = {num_items + 1} (sampled-candidate evaluation is not offered)"
+            )
         metrics.update(scores, next_items[start : start + len(batch)])
     out: dict[str, float] = metrics.compute()
     out["num_examples"] = int(metrics.num_examples)

@@ -50,6 +50,31 @@ def _session_stats(sessions: pd.DataFrame) -> dict[str, Any]:
     }
 
 
+def _row_accounting(
+    num_rows_read: int, dropped: dict[str, int], kept: dict[str, int], source: str
+) -> dict[str, Any]:
+    """Check that every input row is either kept or dropped for exactly one named reason.
+
+    Returns:
+        ``{"num_rows_read", "dropped": {reason: rows}, "kept": {part: rows}, "num_rows_accounted"}``.
+
+    Raises:
+        RuntimeError: kept + dropped differs from the rows read (rows lost or counted twice).
+    """
+    accounted = sum(dropped.values()) + sum(kept.values())
+    if accounted != num_rows_read:
+        raise RuntimeError(
+            f"{source}: {num_rows_read} rows read but kept + dropped = {accounted} "
+            f"(kept {kept}, dropped {dropped}): rows were lost or counted twice"
+        )
+    return {
+        "num_rows_read": num_rows_read,
+        "dropped": dropped,
+        "kept": kept,
+        "num_rows_accounted": accounted,
+    }
+
+
 def _prepare_events(cfg: DictConfig) -> dict[str, Any]:
     from seqrec.data.events import read_events
     from seqrec.data.sessionize import drop_consecutive_repeats, filter_min_support, sessionize
@@ -67,7 +92,12 @@ def _prepare_events(cfg: DictConfig) -> dict[str, Any]:
         log.info("generating the demo shop at %s", raw_path)
         write_events_csv(raw_path, **OmegaConf.to_container(cfg.data.generator))
     event_types = list(cfg.data.event_types) if cfg.data.event_types is not None else None
-    events, read_stats = read_events(raw_path, event_types=event_types, ts_unit=cfg.data.ts_unit)
+    events, read_stats = read_events(
+        raw_path,
+        event_types=event_types,
+        ts_unit=cfg.data.ts_unit,
+        id_pattern=cfg.data.get("id_pattern"),
+    )
     stats: dict[str, Any] = {"source": str(raw_path), "read": read_stats}
 
     sessions = sessionize(events, gap_s=int(cfg.data.gap_s))
@@ -75,6 +105,7 @@ def _prepare_events(cfg: DictConfig) -> dict[str, Any]:
         "gap_s": int(cfg.data.gap_s),
         "num_sessions": int(sessions[SESSION_ID].nunique()),
     }
+    num_repeats = 0
     if cfg.data.collapse_repeats:
         sessions, num_repeats = drop_consecutive_repeats(sessions)
         stats["num_consecutive_repeats_dropped"] = num_repeats
@@ -91,6 +122,28 @@ def _prepare_events(cfg: DictConfig) -> dict[str, Any]:
     known = set(train[ITEM_ID].unique().tolist())
     valid, stats["unknown_valid"] = drop_unknown_items(valid, known, int(cfg.data.min_session_len))
     test, stats["unknown_test"] = drop_unknown_items(test, known, int(cfg.data.min_session_len))
+    stats["row_accounting"] = {
+        str(raw_path): _row_accounting(
+            read_stats["num_rows_read"],
+            dropped={
+                "other_event_type": read_stats["num_rows_other_event_type"],
+                "duplicate_row": read_stats["num_duplicate_rows"],
+                "consecutive_repeat": num_repeats,
+                "rare_item": filter_stats["num_events_rare_items"],
+                "short_session": filter_stats["num_events_short_sessions"],
+                "unknown_item_valid": stats["unknown_valid"]["num_events_unknown_item"],
+                "unknown_item_test": stats["unknown_test"]["num_events_unknown_item"],
+                "short_after_unknown_valid": stats["unknown_valid"][
+                    "num_events_too_short_after_unknown"
+                ],
+                "short_after_unknown_test": stats["unknown_test"][
+                    "num_events_too_short_after_unknown"
+                ],
+            },
+            kept={"train": len(train), "valid": len(valid), "test": len(test)},
+            source=str(raw_path),
+        )
+    }
     return _write_processed(
         cfg,
         train=train,
@@ -103,10 +156,12 @@ def _prepare_events(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _prepare_benchmark(cfg: DictConfig) -> dict[str, Any]:
-    from seqrec.data.sources import read_benchmark, split_last_sessions
+    from seqrec.data.sources import TEST_FILE, TRAIN_FILE, read_benchmark, split_last_sessions
     from seqrec.data.split import sessions_to_examples
 
-    full_train, test_examples = read_benchmark(cfg.data.benchmark_dir)
+    full_train, test_examples = read_benchmark(
+        cfg.data.benchmark_dir, id_pattern=cfg.data.get("id_pattern")
+    )
     train, valid = split_last_sessions(full_train, float(cfg.data.valid_fraction))
     stats: dict[str, Any] = {
         "source": str(cfg.data.benchmark_dir),
@@ -114,18 +169,46 @@ def _prepare_benchmark(cfg: DictConfig) -> dict[str, Any]:
         "train_file": _session_stats(full_train),
         "num_test_examples_read": len(test_examples),
     }
-    # Validation examples use only items the model trains on; the test set is kept exactly as shipped,
-    # so its catalog is the whole shipped train file (vocab below).
+    # The test set is kept exactly as shipped, so its catalog is the whole shipped train file (vocab
+    # below). A shipped example with an item outside that catalog cannot be ranked: it is dropped,
+    # counted and logged (none in the RetailRocket benchmark).
+    catalog = set(full_train[ITEM_ID].unique().tolist())
+    is_ranked = _examples_within(test_examples, catalog)
+    num_unknown_test = int((~is_ranked).sum())
+    if num_unknown_test:
+        log.warning(
+            "%d of %d shipped test examples have an item outside the train file: dropped",
+            num_unknown_test,
+            len(test_examples),
+        )
+    test_examples = test_examples[is_ranked]
+    # Validation examples use only items the model trains on.
     known = set(train[ITEM_ID].unique().tolist())
     # No timestamps in this format: click order stands in for time, and example times stay missing.
     valid_examples = sessions_to_examples(
         valid.assign(**{TS_MS: np.arange(len(valid), dtype=np.int64)})
     )
     valid_examples[TS_MS] = pd.array([pd.NA] * len(valid_examples), dtype="Int64")
-    is_known = valid_examples[NEXT_ITEM_ID].isin(known) & valid_examples[PREFIX_ITEM_IDS].map(
-        lambda p: all(i in known for i in p)
-    )
+    is_known = _examples_within(valid_examples, known)
     stats["num_valid_examples_unknown_item_dropped"] = int((~is_known).sum())
+    root = Path(cfg.data.benchmark_dir)
+    stats["row_accounting"] = {
+        str(root / TRAIN_FILE): _row_accounting(
+            stats["train_file"]["num_sessions"],
+            dropped={},
+            kept={
+                "train": int(train[SESSION_ID].nunique()),
+                "valid": int(valid[SESSION_ID].nunique()),
+            },
+            source=str(root / TRAIN_FILE),
+        ),
+        str(root / TEST_FILE): _row_accounting(
+            stats["num_test_examples_read"],
+            dropped={"unknown_item": num_unknown_test},
+            kept={"test": len(test_examples)},
+            source=str(root / TEST_FILE),
+        ),
+    }
     return _write_processed(
         cfg,
         train=train,
@@ -135,6 +218,13 @@ def _prepare_benchmark(cfg: DictConfig) -> dict[str, Any]:
         test_examples=test_examples,
         stats=stats,
         vocab_items=full_train[ITEM_ID],
+    )
+
+
+def _examples_within(examples: pd.DataFrame, items: set[str]) -> pd.Series:
+    """(N,) bool: the example's next item and every prefix item are in ``items``."""
+    return examples[NEXT_ITEM_ID].isin(items) & examples[PREFIX_ITEM_IDS].map(
+        lambda prefix: all(i in items for i in prefix)
     )
 
 
@@ -218,18 +308,36 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         ``{"best_ckpt", "best_val_mrr@20", "val": {...}, "train_time_s", "epochs", "global_step",
         "output_dir"}``; also written to ``<output_dir>/train_result.json`` and to a per-dataset
         pointer used by ``evaluate`` / ``export`` when no ``ckpt_path`` is given.
+
+    A run killed at any point resumes exactly with ``ckpt_path=<output_dir>/checkpoints/last.ckpt``
+    (refreshed every ``callbacks.periodic_checkpoint.every_n_train_steps`` steps and at each
+    validation; see :mod:`seqrec.resume`).
+
+    Raises:
+        seqrec.resume.RunDirectoryError: a fresh run (no ``ckpt_path``) would write into a
+            checkpoint directory that already holds checkpoints.
+        FileNotFoundError: ``ckpt_path`` does not exist.
     """
     import pytorch_lightning as pl
     import torch
     from hydra.utils import instantiate
 
+    from seqrec.resume import check_output_dir
+
+    # A fresh run never writes into a directory that holds checkpoints; resuming (ckpt_path) may.
+    checkpoint_dirs = [Path(cfg.paths.output_dir) / "checkpoints"] + [
+        Path(c.dirpath)
+        for c in (cfg.get("callbacks") or {}).values()
+        if c is not None and c.get("dirpath")
+    ]
+    check_output_dir(checkpoint_dirs, cfg.get("ckpt_path"))
     if cfg.get("num_threads"):
         torch.set_num_threads(int(cfg.num_threads))
     pl.seed_everything(int(cfg.seed), workers=True)
     _ensure_prepared(cfg)
     datamodule = instantiate(cfg.data.datamodule)
     module = instantiate(cfg.model, num_items=datamodule.num_items)
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
@@ -237,7 +345,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     train_time_s = time.perf_counter() - start
 
-    ckpt_cb = next((c for c in callbacks if isinstance(c, pl.callbacks.ModelCheckpoint)), None)
+    # The best-model checkpoint is the one that monitors a metric (others are periodic snapshots).
+    checkpoints = [c for c in callbacks if isinstance(c, pl.callbacks.ModelCheckpoint)]
+    ckpt_cb = next((c for c in checkpoints if c.monitor), checkpoints[0] if checkpoints else None)
     best_ckpt = ckpt_cb.best_model_path if ckpt_cb is not None else ""
     val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     result = {
@@ -313,6 +423,20 @@ def metrics_table(results: dict[str, dict[str, float]], ks: list[int]) -> str:
     return "\n".join([head, sep, *rows])
 
 
+def _item_idxs(vocab, item_ids) -> np.ndarray | None:  # noqa: ANN001 - ItemVocab, list | None
+    """Known raw ids of a config list as (N,) int64 indices (unknown ids dropped); None stays None.
+
+    Unknown ids are dropped exactly as ``SessionRecommender`` drops them.
+    """
+    if item_ids is None:
+        return None
+    idxs = vocab.encode(np.asarray([str(i) for i in item_ids], dtype=object))
+    num_unknown = int((idxs == 0).sum())
+    if num_unknown:
+        log.warning("%d filter item id(s) not in the catalog; ignored", num_unknown)
+    return idxs[idxs != 0]
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Rank every example of ``cfg.split`` against the full catalog with the model and baselines.
 
@@ -324,7 +448,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     from hydra.utils import instantiate
 
     from seqrec import baselines as bl
-    from seqrec.filters import mask_scores
+    from seqrec.filters import filtered_scorer
     from seqrec.metrics import evaluate_scorer
 
     if cfg.get("num_threads"):
@@ -337,13 +461,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     timings: dict[str, float] = {}
 
     exclude_seen = bool(cfg.get("exclude_seen", False))
+    allow_idxs = _item_idxs(datamodule.vocab, cfg.get("allow_items"))
+    deny_idxs = _item_idxs(datamodule.vocab, cfg.get("deny_items"))
 
-    def filtered(score_fn):  # noqa: ANN001, ANN202 - the filter SessionRecommender applies
-        if not exclude_seen:
-            return score_fn
-        return lambda batch: mask_scores(
-            np.asarray(score_fn(batch), dtype=np.float32), batch, exclude_seen=True
-        )
+    def filtered(score_fn):  # noqa: ANN001, ANN202 - the filters SessionRecommender applies
+        return filtered_scorer(score_fn, exclude_seen, allow_idxs, deny_idxs)
 
     ckpt = _resolve_ckpt(cfg)
     module = load_module(ckpt)
@@ -371,6 +493,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "num_examples": len(examples),
         "num_items": datamodule.num_items,
         "exclude_seen": exclude_seen,
+        "num_allow_items": None if allow_idxs is None else len(allow_idxs),
+        "num_deny_items": None if deny_idxs is None else len(deny_idxs),
         "ckpt": str(ckpt),
         "protocol": "full-catalog ranking; rank = 1 + #other items scored >= next item (ties count against the model)",
         "results": results,
@@ -391,13 +515,17 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 def export(cfg: DictConfig) -> Path:
     """Export the trained model to ``cfg.export_dir`` (ONNX + vocab + metadata), verified.
 
+    The variant (``cfg.variant``: top-k in the graph, precision, onnxruntime optimisation level) is
+    checked against PyTorch on at most ``cfg.quality_max_examples`` validation examples (evenly
+    spaced over the split): top-k overlap and metric change go to ``quality`` in the metadata.
+
     Returns:
         The export directory.
     """
     from hydra.utils import instantiate
 
     from seqrec.baselines import item_counts
-    from seqrec.export import export_onnx
+    from seqrec.export import ExportVariant, export_onnx
 
     ckpt = _resolve_ckpt(cfg)
     module = load_module(ckpt)
@@ -407,6 +535,15 @@ def export(cfg: DictConfig) -> Path:
     fallback = datamodule.vocab.decode(order[: int(cfg.num_fallback_items)])
     report_path = Path(cfg.report_path)
     test_metrics = json.loads(report_path.read_text()) if report_path.is_file() else None
+    valid = datamodule.examples("valid")
+    num_quality = min(len(valid), int(cfg.quality_max_examples))
+    rows = (
+        np.linspace(0, len(valid) - 1, num_quality).round().astype(np.int64) if num_quality else []
+    )
+    quality_examples = (
+        ([valid.prefixes[i] for i in rows], valid.next_items[rows]) if num_quality else None
+    )
+    variant = ExportVariant(**OmegaConf.to_container(cfg.variant, resolve=True))
     return export_onnx(
         module.model,
         vocab=datamodule.vocab,
@@ -418,6 +555,9 @@ def export(cfg: DictConfig) -> Path:
             "dataset": cfg.data.name,
             "test_metrics": test_metrics["results"]["SASRec"] if test_metrics else None,
         },
+        variant=variant,
+        quality_examples=quality_examples,
+        quality_k=int(cfg.quality_k),
     )
 
 
@@ -430,7 +570,7 @@ def summarize(stage: str, result: Any) -> str:
         )
     if stage == "train":
         return (
-            f"\ntrained {result['epochs'] + 1} epoch(s), {result['global_step']} steps in {result['train_time_s']} s; "
+            f"\ntrained {result['epochs']} epoch(s), {result['global_step']} steps in {result['train_time_s']} s; "
             f"best val MRR@20 = {result['best_val_mrr@20']}\nbest checkpoint: {result['best_ckpt']}\n"
         )
     if stage == "prepare":

@@ -2,7 +2,11 @@
 
 Load once with :meth:`SessionRecommender.from_dir`, then call :meth:`SessionRecommender.recommend`
 from any number of threads: the object holds no per-call state and onnxruntime's ``run`` is
-thread-safe.
+thread-safe. ``from_dir`` checks the sha256 of the model and vocabulary files recorded in
+``export_meta.json`` and refuses a pair that does not belong together. Both graph layouts of
+``seqrec.export`` are served (full scores + numpy top-k, or top-k in the graph); result filters
+(``exclude_seen``, allow-list, deny-list) always go through ``seqrec.filters.mask_scores``, the
+function offline evaluation uses.
 
 Only the standard library, numpy, onnxruntime and the numpy-only ``seqrec.sequence`` /
 ``seqrec.constants`` may be imported here (a test checks that torch and pandas stay unloaded).
@@ -11,6 +15,7 @@ Only the standard library, numpy, onnxruntime and the numpy-only ``seqrec.sequen
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 from collections.abc import Sequence
@@ -106,8 +111,66 @@ def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
     return candidates[order[:k]].astype(np.int64)
 
 
+class ArtifactIntegrityError(ValueError):
+    """The files of an export directory do not belong together (sha256 mismatch)."""
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes (read in 1 MiB chunks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _verify_hashes(directory: Path, meta: dict[str, Any]) -> None:
+    """Refuse a model / vocabulary pair whose sha256 differs from ``export_meta.json``.
+
+    Exports of format 1 carry no hashes: they load with a warning.
+
+    Raises:
+        ArtifactIntegrityError: a recorded hash does not match, or a format >= 2 export has none.
+    """
+    hashes = meta.get("sha256")
+    if not hashes:
+        if int(meta.get("format_version", 1)) >= 2:
+            raise ArtifactIntegrityError(
+                f"{directory / META_FILE}: no 'sha256' section; cannot check that "
+                f"{MODEL_FILE} and {VOCAB_FILE} belong together (re-export the model)"
+            )
+        logger.warning("%s: format 1 export without sha256; integrity not checked", directory)
+        return
+    for name in (MODEL_FILE, VOCAB_FILE):
+        want = hashes.get(name)
+        got = file_sha256(directory / name)
+        if want != got:
+            raise ArtifactIntegrityError(
+                f"artifact integrity check failed in {directory}: {name} has sha256 {got[:16]}..., "
+                f"but {META_FILE} records {str(want)[:16]}...; the model and vocabulary are not "
+                "from the same export. Copy model.onnx, item_vocab.json and export_meta.json "
+                "together from one export directory (or re-export)."
+            )
+
+
+def _graph_optimization_level(name: str) -> ort.GraphOptimizationLevel:
+    levels = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }
+    if name not in levels:
+        raise ValueError(f"graph_optimization_level must be one of {sorted(levels)}, got {name!r}")
+    return levels[name]
+
+
 class SessionRecommender:
-    """Next-item recommendations for sessions of raw item ids, from an ONNX export directory."""
+    """Next-item recommendations for sessions of raw item ids, from an ONNX export directory.
+
+    One instance is safe to share between threads: it keeps no per-call state (the cached masks
+    are read-only) and ``InferenceSession.run`` is thread-safe.
+    """
 
     def __init__(
         self,
@@ -129,23 +192,43 @@ class SessionRecommender:
         self._max_len = int(meta["max_len"])
         self._input_name = str(meta["input_name"])
         self._output_name = str(meta["output_name"])
+        self._top_k_in_graph = bool(meta.get("variant", {}).get("top_k_in_graph", False))
         self._fallback_ids = [str(i) for i in meta["fallback_items"]]
+        num_columns = len(self._item_ids) + 1
+        # (1, C) mask that excludes PAD only, for top-k graphs without filters (read-only, shared)
+        self._pad_mask = mask_scores(np.zeros((1, num_columns), dtype=np.float32), [[]])
+        self._pad_mask.flags.writeable = False
 
     @classmethod
-    def from_dir(cls, path: str | Path, num_threads: int = 1) -> SessionRecommender:
+    def from_dir(
+        cls,
+        path: str | Path,
+        num_threads: int = 1,
+        graph_optimization_level: str | None = None,
+        verify_integrity: bool = True,
+    ) -> SessionRecommender:
         """Load ``model.onnx``, ``item_vocab.json`` and ``export_meta.json`` from ``path``.
 
         Args:
             path: export directory written by ``seqrec.export.export_onnx``.
-            num_threads: onnxruntime intra-op threads (keep 1 when several recommenders share a
-                process; inter-op threads are always 1).
+            num_threads: onnxruntime intra-op threads (keep 1 when several recommenders or worker
+                processes share the cores; inter-op threads are always 1).
+            graph_optimization_level: ``disable`` / ``basic`` / ``extended`` / ``all``; ``None``
+                takes the level recorded at export (``variant.graph_optimization_level``, else
+                ``all``).
+            verify_integrity: check the sha256 of ``model.onnx`` and ``item_vocab.json`` against
+                the metadata (a few ms per 10 MB).
 
         Raises:
             FileNotFoundError: the directory or one of the three files is missing.
+            ArtifactIntegrityError: (a ValueError) the model or vocabulary file is not the one
+                the metadata was written for.
             ValueError: a file is malformed: missing keys, PAD index not 0, vocab size differs
                 from ``num_items`` in the metadata, fallback items outside the vocab, or graph
-                input/output names that do not match the metadata.
+                input/output names that do not match the metadata; bad thread count or level.
         """
+        if num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {num_threads}")
         directory = Path(path)
         if not directory.is_dir():
             raise FileNotFoundError(f"export directory not found: {directory}")
@@ -162,6 +245,12 @@ class SessionRecommender:
             raise ValueError(f"{meta_path}: missing keys {missing}")
         if meta["pad_idx"] != PAD_IDX:
             raise ValueError(f"{meta_path}: pad_idx is {meta['pad_idx']}, expected {PAD_IDX}")
+        if not model_path.is_file():
+            raise FileNotFoundError(f"missing export file: {model_path}")
+        if not vocab_path.is_file():
+            raise FileNotFoundError(f"missing export file: {vocab_path}")
+        if verify_integrity:
+            _verify_hashes(directory, meta)
 
         vocab = _read_json(vocab_path)
         if not isinstance(vocab, dict) or not isinstance(vocab.get("item_ids"), list):
@@ -183,25 +272,32 @@ class SessionRecommender:
                 f"{meta_path}: fallback_items not in the vocab: {unknown_fallback[:5]}"
             )
 
-        if not model_path.is_file():
-            raise FileNotFoundError(f"missing export file: {model_path}")
+        level = graph_optimization_level or meta.get("variant", {}).get(
+            "graph_optimization_level", "all"
+        )
         options = ort.SessionOptions()
         options.intra_op_num_threads = num_threads
         options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = _graph_optimization_level(level)
         session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
         inputs = [i.name for i in session.get_inputs()]
         outputs = [o.name for o in session.get_outputs()]
-        if inputs != [meta["input_name"]] or meta["output_name"] not in outputs:
+        want_inputs = list(meta.get("input_names", [meta["input_name"]]))
+        if inputs != want_inputs or meta["output_name"] not in outputs:
             raise ValueError(
                 f"{model_path}: graph has inputs {inputs} / outputs {outputs}, but {meta_path} "
-                f"names {meta['input_name']!r} -> {meta['output_name']!r}"
+                f"names {want_inputs} -> {meta['output_name']!r}"
             )
         logger.info(
-            "loaded %s: %d items, max_len %d, exporter %s",
+            "loaded %s: %d items, max_len %d, exporter %s, variant %s, %d thread(s), level %s",
             directory,
             len(item_ids),
             int(meta["max_len"]),
             meta.get("exporter", "?"),
+            meta.get("variant", "fp32 scores"),
+            num_threads,
+            level,
         )
         return cls(session, item_ids, meta)
 
@@ -220,8 +316,33 @@ class SessionRecommender:
         """A copy of ``export_meta.json``."""
         return copy.deepcopy(self._meta)
 
+    @property
+    def model_version(self) -> str:
+        """``model_version`` of the metadata (sha256 prefix of model.onnx), or ``"unknown"``."""
+        return str(self._meta.get("model_version", "unknown"))
+
+    @property
+    def item_ids(self) -> list[str]:
+        """The catalog's raw item ids in index order (a copy)."""
+        return list(self._item_ids)
+
+    @property
+    def fallback_items(self) -> list[str]:
+        """Popularity fallback, best first (a copy)."""
+        return list(self._fallback_ids)
+
+    @property
+    def session_options(self) -> ort.SessionOptions:
+        """The onnxruntime session options in use (thread counts, optimisation level)."""
+        return self._session.get_session_options()
+
     def recommend(
-        self, session: Sequence[str | int], k: int = 20, exclude_seen: bool = False
+        self,
+        session: Sequence[str | int],
+        k: int = 20,
+        exclude_seen: bool = False,
+        allow_items: Sequence[str | int] | None = None,
+        deny_items: Sequence[str | int] | None = None,
     ) -> list[Recommendation]:
         """Recommend the next items for one session.
 
@@ -231,6 +352,12 @@ class SessionRecommender:
             k: number of items wanted (>= 1); fewer come back if the catalog (after exclusions)
                 is smaller.
             exclude_seen: drop every item of the session from the results.
+            allow_items: raw ids; when given, only these items may be recommended (unknown ids
+                are ignored, so an allow-list of unknown ids returns nothing).
+            deny_items: raw ids never recommended (e.g. out of stock).
+
+        Filters go through ``seqrec.filters.mask_scores``, the function offline evaluation uses
+        with the same flags, and also apply to the popularity fallback.
 
         Returns:
             Up to k recommendations, best first; PAD never appears. A session with no known item
@@ -240,10 +367,15 @@ class SessionRecommender:
             ValueError: if k < 1.
             TypeError: if a session is a single string instead of a sequence of ids.
         """
-        return self.recommend_with_info(session, k=k, exclude_seen=exclude_seen)[0]
+        return self.recommend_with_info(session, k, exclude_seen, allow_items, deny_items)[0]
 
     def recommend_with_info(
-        self, session: Sequence[str | int], k: int = 20, exclude_seen: bool = False
+        self,
+        session: Sequence[str | int],
+        k: int = 20,
+        exclude_seen: bool = False,
+        allow_items: Sequence[str | int] | None = None,
+        deny_items: Sequence[str | int] | None = None,
     ) -> tuple[list[Recommendation], RecommendInfo]:
         """Like :meth:`recommend`, and also say how many items were known and whether the
         fallback was used.
@@ -252,13 +384,19 @@ class SessionRecommender:
             ValueError: if k < 1.
             TypeError: if a session is a single string instead of a sequence of ids.
         """
-        return self.recommend_batch_with_info([session], k=k, exclude_seen=exclude_seen)[0]
+        if isinstance(session, str | bytes):
+            raise TypeError("a session must be a sequence of item ids, not a single string")
+        return self.recommend_batch_with_info([session], k, exclude_seen, allow_items, deny_items)[
+            0
+        ]
 
     def recommend_batch(
         self,
         sessions: Sequence[Sequence[str | int]],
         k: int = 20,
         exclude_seen: bool = False,
+        allow_items: Sequence[str | int] | None = None,
+        deny_items: Sequence[str | int] | None = None,
     ) -> list[list[Recommendation]]:
         """Recommend for many sessions with one onnxruntime call; see :meth:`recommend`.
 
@@ -269,28 +407,42 @@ class SessionRecommender:
             ValueError: if k < 1.
             TypeError: if a session is a single string instead of a sequence of ids.
         """
-        return [recs for recs, _ in self.recommend_batch_with_info(sessions, k, exclude_seen)]
+        results = self.recommend_batch_with_info(sessions, k, exclude_seen, allow_items, deny_items)
+        return [recs for recs, _ in results]
+
+    def _idxs(self, items: Sequence[str | int] | None) -> np.ndarray | None:
+        """(N,) int64 indices of the known raw ids in ``items``; None stays None."""
+        if items is None:
+            return None
+        if isinstance(items, str | bytes):
+            raise TypeError("allow_items / deny_items must be sequences of item ids, not a string")
+        idxs = [self._index.get(str(item), PAD_IDX) for item in items]
+        return np.array([i for i in idxs if i != PAD_IDX], dtype=np.int64)
 
     def recommend_batch_with_info(
         self,
         sessions: Sequence[Sequence[str | int]],
         k: int = 20,
         exclude_seen: bool = False,
+        allow_items: Sequence[str | int] | None = None,
+        deny_items: Sequence[str | int] | None = None,
     ) -> list[tuple[list[Recommendation], RecommendInfo]]:
         """Batch version of :meth:`recommend_with_info`.
 
         Sessions with at least one known item are left-padded to the longest of them (at most
-        ``max_len``) with ``encode_prefixes`` and scored in one (B, L') int64 -> (B, C) float32
-        onnxruntime call; the others get the fallback.
+        ``max_len``) with ``encode_prefixes`` and scored in one (B, L') int64 onnxruntime call;
+        the others get the (filtered) fallback.
 
         Raises:
             ValueError: if k < 1.
             TypeError: if a session is a single string instead of a sequence of ids.
         """
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
+        if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+            raise ValueError(f"k must be >= 1, got {k!r}")
+        k = int(k)
         if isinstance(sessions, str):
             raise TypeError("sessions must be a sequence of sessions, not a string")
+        allow_idxs, deny_idxs = self._idxs(allow_items), self._idxs(deny_items)
         encoded: list[list[int]] = []
         infos: list[RecommendInfo] = []
         for session in sessions:
@@ -308,45 +460,89 @@ class SessionRecommender:
             )
 
         model_rows = [row for row, known in enumerate(encoded) if known]
-        scores = self._score([encoded[row] for row in model_rows])  # (B', C) float32
-        score_of_row = dict(zip(model_rows, scores, strict=True))
+        ranked = self._rank_model_rows(
+            [encoded[row] for row in model_rows], k, exclude_seen, allow_idxs, deny_idxs
+        )
+        recs_of_row = dict(zip(model_rows, ranked, strict=True))
 
         results: list[tuple[list[Recommendation], RecommendInfo]] = []
-        for row, (known, info) in enumerate(zip(encoded, infos, strict=True)):
+        for row, info in enumerate(infos):
             if info.used_fallback:
                 seen = {str(item) for item in sessions[row]} if exclude_seen else set()
-                recs = self._fallback(k, seen)
+                recs = self._fallback(k, seen, allow_items, deny_items)
             else:
-                recs = self._rank(score_of_row[row], known, k, exclude_seen)
+                recs = recs_of_row[row]
             results.append((recs, info))
         return results
 
-    def _score(self, prefixes: list[list[int]]) -> np.ndarray:
-        """Run the graph on known-item prefixes.
+    def _rank_model_rows(
+        self,
+        prefixes: list[list[int]],
+        k: int,
+        exclude_seen: bool,
+        allow_idxs: np.ndarray | None,
+        deny_idxs: np.ndarray | None,
+    ) -> list[list[Recommendation]]:
+        """Score known-item prefixes and return each row's filtered top-k.
 
         Args:
             prefixes: B sessions of item indices (each non-empty), oldest first.
 
         Returns:
-            (B, C) float32 scores; PAD column is the float32 minimum. (0, C) for B = 0.
+            B lists of up to k recommendations, best first.
         """
         if not prefixes:
-            return np.empty((0, self.num_items + 1), dtype=np.float32)
+            return []
         item_ids = encode_prefixes(prefixes, self._max_len)  # (B, L') int64, left-padded
-        return self._session.run([self._output_name], {self._input_name: item_ids})[0]
-
-    def _rank(
-        self, scores: np.ndarray, known: list[int], k: int, exclude_seen: bool
-    ) -> list[Recommendation]:
-        """Top-k of one (C,) float32 score row, PAD (and the session if asked) excluded."""
-        masked = mask_scores(scores[None, :], [known], exclude_seen=exclude_seen)[0]  # (C,)
-        top = _top_k(masked, k)
+        has_filter = exclude_seen or allow_idxs is not None or deny_idxs is not None
+        if self._top_k_in_graph:
+            if has_filter:  # (B, C): 0 keeps an item, -inf excludes it; same rule as offline
+                zeros = np.zeros((len(prefixes), self.num_items + 1), dtype=np.float32)
+                mask = mask_scores(zeros, prefixes, exclude_seen, allow_idxs, deny_idxs)
+            else:
+                mask = self._pad_mask  # (1, C), broadcast over the batch in the graph
+            top_scores, top_idx = self._session.run(
+                None,
+                {
+                    self._input_name: item_ids,
+                    "score_mask": mask,
+                    "k": np.array([min(k, self.num_items)], dtype=np.int64),
+                },
+            )  # (B, K) float32, (B, K) int64, best first
+            return [
+                self._recommendations(row_idx[is_kept], row_scores[is_kept])
+                for row_scores, row_idx in zip(top_scores, top_idx, strict=True)
+                for is_kept in [row_scores > -np.inf]
+            ]
+        scores = self._session.run([self._output_name], {self._input_name: item_ids})[0]  # (B, C)
+        masked = mask_scores(scores, prefixes, exclude_seen, allow_idxs, deny_idxs)  # (B, C)
+        tops = [_top_k(row_masked, k) for row_masked in masked]  # B x (K,) int64
         return [
-            Recommendation(self._item_ids[idx - 1], float(scores[idx]), "model")
-            for idx in top.tolist()
+            self._recommendations(top, row_scores[top])
+            for top, row_scores in zip(tops, scores, strict=True)
         ]
 
-    def _fallback(self, k: int, exclude: set[str]) -> list[Recommendation]:
-        """The first k popularity-fallback items whose raw id is not in ``exclude``."""
-        kept = [item_id for item_id in self._fallback_ids if item_id not in exclude]
+    def _recommendations(self, idxs: np.ndarray, scores: np.ndarray) -> list[Recommendation]:
+        """Recommendations for (K,) int64 item indices ``idxs`` (best first) with their (K,)
+        float scores."""
+        return [
+            Recommendation(self._item_ids[idx - 1], score, "model")
+            for idx, score in zip(idxs.tolist(), scores.tolist(), strict=True)
+        ]
+
+    def _fallback(
+        self,
+        k: int,
+        exclude: set[str],
+        allow_items: Sequence[str | int] | None,
+        deny_items: Sequence[str | int] | None,
+    ) -> list[Recommendation]:
+        """The first k popularity-fallback items that pass the same filters as model results."""
+        allowed = None if allow_items is None else {str(i) for i in allow_items}
+        denied = exclude | {str(i) for i in deny_items or ()}
+        kept = [
+            item_id
+            for item_id in self._fallback_ids
+            if item_id not in denied and (allowed is None or item_id in allowed)
+        ]
         return [Recommendation(item_id, FALLBACK_SCORE, "fallback") for item_id in kept[:k]]

@@ -10,6 +10,7 @@ import pandas as pd
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader
 
+from seqrec.constants import SESSION_ID, TS_MS
 from seqrec.data.dataset import (
     NextItemExamples,
     TrainSessions,
@@ -31,6 +32,9 @@ class SessionDataModule(pl.LightningDataModule):
         eval_batch_size: examples per evaluation batch.
         num_workers: DataLoader worker processes.
         seed: seed of the training shuffle generator.
+        include_valid_in_train: also train on the validation sessions (a final refit with settings
+            chosen earlier on the held-out validation split; validation metrics are then not
+            held-out and must not be used for selection).
     """
 
     def __init__(
@@ -41,6 +45,7 @@ class SessionDataModule(pl.LightningDataModule):
         eval_batch_size: int = 512,
         num_workers: int = 0,
         seed: int = 0,
+        include_valid_in_train: bool = False,
     ) -> None:
         super().__init__()
         self.processed_dir = Path(processed_dir)
@@ -49,6 +54,7 @@ class SessionDataModule(pl.LightningDataModule):
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
         self.seed = seed
+        self.include_valid_in_train = include_valid_in_train
         vocab_path = self.processed_dir / "item_vocab.json"
         if not vocab_path.is_file():
             raise FileNotFoundError(f"{vocab_path} not found: run scripts/prepare_data.py first")
@@ -62,10 +68,37 @@ class SessionDataModule(pl.LightningDataModule):
         """Catalog size (excluding PAD)."""
         return self.vocab.num_items
 
+    def _train_frame(self) -> pd.DataFrame:
+        frames = [pd.read_parquet(self.processed_dir / "train.parquet")]
+        if self.include_valid_in_train:
+            frames.append(pd.read_parquet(self.processed_dir / "valid.parquet"))
+        frame = pd.concat(frames, ignore_index=True)
+        if len(frame) and not frame[TS_MS].isna().any():
+            # chronological session order (by first event; stable), so index order = recency
+            start = (
+                frame.groupby(SESSION_ID, sort=False)[TS_MS]
+                .transform("min")
+                .to_numpy(dtype=np.int64)
+            )
+            frame = frame.iloc[np.lexsort((frame[TS_MS].to_numpy(dtype=np.int64), start))]
+        return frame
+
     def train_sessions(self) -> list[np.ndarray]:
-        """Training sessions as item-index arrays."""
-        frame = pd.read_parquet(self.processed_dir / "train.parquet")
-        return sessions_to_index_lists(frame, self.vocab)
+        """Training sessions as item-index arrays, oldest session first.
+
+        Sessions are ordered by their first event time when the data has timestamps, else by file
+        order (the pre-split benchmark files are in time order).
+        """
+        return sessions_to_index_lists(self._train_frame(), self.vocab)
+
+    def train_session_start_s(self) -> np.ndarray | None:
+        """(S,) float64 start time in seconds of each training session (same order as
+        :meth:`train_sessions`), or None when the data has no timestamps."""
+        frame = self._train_frame()
+        if not len(frame) or frame[TS_MS].isna().any():
+            return None
+        starts = frame.groupby(SESSION_ID, sort=False)[TS_MS].min()
+        return starts.to_numpy(dtype=np.float64) / 1000.0
 
     def item_counts(self) -> np.ndarray:
         """(C,) int64 training-event count per item index (PAD = 0)."""
@@ -98,15 +131,16 @@ class SessionDataModule(pl.LightningDataModule):
             self.test_set = self.examples("test")
 
     def train_dataloader(self) -> DataLoader:
-        import torch
+        """Shuffled training windows; the order of epoch e depends only on ``(seed, e)`` and the
+        loader's position is saved in checkpoints, so a resumed run sees exactly the remaining
+        batches (see :mod:`seqrec.resume`)."""
+        from seqrec.resume import ResumableDataLoader
 
         assert self.train_set is not None
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(
+        return ResumableDataLoader(
             self.train_set,
             batch_size=self.batch_size,
-            shuffle=True,
-            generator=generator,
+            seed=self.seed,
             collate_fn=TrainSessions.collate,
             num_workers=self.num_workers,
             drop_last=False,

@@ -7,7 +7,10 @@ Input schema (header row required, column order free, extra columns such as ``da
 
 ``timestamp`` is an integer Unix time (milliseconds in the Kaggle file; ``ts_unit="s"`` reads
 seconds), ``event`` is ``view`` / ``addtocart`` / ``transaction``. ``transactionid`` is optional
-and not used. A ``.gz`` / ``.zip`` / ``.bz2`` / ``.xz`` / ``.zst`` suffix is decompressed by pandas.
+and not used. Files are read by :func:`seqrec.data.textfile.read_table`: gzip / bz2 / xz / zip
+(/ zstd) compression is recognised from the content (``events.csv.gz`` or not), a UTF-8 BOM is
+dropped, and every malformed file is rejected with an :class:`EventsFormatError` naming the file,
+the line (header = line 1), the data row and the column.
 
 Output (:func:`read_events`): one row per kept event, in file order, with columns exactly
 ``[VISITOR_ID, ITEM_ID, TS_MS, EVENT_TYPE]``; ids and event type are Python ``str`` in ``object``
@@ -25,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from seqrec.constants import EVENT_TYPE, ITEM_ID, TS_MS, VISITOR_ID
+from seqrec.data.textfile import ID_PATTERN_DIGITS, InputFormatError, Table, read_table
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +53,7 @@ _VALID_RANGE: dict[str, tuple[float, float]] = {"ms": (1e11, 1e14), "s": (1e8, 1
 """Accepted ``[low, high)`` raw timestamp magnitude per unit: both cover about 1973..5138."""
 
 
-class EventsFormatError(ValueError):
+class EventsFormatError(InputFormatError):
     """A raw events file is empty, lacks a column, or holds values that cannot be read."""
 
 
@@ -58,6 +62,7 @@ def read_events(
     event_types: Sequence[str] | None = ("view",),
     ts_unit: str = "ms",
     drop_duplicates: bool = True,
+    id_pattern: str | None = ID_PATTERN_DIGITS,
 ) -> tuple[pd.DataFrame, dict[str, int]]:
     """Read a RetailRocket-schema events CSV into the canonical event frame.
 
@@ -66,12 +71,15 @@ def read_events(
     ``num_rows_kept + num_rows_other_event_type + num_duplicate_rows == num_rows_read``.
 
     Args:
-        path: CSV file; compression is inferred from the extension (e.g. ``events.csv.gz``).
+        path: CSV file; compression is recognised from the content (e.g. ``events.csv.gz``).
         event_types: event kinds to keep, e.g. ``("view",)``; ``None`` keeps every kind. A single
             string is treated as one kind.
         ts_unit: unit of the raw ``timestamp`` column: ``"ms"`` (Kaggle file; values must lie in
             ``[1e11, 1e14)``) or ``"s"`` (values in ``[1e8, 1e11)``, multiplied by 1000).
         drop_duplicates: drop exact duplicate ``(visitor, item, ts, event)`` rows.
+        id_pattern: regular expression every ``visitorid`` / ``itemid`` must match in full
+            (default: digits, as in the Kaggle file; ``None`` accepts any non-empty text). A
+            column of words or dates where ids belong means a shifted or wrong file.
 
     Returns:
         ``(events, stats)``. ``events`` has columns ``[VISITOR_ID, ITEM_ID, TS_MS, EVENT_TYPE]``
@@ -83,9 +91,11 @@ def read_events(
         FileNotFoundError: ``path`` does not exist.
         ValueError: ``ts_unit`` is unknown or ``event_types`` is empty.
         EventsFormatError: the file is empty (no header or no data rows), a required column is
-            missing, an id / event value is missing, a timestamp is missing or not numeric, or
-            the timestamp magnitude does not match ``ts_unit``. The message names the file and,
-            where relevant, the column and the first offending 1-based data row.
+            missing, the separator is not a comma, a line has more or fewer fields than the
+            header (e.g. a truncated last line), the bytes are not UTF-8, an id / event value is
+            missing, an id does not match ``id_pattern``, a timestamp is missing or not numeric,
+            or the timestamp magnitude does not match ``ts_unit``. The message names the file
+            and, where relevant, the column and the first offending line and 1-based data row.
     """
     path = Path(path)
     if ts_unit not in _MS_PER_UNIT:
@@ -97,12 +107,21 @@ def read_events(
     if not path.is_file():
         raise FileNotFoundError(f"{path}: events file not found")
 
-    raw = _read_raw(path)
+    table = read_table(
+        path,
+        sep=",",
+        required=REQUIRED_COLUMNS,
+        schema=f"the RetailRocket header {','.join(REQUIRED_COLUMNS + (RAW_TRANSACTION_ID,))}",
+        error=EventsFormatError,
+    )
+    raw = table.frame
     num_rows_read = len(raw)
 
     for column in (RAW_VISITOR_ID, RAW_ITEM_ID, RAW_EVENT):
-        _check_not_missing(path, column, raw[column])
-    ts_ms = _parse_timestamps_ms(path, raw[RAW_TIMESTAMP], ts_unit)
+        table.check_not_empty(column)
+    for column in (RAW_VISITOR_ID, RAW_ITEM_ID):
+        table.check_pattern(column, id_pattern)
+    ts_ms = _parse_timestamps_ms(table, ts_unit)
 
     events = pd.DataFrame(
         {
@@ -142,81 +161,37 @@ def read_events(
     return events, stats
 
 
-def _read_raw(path: Path) -> pd.DataFrame:
-    """Read every column as text and check the header.
-
-    Args:
-        path: CSV file (compression inferred from the extension).
-
-    Returns:
-        Raw frame, all cells Python ``str`` (empty cells are ``""``), at least one data row.
-    """
-    try:
-        raw = pd.read_csv(path, dtype=object, na_filter=False, compression="infer")
-    except pd.errors.EmptyDataError as err:
-        raise EventsFormatError(f"{path}: file is empty (no header row)") from err
-    raw.columns = [str(c).strip() for c in raw.columns]
-    missing = [c for c in REQUIRED_COLUMNS if c not in raw.columns]
-    if missing:
-        raise EventsFormatError(
-            f"{path}: missing required column(s) {missing}; present: {list(raw.columns)} "
-            f"(expected the RetailRocket schema {list(REQUIRED_COLUMNS) + [RAW_TRANSACTION_ID]})"
-        )
-    if raw.empty:
-        raise EventsFormatError(f"{path}: file is empty (header only, no data rows)")
-    return raw
-
-
-def _first_bad_row(is_bad: np.ndarray) -> int:
-    """Return the 1-based data row number of the first True entry."""
-    return int(np.flatnonzero(is_bad)[0]) + 1
-
-
-def _check_not_missing(path: Path, column: str, values: pd.Series) -> None:
-    """Raise if any value of ``column`` is empty or whitespace only."""
-    is_missing = (values.str.strip() == "").to_numpy(dtype=bool)
-    if is_missing.any():
-        raise EventsFormatError(
-            f"{path}: column {column!r} has {int(is_missing.sum())} missing value(s); "
-            f"first at data row {_first_bad_row(is_missing)}"
-        )
-
-
-def _parse_timestamps_ms(path: Path, values: pd.Series, ts_unit: str) -> np.ndarray:
+def _parse_timestamps_ms(table: Table, ts_unit: str) -> np.ndarray:
     """Parse raw timestamps, check their magnitude and convert them to milliseconds.
 
     Args:
-        path: file name for error messages.
-        values: raw ``timestamp`` column (str).
+        table: the read file (its ``timestamp`` column is str).
         ts_unit: ``"ms"`` or ``"s"``.
 
     Returns:
         (N,) int64 milliseconds since the Unix epoch (fractional values rounded to the nearest ms).
     """
+    values = table.frame[RAW_TIMESTAMP]
     numeric = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
     is_bad = ~np.isfinite(numeric)
     if is_bad.any():
-        row = _first_bad_row(is_bad)
-        raise EventsFormatError(
-            f"{path}: column {RAW_TIMESTAMP!r} has {int(is_bad.sum())} missing or non-numeric "
-            f"value(s); first at data row {row}: {values.iloc[row - 1]!r}"
-        )
+        raise table.fail(is_bad, RAW_TIMESTAMP, "missing or non-numeric")
     low, high = _VALID_RANGE[ts_unit]
     is_out = (numeric < low) | (numeric >= high)
     if is_out.any():
-        row = _first_bad_row(is_out)
+        row = int(np.flatnonzero(is_out)[0])
         other_unit = "s" if ts_unit == "ms" else "ms"
         other_low, other_high = _VALID_RANGE[other_unit]
-        looks_like_other = bool(other_low <= numeric[row - 1] < other_high)
+        looks_like_other = bool(other_low <= numeric[row] < other_high)
         hint = (
             f"the values look like {other_unit!r}; pass ts_unit={other_unit!r}"
             if looks_like_other
             else f"check the unit (ts_unit={other_unit!r} expects [{other_low:.0e}, {other_high:.0e}))"
         )
         raise EventsFormatError(
-            f"{path}: column {RAW_TIMESTAMP!r} has {int(is_out.sum())} value(s) outside "
-            f"[{low:.0e}, {high:.0e}) expected for ts_unit={ts_unit!r}; first at data row {row}: "
-            f"{values.iloc[row - 1]!r}; {hint}"
+            f"{table.path}: column {RAW_TIMESTAMP!r} has {int(is_out.sum())} value(s) outside "
+            f"[{low:.0e}, {high:.0e}) expected for ts_unit={ts_unit!r}; first at "
+            f"{table.where(row)}: {values.iloc[row]!r}; {hint}"
         )
     # Values are < 1e14, so float64 holds them (and x1000 seconds) exactly to the millisecond.
     return np.rint(numeric * _MS_PER_UNIT[ts_unit]).astype(np.int64)

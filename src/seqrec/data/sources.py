@@ -7,7 +7,11 @@ Pre-split benchmark format (SR-GNN / GCE-GNN family, as laid out in ``$SEQREC_DA
 * ``test_prefix_target.tsv``: one row per test example with ``prefix_items`` (space-separated),
   ``target_item`` and, when present, ``target_timestamp_s``.
 
-Any data set shipped in this layout is read by :func:`read_benchmark`.
+Any data set shipped in this layout is read by :func:`read_benchmark`. Files are read by
+:func:`seqrec.data.textfile.read_table` (tab-separated, header row required; compression
+recognised from the content, so ``train_sessions.tsv.gz`` is found and read; UTF-8 BOM dropped);
+every malformed file is rejected with a :class:`SourceFormatError` naming file, line, data row and
+column.
 """
 
 from __future__ import annotations
@@ -18,43 +22,88 @@ import numpy as np
 import pandas as pd
 
 from seqrec.constants import ITEM_ID, NEXT_ITEM_ID, PREFIX_ITEM_IDS, SESSION_ID, TS_MS
+from seqrec.data.textfile import (
+    ID_PATTERN_DIGITS,
+    InputFormatError,
+    Table,
+    find_file,
+    full_match,
+    read_table,
+)
+
+TRAIN_FILE = "train_sessions.tsv"
+"""Training sessions of a benchmark directory (a compressed ``.tsv.gz`` etc. is also found)."""
+TEST_FILE = "test_prefix_target.tsv"
+"""Shipped test examples of a benchmark directory."""
+
+_VALID_SECONDS = (1e8, 1e11)
+"""Accepted ``[low, high)`` magnitude of ``target_timestamp_s`` (about 1973..5138 in seconds)."""
 
 
-class SourceFormatError(ValueError):
+class SourceFormatError(InputFormatError):
     """A pre-split input file does not have the expected layout."""
 
 
-def _read_tsv(path: Path, required: list[str]) -> pd.DataFrame:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: file not found")
-    try:
-        frame = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
-    except pd.errors.EmptyDataError as err:
-        raise SourceFormatError(f"{path}: file is empty") from err
-    missing = [c for c in required if c not in frame.columns]
-    if missing:
-        raise SourceFormatError(
-            f"{path}: missing column(s) {missing}; found {list(frame.columns)} "
-            "(expected a tab-separated file with a header row)"
-        )
-    return frame
+def _read_tsv(path: Path, required: list[str], schema: str) -> Table:
+    return read_table(find_file(path), "\t", required, schema, error=SourceFormatError)
 
 
-def _split_items(path: Path, column: str, values: pd.Series, min_len: int) -> list[list[str]]:
-    sessions = [v.split() for v in values.tolist()]
-    for row, items in enumerate(sessions):
-        if len(items) < min_len:
-            raise SourceFormatError(
-                f"{path}: data row {row + 1}, column {column!r}: {len(items)} item(s), need >= {min_len}"
+def _split_items(table: Table, column: str, id_pattern: str | None) -> list[list[str]]:
+    """Split a space-separated item column; every row needs >= 1 item matching ``id_pattern``."""
+    sessions = [v.split() for v in table.frame[column].tolist()]
+    lengths = np.fromiter((len(s) for s in sessions), dtype=np.int64, count=len(sessions))
+    is_empty = lengths == 0
+    if is_empty.any():
+        raise table.fail(is_empty, column, "empty", rule=" (need >= 1 item)")
+    if id_pattern is not None:
+        tokens = pd.Series([i for s in sessions for i in s], dtype=object)
+        is_bad_token = ~full_match(tokens, id_pattern)
+        if is_bad_token.any():
+            row_of_token = np.repeat(np.arange(len(sessions)), lengths)
+            is_bad = np.zeros(len(sessions), dtype=bool)
+            is_bad[row_of_token[is_bad_token]] = True
+            raise table.fail(
+                is_bad,
+                column,
+                "malformed",
+                rule=f" (space-separated ids must match {id_pattern!r}; first bad id "
+                f"{tokens.iloc[int(np.flatnonzero(is_bad_token)[0])]!r})",
             )
     return sessions
 
 
-def read_benchmark(root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _check_lengths(table: Table, column: str, lengths: np.ndarray) -> None:
+    """Raise if the declared ``column`` (e.g. ``n_items``) differs from the item count."""
+    declared = pd.to_numeric(table.frame[column], errors="coerce").to_numpy(
+        dtype=np.float64, na_value=np.nan
+    )
+    is_bad = ~(declared == lengths)  # NaN (non-numeric) compares unequal
+    if is_bad.any():
+        row = int(np.flatnonzero(is_bad)[0])
+        raise table.error(
+            f"{table.path}: {table.where(row, column)}: says {table.frame[column].iloc[row]!r} but "
+            f"the row has {int(lengths[row])} item(s) ({int(is_bad.sum())} such row(s); a truncated "
+            "or damaged row?)"
+        )
+
+
+def _check_unique(table: Table, column: str) -> None:
+    """Raise if a value of ``column`` repeats (two sessions would merge into one)."""
+    is_repeat = table.frame[column].duplicated(keep="first").to_numpy(dtype=bool)
+    if is_repeat.any():
+        raise table.fail(is_repeat, column, "repeated", rule=" (ids must be unique)")
+
+
+def read_benchmark(
+    root: str | Path, id_pattern: str | None = ID_PATTERN_DIGITS
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Read a pre-split benchmark directory.
 
     Args:
-        root: directory holding ``train_sessions.tsv`` and ``test_prefix_target.tsv``.
+        root: directory holding ``train_sessions.tsv`` and ``test_prefix_target.tsv`` (each may be
+            compressed, e.g. ``train_sessions.tsv.gz``).
+        id_pattern: regular expression every item id must match in full (default: digits);
+            ``None`` accepts any token.
 
     Returns:
         ``(train, test_examples)``: ``train`` is a long frame ``session_id, item_id, ts_ms`` (one row
@@ -64,18 +113,24 @@ def read_benchmark(root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 
     Raises:
         FileNotFoundError: a file is missing.
-        SourceFormatError: a column is missing or a row is malformed (file, row and column named).
+        SourceFormatError: the file is empty, a column is missing, the separator is not a tab, a
+            line has more or fewer fields than the header, ``n_items`` differs from the number of
+            items, ``session_idx`` repeats, an id or a timestamp is malformed (file, line, data
+            row and column named).
     """
     root = Path(root)
-    train_path = root / "train_sessions.tsv"
-    raw_train = _read_tsv(train_path, ["items"])
-    train_items = _split_items(train_path, "items", raw_train["items"], min_len=1)
+    train_table = _read_tsv(root / TRAIN_FILE, ["items"], "session_idx<TAB>n_items<TAB>items")
+    raw_train = train_table.frame
+    train_items = _split_items(train_table, "items", id_pattern)
     lengths = np.fromiter((len(s) for s in train_items), dtype=np.int64, count=len(train_items))
-    session_ids = (
-        raw_train["session_idx"].to_numpy()
-        if "session_idx" in raw_train
-        else np.arange(len(raw_train)).astype(str)
-    )
+    if "n_items" in raw_train:
+        _check_lengths(train_table, "n_items", lengths)
+    if "session_idx" in raw_train:
+        train_table.check_not_empty("session_idx")
+        _check_unique(train_table, "session_idx")
+        session_ids = raw_train["session_idx"].str.strip().to_numpy(dtype=object)
+    else:
+        session_ids = np.arange(len(raw_train)).astype(str)
     train = pd.DataFrame(
         {
             SESSION_ID: np.repeat(np.asarray(session_ids, dtype=object), lengths),
@@ -84,17 +139,18 @@ def read_benchmark(root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         }
     )
 
-    test_path = root / "test_prefix_target.tsv"
-    raw_test = _read_tsv(test_path, ["prefix_items", "target_item"])
-    prefixes = _split_items(test_path, "prefix_items", raw_test["prefix_items"], min_len=1)
+    test_table = _read_tsv(
+        root / TEST_FILE,
+        ["prefix_items", "target_item"],
+        "[orig_session_id<TAB>]prefix_items<TAB>target_item[<TAB>target_timestamp_s]",
+    )
+    raw_test = test_table.frame
+    prefixes = _split_items(test_table, "prefix_items", id_pattern)
+    test_table.check_not_empty("target_item")
     targets = raw_test["target_item"].str.strip()
-    if (targets == "").any():
-        row = int(np.flatnonzero((targets == "").to_numpy())[0])
-        raise SourceFormatError(f"{test_path}: data row {row + 1}, column 'target_item': empty")
+    test_table.check_pattern("target_item", id_pattern, targets)
     if "target_timestamp_s" in raw_test:
-        ts_ms = (
-            pd.to_numeric(raw_test["target_timestamp_s"], errors="coerce").astype("Int64") * 1000
-        )
+        ts_ms = _parse_seconds_to_ms(test_table, "target_timestamp_s")
     else:
         ts_ms = pd.array([pd.NA] * len(raw_test), dtype="Int64")
     sid_col = "orig_session_id" if "orig_session_id" in raw_test else None
@@ -109,6 +165,28 @@ def read_benchmark(root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         }
     )
     return train, test
+
+
+def _parse_seconds_to_ms(table: Table, column: str) -> pd.arrays.IntegerArray:
+    """Parse a column of Unix seconds (empty = missing) into nullable int64 milliseconds."""
+    values = table.frame[column].str.strip()
+    is_blank = (values == "").to_numpy(dtype=bool)
+    numeric = pd.to_numeric(values.where(~is_blank, None), errors="coerce").to_numpy(
+        dtype=np.float64, na_value=np.nan
+    )
+    is_bad = ~is_blank & ~np.isfinite(numeric)
+    if is_bad.any():
+        raise table.fail(is_bad, column, "non-numeric")
+    low, high = _VALID_SECONDS
+    is_out = ~is_blank & ((numeric < low) | (numeric >= high))
+    if is_out.any():
+        raise table.fail(
+            is_out, column, "out-of-range", rule=f" (Unix seconds in [{low:.0e}, {high:.0e}))"
+        )
+    ms = np.rint(np.where(is_blank, 0.0, numeric) * 1000).astype(np.int64)
+    out = pd.array(ms, dtype="Int64")
+    out[is_blank] = pd.NA
+    return out
 
 
 def split_last_sessions(train: pd.DataFrame, fraction: float) -> tuple[pd.DataFrame, pd.DataFrame]:

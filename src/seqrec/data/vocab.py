@@ -60,7 +60,9 @@ class ItemVocab:
         Returns:
             (N,) int64 array; unknown ids map to ``PAD_IDX`` (0) so callers can drop and count them.
         """
-        ids = pd.Index(np.asarray(item_ids, dtype=object).astype(str))
+        # pandas' astype(str) calls str() per id; numpy's fixed-width str dtype would silently drop
+        # trailing NUL characters and map such ids to the wrong entry (or to PAD).
+        ids = pd.Index(pd.Series(np.asarray(item_ids, dtype=object), dtype=object).astype(str))
         positions = self._index.get_indexer(ids)
         return np.where(positions >= 0, positions + 1, PAD_IDX).astype(np.int64)
 

@@ -34,6 +34,10 @@ class SASRecConfig:
         n_layers: transformer blocks.
         dropout: dropout probability on embeddings, attention weights and block outputs.
         ffn_mult: feed-forward width as a multiple of D.
+        copy_mechanism: mix the softmax over the catalog with a pointer (copy) distribution over
+            the session's own items, p = g * softmax(h E^T) + (1 - g) * sum_j alpha_j [item_j],
+            as in RepeatNet (Ren et al., AAAI 2019) and pointer-generator networks (See et al.,
+            ACL 2017). Scores are then log-probabilities.
     """
 
     num_items: int
@@ -43,6 +47,7 @@ class SASRecConfig:
     n_layers: int = 2
     dropout: float = 0.2
     ffn_mult: int = 4
+    copy_mechanism: bool = False
 
     def __post_init__(self) -> None:
         if self.num_items < 1:
@@ -115,6 +120,10 @@ class SASRec(nn.Module):
         self.emb_drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.ln_out = nn.LayerNorm(cfg.d_model)
+        if cfg.copy_mechanism:
+            self.copy_query = nn.Linear(cfg.d_model, cfg.d_model)
+            self.copy_key = nn.Linear(cfg.d_model, cfg.d_model)
+            self.copy_gate = nn.Linear(cfg.d_model, 1)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -127,6 +136,23 @@ class SASRec(nn.Module):
                 nn.init.normal_(module.weight, std=0.02)
         with torch.no_grad():
             self.item_emb.weight[PAD_IDX].zero_()
+
+    @staticmethod
+    def attention_mask(item_ids: Tensor) -> Tensor:
+        """Causal + padding mask with the diagonal always allowed (no fully masked row).
+
+        Args:
+            item_ids: (B, L) int64, left-padded with PAD_IDX.
+
+        Returns:
+            (B, L, L) bool, True where query position (row) may attend to key position (column).
+        """
+        is_real = item_ids != PAD_IDX  # (B, L)
+        length = item_ids.shape[1]
+        idx = torch.arange(length, device=item_ids.device)
+        is_causal = idx.unsqueeze(0) <= idx.unsqueeze(1)  # (L, L): query row, key column
+        is_self = idx.unsqueeze(0) == idx.unsqueeze(1)  # (L, L)
+        return (is_causal.unsqueeze(0) & is_real.unsqueeze(1)) | is_self.unsqueeze(0)
 
     def forward(self, item_ids: Tensor) -> Tensor:
         """Encode sessions.
@@ -144,14 +170,7 @@ class SASRec(nn.Module):
         hidden = self.item_emb(item_ids) * (self.cfg.d_model**0.5) + self.pos_emb(positions)
         hidden = self.emb_drop(hidden) * is_real.unsqueeze(-1).to(hidden.dtype)  # (B, L, D)
 
-        length = item_ids.shape[1]
-        idx = torch.arange(length, device=item_ids.device)
-        is_causal = idx.unsqueeze(0) <= idx.unsqueeze(1)  # (L, L): query row, key column
-        is_self = idx.unsqueeze(0) == idx.unsqueeze(1)  # (L, L)
-        # Allowed: causal key that is a real item, or the diagonal (never a fully masked row).
-        is_allowed = (is_causal.unsqueeze(0) & is_real.unsqueeze(1)) | is_self.unsqueeze(
-            0
-        )  # (B, L, L)
+        is_allowed = self.attention_mask(item_ids)  # (B, L, L)
         neg = torch.finfo(hidden.dtype).min
         attn_bias = torch.zeros(is_allowed.shape, dtype=hidden.dtype, device=item_ids.device)
         attn_bias = attn_bias.masked_fill(~is_allowed, neg).unsqueeze(1)  # (B, 1, L, L)
@@ -185,4 +204,62 @@ class SASRec(nn.Module):
             (B, C) float32 scores; column PAD_IDX is the dtype's minimum so it never ranks. An
             all-padding row gets score 0 for every real item (callers apply their fallback).
         """
-        return self.score(self.forward(item_ids)[:, -1])
+        hidden = self.forward(item_ids)  # (B, L, D)
+        if not self.cfg.copy_mechanism:
+            return self.score(hidden[:, -1])
+        logits = self.score(hidden[:, -1])  # (B, C), PAD at the dtype minimum
+        gate, alpha = self.copy_weights(hidden, item_ids)  # (B, L, 1), (B, L, L)
+        gate_last, alpha_last = gate[:, -1], alpha[:, -1]  # (B, 1), (B, L)
+        p_copy = torch.zeros_like(logits).scatter_add(1, item_ids, alpha_last)  # (B, C)
+        probs = gate_last * torch.softmax(logits, dim=-1) + (1.0 - gate_last) * p_copy  # (B, C)
+        log_probs = torch.log(probs.clamp_min(torch.finfo(probs.dtype).tiny))
+        return log_probs.index_fill(
+            1, torch.tensor([PAD_IDX], device=log_probs.device), torch.finfo(log_probs.dtype).min
+        )
+
+    def copy_weights(self, hidden: Tensor, item_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """Gate and pointer attention of the copy mechanism (``cfg.copy_mechanism``).
+
+        Args:
+            hidden: (B, L, D) float output of :meth:`forward`.
+            item_ids: (B, L) int64 the same left-padded inputs.
+
+        Returns:
+            ``(gate, alpha)``: (B, L, 1) float probability of generating from the catalog at each
+            position, and (B, L, L) float attention of each position over earlier real positions
+            (and itself); rows sum to 1.
+        """
+        is_allowed = self.attention_mask(item_ids)  # (B, L, L)
+        query = self.copy_query(hidden)  # (B, L, D)
+        key = self.copy_key(hidden)  # (B, L, D)
+        att = query @ key.transpose(1, 2) / (self.cfg.d_model**0.5)  # (B, L, L)
+        att = att.masked_fill(~is_allowed, torch.finfo(att.dtype).min)
+        return torch.sigmoid(self.copy_gate(hidden)), torch.softmax(att, dim=-1)
+
+    def log_prob_of(
+        self, hidden: Tensor, item_ids: Tensor, is_target: Tensor, targets: Tensor
+    ) -> Tensor:
+        """Log-probability of each real target under the copy mixture (training loss).
+
+        Args:
+            hidden: (B, L, D) float from :meth:`forward`; item_ids: (B, L) int64 inputs.
+            is_target: (B, L) bool real target positions (N of them); targets: (B, L) int64.
+
+        Returns:
+            (N,) float log p(target).
+        """
+        hidden_at, targets_at = hidden[is_target], targets[is_target]  # (N, D), (N,)
+        log_p_gen = torch.log_softmax(self.score(hidden_at).float(), dim=-1)  # (N, C)
+        log_p_gen = log_p_gen.gather(1, targets_at.unsqueeze(1)).squeeze(1)  # (N,)
+        gate, alpha = self.copy_weights(hidden, item_ids)  # (B, L, 1), (B, L, L)
+        gate_at, alpha_at = (
+            gate[is_target].squeeze(1).float(),
+            alpha[is_target].float(),
+        )  # (N,), (N, L)
+        inputs_at = item_ids.unsqueeze(1).expand(-1, item_ids.shape[1], -1)[is_target]  # (N, L)
+        p_copy = (alpha_at * (inputs_at == targets_at.unsqueeze(1))).sum(1)  # (N,)
+        tiny = torch.finfo(torch.float32).tiny
+        return torch.logaddexp(
+            torch.log(gate_at.clamp_min(tiny)) + log_p_gen,
+            torch.log((1.0 - gate_at).clamp_min(tiny)) + torch.log(p_copy.clamp_min(tiny)),
+        )

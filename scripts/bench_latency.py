@@ -1,0 +1,792 @@
+"""Latency benchmark: the ONNX predictor against PyTorch eager and the measured memory floor, plus
+an HTTP load test of the service.
+
+    python scripts/bench_latency.py            # full run (several minutes; see --help)
+    python scripts/bench_latency.py --quick    # tiny sizes, seconds (used by a test)
+
+For each catalog size (random weights, d_model 64, 2 layers, max_len 50 by default) and thread
+count it measures, in one process and one run:
+
+* one session (k = 20): ``SessionRecommender.recommend`` (raw ids in, raw ids out) for each export
+  layout (full scores + numpy top-k, top-k in the graph), PyTorch eager on the same weights
+  (``score_last`` + ``torch.topk``, same id mapping), and the memory floor: numpy streaming the item
+  table once (``table @ hidden`` and ``table.max()``; the faster counts);
+* batch 64: ``recommend_batch`` vs eager vs a numpy (64, D) x (D, C) matmul of the same shape;
+* at the RetailRocket size: also short sessions (5 items) and the fp16 / int8 variants;
+* HTTP (``seqrec-serve`` in a subprocess, loopback only): closed loop at fixed concurrency, a fixed
+  rate (default 500 req/s for 60 s), and a rate ladder for the highest rate that holds p99 < 20 ms
+  with zero errors. Every phase is bounded in time and request count.
+
+Results: ``<out-dir>/latency.json``, ``latency.md`` and ``latency.png``. Numbers depend on the
+machine and on whatever else runs on it: the report records the CPU, core count and load average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gc
+import json
+import logging
+import os
+import platform
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("bench_latency")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RETAILROCKET_ITEMS = 37_000
+
+
+# ------------------------------------------------------------------------------------ timing
+
+
+def _stats_ms(samples_s: list[float]) -> dict[str, float]:
+    arr = np.asarray(samples_s, dtype=np.float64) * 1e3
+    return {
+        "p50_ms": float(np.percentile(arr, 50)),
+        "p95_ms": float(np.percentile(arr, 95)),
+        "p99_ms": float(np.percentile(arr, 99)),
+        "mean_ms": float(arr.mean()),
+        "n": int(arr.size),
+    }
+
+
+def time_calls(
+    fn: Callable[[int], Any], budget_s: float, min_calls: int, max_calls: int, warmup: int
+) -> dict[str, float]:
+    """Time ``fn(i)`` for i = 0, 1, ...: ``warmup`` untimed calls, then as many timed calls as fit
+    in ``budget_s`` (between ``min_calls`` and ``max_calls``)."""
+    for i in range(warmup):
+        fn(i)
+    gc.collect()
+    samples: list[float] = []
+    deadline = time.perf_counter() + budget_s
+    i = 0
+    while i < max_calls and (i < min_calls or time.perf_counter() < deadline):
+        start = time.perf_counter()
+        fn(i)
+        samples.append(time.perf_counter() - start)
+        i += 1
+    return _stats_ms(samples)
+
+
+# ------------------------------------------------------------------------------------ models
+
+
+def build_export(
+    num_items: int,
+    args: argparse.Namespace,
+    out_dir: Path,
+    variant_kwargs: dict[str, Any],
+    model: Any = None,
+) -> tuple[Any, Path]:
+    """A random SASRec of ``num_items`` items and its verified export in ``out_dir``."""
+    import torch
+
+    from seqrec.data.vocab import ItemVocab
+    from seqrec.export import ExportVariant, export_onnx
+    from seqrec.models.sasrec import SASRec, SASRecConfig
+
+    if model is None:
+        torch.manual_seed(num_items)
+        cfg = SASRecConfig(
+            num_items=num_items,
+            max_len=args.max_len,
+            d_model=args.d_model,
+            n_heads=args.n_heads,
+            n_layers=args.n_layers,
+        )
+        model = SASRec(cfg).eval()
+    vocab = ItemVocab([str(100_000 + i) for i in range(1, num_items + 1)])
+    export_onnx(
+        model,
+        vocab,
+        out_dir,
+        fallback_items=vocab.item_ids[:100],
+        variant=ExportVariant(**variant_kwargs),
+        exporters=args.exporters,
+    )
+    return model, out_dir
+
+
+def _sessions(num_items: int, count: int, length: int, seed: int) -> list[list[str]]:
+    rng = np.random.default_rng(seed)
+    return [
+        [str(100_000 + int(i)) for i in rng.integers(1, num_items + 1, size=length)]
+        for _ in range(count)
+    ]
+
+
+def _eager_fns(model: Any, max_len: int, k: int) -> tuple[Callable, Callable]:
+    """Eager PyTorch doing what the predictor does: raw ids -> indices -> encode -> score -> top-k
+    -> raw ids."""
+    import torch
+
+    from seqrec.sequence import encode_prefixes
+
+    num_items = model.cfg.num_items
+    index = {str(100_000 + i): i for i in range(1, num_items + 1)}
+    item_ids = [str(100_000 + i) for i in range(1, num_items + 1)]
+
+    def run(sessions: list[list[str]]) -> list[list[str]]:
+        prefixes = [[index[i] for i in s if i in index] for s in sessions]
+        with torch.inference_mode():
+            scores = model.score_last(torch.from_numpy(encode_prefixes(prefixes, max_len)))
+            top = torch.topk(scores, k, dim=1)
+        return [[item_ids[i - 1] for i in row] for row in top.indices.tolist()]
+
+    return (lambda session: run([session])), run
+
+
+def measure_size(
+    num_items: int, args: argparse.Namespace, work_dir: Path, results: list[dict[str, Any]]
+) -> None:
+    """All in-process measurements for one catalog size (appended to ``results``)."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    from seqrec.predictor import SessionRecommender
+
+    k, budget_s = args.k, args.budget_s
+    layouts: dict[str, dict[str, Any]] = {
+        "onnx full scores + numpy top-k": {"top_k_in_graph": False},
+        "onnx top-k in graph": {"top_k_in_graph": True},
+    }
+    is_reference_size = num_items == args.reference_size
+    if is_reference_size:
+        layouts["onnx int8 (dynamic), full scores"] = {"precision": "int8", "min_top_k_overlap": 0}
+        layouts["onnx fp16, full scores"] = {"precision": "fp16", "min_top_k_overlap": 0}
+    model = None
+    export_dirs: dict[str, Path] = {}
+    quality: dict[str, Any] = {}
+    for name, variant in layouts.items():
+        start = time.perf_counter()
+        model, export_dirs[name] = build_export(
+            num_items, args, work_dir / f"{num_items}_{len(export_dirs)}", variant, model
+        )
+        meta = json.loads((export_dirs[name] / "export_meta.json").read_text())
+        quality[name] = meta["quality"]["top_k_overlap_mean"]
+        log.info("exported %s for %d items in %.1f s", name, num_items, time.perf_counter() - start)
+
+    table = model.item_emb.weight.detach().numpy().copy()  # (C, D) float32, as the graph holds it
+    lengths = {"full": args.max_len}
+    if is_reference_size:
+        lengths["short"] = args.short_session_len
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        single_eager, batch_eager = _eager_fns(model, args.max_len, k)
+        recommenders = {
+            name: SessionRecommender.from_dir(path, num_threads=threads)
+            for name, path in export_dirs.items()
+        }
+        hidden = np.random.default_rng(0).standard_normal(table.shape[1]).astype(np.float32)
+        scores_out = np.empty(table.shape[0], dtype=np.float32)
+        hidden_b = np.random.default_rng(1).standard_normal((64, table.shape[1])).astype(np.float32)
+        scores_b = np.empty((64, table.shape[0]), dtype=np.float32)
+        with threadpool_limits(limits=threads):
+            floor_dot = time_calls(
+                lambda i, h=hidden, out=scores_out: np.dot(table, h, out=out),
+                budget_s,
+                200,
+                20_000,
+                20,
+            )
+            floor_max = time_calls(lambda i: table.max(), budget_s, 200, 20_000, 20)
+            floor_b64 = time_calls(
+                lambda i, h=hidden_b, out=scores_b: np.matmul(h, table.T, out=out),
+                budget_s,
+                20,
+                2_000,
+                3,
+            )
+        floor = min(floor_dot, floor_max, key=lambda s: s["p50_ms"])
+        base = {"num_items": num_items, "threads": threads, "d_model": args.d_model}
+        results.append(
+            {**base, "case": "single", "impl": "memory floor: numpy table @ h", **floor_dot}
+        )
+        results.append(
+            {**base, "case": "single", "impl": "memory floor: numpy table.max()", **floor_max}
+        )
+        results.append(
+            {
+                **base,
+                "case": "batch64",
+                "impl": "floor: numpy (64, D) x (D, C) matmul",
+                **floor_b64,
+                "sessions_per_s": 64e3 / floor_b64["p50_ms"],
+            }
+        )
+        for length_name, length in lengths.items():
+            sessions = _sessions(num_items, 256, length, seed=length)
+            batches = [sessions[i : i + 64] for i in range(0, 256, 64)]
+            impls: dict[str, tuple[Callable, Callable]] = {
+                "pytorch eager": (single_eager, batch_eager)
+            }
+            for name, rec in recommenders.items():
+                if threads > 1 and ("int8" in name or "fp16" in name):
+                    continue  # precision variants: one thread only
+                impls[name] = (
+                    (lambda s, r=rec: r.recommend(s, k=k)),
+                    (lambda b, r=rec: r.recommend_batch(b, k=k)),
+                )
+            for impl, (single_fn, batch_fn) in impls.items():
+                single = time_calls(
+                    lambda i, f=single_fn, s=sessions: f(s[i % 256]), budget_s, 200, 20_000, 30
+                )
+                row = {**base, "case": "single", "session_len": length, "impl": impl, **single}
+                row["x_floor_p50"] = single["p50_ms"] / floor["p50_ms"]
+                row["x_floor_p99"] = single["p99_ms"] / floor["p50_ms"]
+                row["top_k_overlap"] = quality.get(impl)
+                results.append(row)
+                if length_name == "short" and impl != "pytorch eager":
+                    continue
+                if "fp16" in impl or "int8" in impl:
+                    continue
+                batch = time_calls(
+                    lambda i, f=batch_fn, b=batches: f(b[i % 4]), budget_s, 10, 2_000, 3
+                )
+                row = {**base, "case": "batch64", "session_len": length, "impl": impl, **batch}
+                row["sessions_per_s"] = 64e3 / batch["p50_ms"]
+                row["x_floor_p50"] = batch["p50_ms"] / floor_b64["p50_ms"]
+                results.append(row)
+            log.info(
+                "measured %d items, %d thread(s), %s sessions", num_items, threads, length_name
+            )
+
+
+# -------------------------------------------------------------------------------------- HTTP
+
+
+class _HttpConnection:
+    """A minimal keep-alive HTTP/1.1 client connection (asyncio streams): cheap enough that the
+    load generator does not eat the cores it shares with the server."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def request(self, body: bytes) -> int:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        assert self.reader is not None
+        self.writer.write(
+            b"POST /recommendations HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line[:15].lower() == b"content-length:":
+                length = int(line[15:])
+        await self.reader.readexactly(length)
+        return status
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            with contextlib.suppress(OSError):
+                await self.writer.wait_closed()
+            self.writer = None
+
+
+async def _load(
+    port: int,
+    bodies: list[bytes],
+    concurrency: int,
+    duration_s: float,
+    rate_per_s: float | None,
+    max_requests: int,
+) -> dict[str, Any]:
+    """Send requests for ``duration_s`` (and at most ``max_requests``) over ``concurrency``
+    connections: as fast as possible (``rate_per_s`` None), or on a fixed schedule. With a schedule,
+    latency counts from the scheduled send time, so queueing in the client is not hidden."""
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    counter = iter(range(max_requests))
+    start = time.perf_counter() + 0.05
+    stop = start + duration_s
+
+    async def worker() -> None:
+        conn = _HttpConnection("127.0.0.1", port)
+        try:
+            for i in counter:
+                due = start + i / rate_per_s if rate_per_s else time.perf_counter()
+                if due >= stop:
+                    break
+                delay = due - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                try:
+                    status = await asyncio.wait_for(conn.request(bodies[i % len(bodies)]), 5.0)
+                    if status != 200:
+                        errors[str(status)] = errors.get(str(status), 0) + 1
+                except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError) as exc:
+                    errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+                    await conn.close()
+                    conn = _HttpConnection("127.0.0.1", port)
+                latencies.append(time.perf_counter() - due)
+        finally:
+            await conn.close()
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    elapsed_s = time.perf_counter() - start
+    stats = _stats_ms(latencies) if latencies else {}
+    return {
+        "concurrency": concurrency,
+        "target_rate_per_s": rate_per_s,
+        "duration_s": round(elapsed_s, 2),
+        "requests": len(latencies),
+        "errors": sum(errors.values()),
+        "error_kinds": errors,
+        "requests_per_s": len(latencies) / elapsed_s if elapsed_s > 0 else 0.0,
+        **stats,
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def measure_http(export_dir: Path, args: argparse.Namespace, log_path: Path) -> dict[str, Any]:
+    """Start ``seqrec-serve`` on loopback in a subprocess and run the three load phases."""
+    import urllib.request
+
+    port = _free_port()
+    script = shutil.which("seqrec-serve") or str(Path(sys.executable).parent / "seqrec-serve")
+    cmd = [script, str(export_dir), "--port", str(port), "--num-threads", "1"]
+    if not args.http_request_logs:
+        cmd.append("--no-request-logs")
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=log_file)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"seqrec-serve did not start; see {log_path}")
+            time.sleep(0.2)
+        meta = json.loads((export_dir / "export_meta.json").read_text())
+        rng = random.Random(0)
+        ids = [str(100_000 + i) for i in range(1, int(meta["num_items"]) + 1)]
+        bodies = [
+            json.dumps(
+                {"session": rng.sample(ids, rng.randint(1, 10)), "k": 20, "exclude_seen": True}
+            ).encode()
+            for _ in range(512)
+        ]
+        run = asyncio.run
+        out: dict[str, Any] = {"server_request_logs": args.http_request_logs}
+        run(_load(port, bodies, 4, 1.0, None, 10_000))  # warm-up
+        out["closed_loop"] = run(
+            _load(port, bodies, args.http_concurrency, args.http_closed_s, None, 200_000)
+        )
+        out["fixed_rate"] = run(
+            _load(
+                port,
+                bodies,
+                args.http_rate_concurrency,
+                args.http_duration_s,
+                args.http_rate,
+                int(args.http_rate * args.http_duration_s) + 1,
+            )
+        )
+        ladder = []
+        for rate in args.http_ladder:
+            step = run(
+                _load(
+                    port,
+                    bodies,
+                    args.http_rate_concurrency,
+                    args.http_ladder_s,
+                    rate,
+                    int(rate * args.http_ladder_s) + 1,
+                )
+            )
+            step["holds"] = bool(
+                step["errors"] == 0
+                and step.get("p99_ms", 1e9) < args.http_p99_target_ms
+                and step["requests_per_s"] >= 0.95 * rate
+            )
+            ladder.append(step)
+            log.info(
+                "HTTP %s req/s: p99 %.1f ms, %d errors",
+                rate,
+                step.get("p99_ms", float("nan")),
+                step["errors"],
+            )
+            if not step["holds"]:
+                break
+        out["ladder"] = ladder
+        held = [s["target_rate_per_s"] for s in ladder if s["holds"]]
+        out["highest_rate_held"] = max(held) if held else None
+        return out
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+# ------------------------------------------------------------------------------------ report
+
+
+def machine_info() -> dict[str, Any]:
+    import onnxruntime
+    import torch
+
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "load_avg_1_5_15": list(os.getloadavg()),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "torch": torch.__version__,
+    }
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def write_markdown(report: dict[str, Any], path: Path) -> None:
+    rows = report["results"]
+    lines = [
+        "# Latency benchmark",
+        "",
+        f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores; load average "
+        f"before {report['machine']['load_avg_1_5_15']}, after {report['load_avg_after']}. "
+        f"Model: random SASRec, d_model {report['args']['d_model']}, "
+        f"{report['args']['n_layers']} layers, max_len {report['args']['max_len']}, k = "
+        f"{report['args']['k']}. Mode: {'quick' if report['args']['quick'] else 'full'}.",
+        "",
+        "## One session",
+        "",
+        "x floor = latency / p50 of the memory floor (numpy streaming the item table once, same "
+        "threads, same run).",
+        "",
+        "| items | threads | session len | implementation | p50 ms | p95 ms | p99 ms | p50 x floor "
+        "| p99 x floor | top-20 overlap |",
+        "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if r["case"] != "single":
+            continue
+        lines.append(
+            f"| {r['num_items']} | {r['threads']} | {_fmt(r.get('session_len'))} | {r['impl']} | "
+            f"{_fmt(r['p50_ms'])} | {_fmt(r['p95_ms'])} | {_fmt(r['p99_ms'])} | "
+            f"{_fmt(r.get('x_floor_p50'), 2)} | {_fmt(r.get('x_floor_p99'), 2)} | "
+            f"{_fmt(r.get('top_k_overlap'), 4)} |"
+        )
+    lines += [
+        "",
+        "## Batch of 64 sessions",
+        "",
+        "| items | threads | session len | implementation | p50 ms | p99 ms | sessions/s | "
+        "p50 x floor |",
+        "|---:|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if r["case"] != "batch64":
+            continue
+        lines.append(
+            f"| {r['num_items']} | {r['threads']} | {_fmt(r.get('session_len'))} | {r['impl']} | "
+            f"{_fmt(r['p50_ms'])} | {_fmt(r['p99_ms'])} | {_fmt(r['sessions_per_s'], 0)} | "
+            f"{_fmt(r.get('x_floor_p50'), 2)} |"
+        )
+    http = report.get("http")
+    if http:
+        lines += [
+            "",
+            f"## HTTP (seqrec-serve, 1 worker, 1 onnxruntime thread, {http['num_items']} items, "
+            "loopback, load generator on the same cores)",
+            "",
+            "| phase | concurrency | target req/s | duration s | requests | errors | req/s | p50 ms "
+            "| p99 ms |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        phases = [("closed loop", http["closed_loop"]), ("fixed rate", http["fixed_rate"])]
+        phases += [("ladder", step) for step in http["ladder"]]
+        for name, p in phases:
+            lines.append(
+                f"| {name} | {p['concurrency']} | {_fmt(p['target_rate_per_s'])} | "
+                f"{p['duration_s']} | {p['requests']} | {p['errors']} | "
+                f"{_fmt(p['requests_per_s'], 0)} | {_fmt(p.get('p50_ms'), 2)} | "
+                f"{_fmt(p.get('p99_ms'), 2)} |"
+            )
+        lines.append("")
+        lines.append(
+            f"Highest rate held (p99 < {report['args']['http_p99_target_ms']} ms, zero errors): "
+            f"{_fmt(http['highest_rate_held'])} req/s."
+        )
+    lines += ["", "## Targets (reference size, 1 thread)", ""]
+    lines += [f"- {line}" for line in report["targets"]]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def targets(report: dict[str, Any]) -> list[str]:
+    """The issue's done-when checks, worded with the measured numbers."""
+    size = report["args"]["reference_size"]
+    rows = [r for r in report["results"] if r["num_items"] == size and r["threads"] == 1]
+
+    def pick(case: str, impl: str, length: int | None = None) -> dict[str, Any] | None:
+        for r in rows:
+            same_length = length is None or r.get("session_len") == length
+            if r["case"] == case and r["impl"] == impl and same_length:
+                return r
+        return None
+
+    out = []
+    floor = min(
+        (r for r in rows if r["case"] == "single" and r["impl"].startswith("memory floor")),
+        key=lambda r: r["p50_ms"],
+        default=None,
+    )
+    for length in sorted({r.get("session_len") for r in rows if r.get("session_len")}):
+        eager = pick("single", "pytorch eager", length)
+        for impl in ("onnx full scores + numpy top-k", "onnx top-k in graph"):
+            r = pick("single", impl, length)
+            if not (r and eager and floor):
+                continue
+            out.append(
+                f"one session of {length} items, {impl}: p50 {r['p50_ms']:.3f} ms = "
+                f"{r['x_floor_p50']:.2f}x floor ({floor['p50_ms']:.3f} ms; target <= 1.3x: "
+                f"{'met' if r['x_floor_p50'] <= 1.3 else 'NOT met'}), p99 {r['p99_ms']:.3f} ms = "
+                f"{r['x_floor_p99']:.2f}x (target <= 3x: "
+                f"{'met' if r['x_floor_p99'] <= 3 else 'NOT met'}); eager p50 {eager['p50_ms']:.3f}"
+                f" ms = {eager['p50_ms'] / r['p50_ms']:.2f}x slower (target >= 1.5x: "
+                f"{'met' if eager['p50_ms'] / r['p50_ms'] >= 1.5 else 'NOT met'})"
+            )
+    eager_b = pick("batch64", "pytorch eager", report["args"]["max_len"])
+    floor_b = pick("batch64", "floor: numpy (64, D) x (D, C) matmul")
+    for impl in ("onnx full scores + numpy top-k", "onnx top-k in graph"):
+        r = pick("batch64", impl, report["args"]["max_len"])
+        if not (r and eager_b and floor_b):
+            continue
+        out.append(
+            f"batch 64 x {report['args']['max_len']} items, {impl}: {r['sessions_per_s']:.0f} "
+            f"sessions/s vs eager {eager_b['sessions_per_s']:.0f} (target >= eager: "
+            f"{'met' if r['sessions_per_s'] >= eager_b['sessions_per_s'] else 'NOT met'}), "
+            f"{r['x_floor_p50']:.2f}x the matmul floor ({floor_b['p50_ms']:.2f} ms; target <= "
+            f"1.5x: {'met' if r['x_floor_p50'] <= 1.5 else 'NOT met'})"
+        )
+    http = report.get("http")
+    if http:
+        fixed = http["fixed_rate"]
+        ok = (
+            fixed["errors"] == 0 and fixed.get("p99_ms", 1e9) < report["args"]["http_p99_target_ms"]
+        )
+        out.append(
+            f"HTTP {fixed['target_rate_per_s']} req/s for {fixed['duration_s']} s: "
+            f"{fixed['requests_per_s']:.0f} req/s achieved, p99 {fixed.get('p99_ms', float('nan')):.2f}"
+            f" ms, {fixed['errors']} errors ({'met' if ok else 'NOT met'}); highest rate held: "
+            f"{http['highest_rate_held']} req/s"
+        )
+    return out
+
+
+_COLORS = {
+    "table @ h": "black",
+    "table.max": "dimgrey",
+    "floor:": "black",
+    "eager": "tab:red",
+    "full scores + numpy": "tab:blue",
+    "top-k in graph": "tab:green",
+    "int8": "tab:purple",
+    "fp16": "tab:orange",
+}
+"""Line colour per implementation (substring of its name); line style per thread count."""
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["results"]
+    max_len = report["args"]["max_len"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, case, key, ylabel in (
+        (axes[0], "single", "p50_ms", "one session: p50 latency (ms)"),
+        (axes[1], "batch64", "sessions_per_s", "batch 64: sessions / s"),
+    ):
+        impls = sorted({r["impl"] for r in rows if r["case"] == case})
+        for impl in impls:
+            color = next((c for key, c in _COLORS.items() if key in impl), "grey")
+            for threads, style in ((1, "-"), (2, "--")):
+                pts = sorted(
+                    (r["num_items"], r[key])
+                    for r in rows
+                    if r["case"] == case
+                    and r["impl"] == impl
+                    and r["threads"] == threads
+                    and r.get("session_len", max_len) == max_len
+                )
+                if len(pts) < 1:
+                    continue
+                xs, ys = zip(*pts, strict=True)
+                ax.plot(xs, ys, style, color=color, marker="o", label=f"{impl} ({threads} thr)")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("catalog size (items)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=6.5)
+    fig.suptitle(
+        f"seqrec predictor vs PyTorch eager vs memory floor (d={report['args']['d_model']}, "
+        f"L={max_len}; {report['machine']['cpu']}, {report['machine']['cores']} cores)",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# -------------------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and short phases")
+    parser.add_argument("--out-dir", type=Path, default=REPO_ROOT / "artifacts/reports/latency")
+    parser.add_argument(
+        "--sizes",
+        type=int,
+        nargs="*",
+        default=[10_000, 37_000, 100_000, 235_000],
+        help="catalog sizes of the in-process part (none: HTTP part only)",
+    )
+    parser.add_argument("--reference-size", type=int, default=RETAILROCKET_ITEMS)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--d-model", type=int, default=64)
+    parser.add_argument("--n-layers", type=int, default=2)
+    parser.add_argument("--n-heads", type=int, default=2)
+    parser.add_argument("--max-len", type=int, default=50)
+    parser.add_argument("--short-session-len", type=int, default=5)
+    parser.add_argument("--k", type=int, default=20)
+    parser.add_argument("--budget-s", type=float, default=2.5, help="seconds per measurement")
+    parser.add_argument("--skip-http", action="store_true")
+    parser.add_argument("--http-concurrency", type=int, default=8)
+    parser.add_argument("--http-closed-s", type=float, default=15.0)
+    parser.add_argument("--http-rate", type=float, default=500.0)
+    parser.add_argument("--http-duration-s", type=float, default=60.0)
+    parser.add_argument("--http-rate-concurrency", type=int, default=32)
+    parser.add_argument(
+        "--http-ladder",
+        type=float,
+        nargs="*",
+        default=[100, 200, 300, 400, 500, 600, 800, 1000, 1250, 1500, 2000],
+        help="rates tried in order until one fails (p99 or errors or not achieved)",
+    )
+    parser.add_argument("--http-ladder-s", type=float, default=10.0)
+    parser.add_argument("--http-p99-target-ms", type=float, default=20.0)
+    parser.add_argument(
+        "--http-request-logs",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="server writes its JSON log line per request (as in production)",
+    )
+    parser.add_argument("--exporters", nargs="+", default=None, help="dynamo and/or legacy")
+    parser.add_argument(
+        "--from-json",
+        type=Path,
+        default=None,
+        help="only rewrite latency.md / latency.png of --out-dir from this latency.json",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    # onnxruntime.quantization logs to the root logger: keep it quiet, this script's logger not
+    logging.getLogger().setLevel(logging.WARNING)
+    log.setLevel(logging.INFO)
+    if args.from_json is not None:
+        report = json.loads(args.from_json.read_text())
+        report["targets"] = targets(report)
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        write_markdown(report, args.out_dir / "latency.md")
+        plot(report, args.out_dir / "latency.png")
+        return 0
+    if args.quick:
+        args.sizes, args.reference_size, args.threads = [2_000], 2_000, [1]
+        args.max_len, args.short_session_len = 10, 3
+        args.budget_s, args.http_closed_s, args.http_duration_s = 0.1, 0.5, 1.0
+        args.http_rate, args.http_ladder, args.http_ladder_s = 50.0, [100.0], 0.5
+        args.exporters = args.exporters or ["legacy"]
+    import torch
+
+    torch.set_num_threads(1)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    machine = machine_info()
+    results: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="seqrec_bench_") as tmp:
+        work_dir = Path(tmp)
+        for num_items in args.sizes:
+            measure_size(num_items, args, work_dir, results)
+        http = None
+        if not args.skip_http:
+            _, http_dir = build_export(
+                args.reference_size, args, work_dir / "http_export", {"top_k_in_graph": False}
+            )
+            http = measure_http(http_dir, args, args.out_dir / "http_server_log.jsonl")
+            http["num_items"] = args.reference_size
+    report: dict[str, Any] = {
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "machine": machine,
+        "load_avg_after": list(os.getloadavg()),
+        "results": results,
+        "http": http,
+    }
+    report["targets"] = targets(report)
+    (args.out_dir / "latency.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_markdown(report, args.out_dir / "latency.md")
+    plot(report, args.out_dir / "latency.png")
+    for line in report["targets"]:
+        log.info("%s", line)
+    log.info("wrote %s/latency.{json,md,png}", args.out_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,436 @@
+"""FastAPI service: ``POST /recommendations`` over a :class:`SessionRecommender`, health and
+readiness probes, Prometheus metrics, OpenAPI docs and the embeddable widget.
+
+Start it with ``seqrec-serve EXPORT_DIR [--port 8000] [--num-threads 1]``; the demo shop page is at
+``/widget/``, the API docs at ``/docs`` (schema at ``/openapi.json``), metrics at ``/metrics``.
+No model logic lives here: everything goes through the predictor, torch is never imported.
+"""
+
+# No `from __future__ import annotations`: FastAPI must see the request model class that
+# create_app builds locally (string annotations would not resolve).
+import argparse
+import json
+import logging
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StringConstraints
+
+from seqrec import __version__
+from seqrec.predictor import SessionRecommender
+
+logger = logging.getLogger("seqrec.serving")
+
+STATIC_DIR = Path(__file__).parent / "static"
+LATENCY_BUCKETS_S = (
+    0.0005,
+    0.001,
+    0.002,
+    0.003,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.02,
+    0.03,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+)
+"""Histogram buckets of the request latency (seconds): fine below the 20 ms target."""
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Limits and runtime settings of the service (command-line flags of ``seqrec-serve``).
+
+    Attributes:
+        num_threads: onnxruntime intra-op threads of the one shared session (1 per worker).
+        max_k: largest ``k`` a request may ask for.
+        max_session_len: most item ids a request's session may hold (the model uses the last
+            ``max_len`` known ones).
+        max_filter_items: most ids in ``allow_items`` / ``deny_items``.
+        default_k: ``k`` when a request does not give one.
+        log_requests: one structured log line per request.
+    """
+
+    num_threads: int = 1
+    max_k: int = 100
+    max_session_len: int = 200
+    max_filter_items: int = 10_000
+    default_k: int = 10
+    log_requests: bool = True
+
+
+_UNION_BRANCHES = {"constrained-str", "int", "str"}
+_ITEM_ID_MESSAGE = "item ids must be strings of 1 to 64 characters or integers"
+ItemId = Annotated[str, StringConstraints(strict=True, min_length=1, max_length=64)] | StrictInt
+
+
+class RecommendedItem(BaseModel):
+    """One recommended item."""
+
+    item_id: str = Field(description="raw item id")
+    score: float = Field(description="model score (comparable within one response); 0 for fallback")
+    source: Literal["model", "fallback"] = Field(
+        description="'model', or 'fallback' (popular items) when no session item is known"
+    )
+
+
+class RecommendationResponse(BaseModel):
+    """Recommendations for one session, best first."""
+
+    items: list[RecommendedItem]
+    model_version: str = Field(description="model_version of export_meta.json (sha256 prefix)")
+    num_known: int = Field(description="session items found in the catalog")
+    num_unknown: int = Field(description="session items not in the catalog (skipped)")
+    used_fallback: bool = Field(description="no known item: popularity fallback returned")
+
+
+def _request_model(settings: ServeSettings) -> type[BaseModel]:
+    """The request body schema with this service's limits (they show in the OpenAPI docs)."""
+
+    class RecommendationRequest(BaseModel):
+        """A session of raw item ids (oldest first) and what to return."""
+
+        model_config = ConfigDict(
+            extra="forbid",
+            json_schema_extra={
+                "examples": [{"session": ["1001", "1002"], "k": 5, "exclude_seen": True}]
+            },
+        )
+
+        session: list[ItemId] = Field(
+            max_length=settings.max_session_len,
+            description="raw item ids the shopper viewed, oldest first (may be empty)",
+        )
+        k: StrictInt = Field(
+            default=settings.default_k,
+            ge=1,
+            le=settings.max_k,
+            description=f"number of items wanted, 1..{settings.max_k}",
+        )
+        exclude_seen: StrictBool = Field(
+            default=False, description="never recommend an item of the session"
+        )
+        allow_items: list[ItemId] | None = Field(
+            default=None,
+            max_length=settings.max_filter_items,
+            description="only these items may be recommended (null: no allow-list)",
+        )
+        deny_items: list[ItemId] | None = Field(
+            default=None,
+            max_length=settings.max_filter_items,
+            description="items never recommended, e.g. out of stock",
+        )
+
+    return RecommendationRequest
+
+
+class _MetricsAndLogs:
+    """Pure ASGI middleware: request count and latency histogram, one JSON log line per request,
+    and an ``X-Request-ID`` header (echoed from the request or generated)."""
+
+    def __init__(
+        self, app: ASGIApp, requests: Counter, latency: Histogram, log_requests: bool
+    ) -> None:
+        self.app = app
+        self.requests = requests
+        self.latency = latency
+        self.log_requests = log_requests
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+        request_id = ""
+        for name, value in scope.get("headers", ()):
+            if name == b"x-request-id":
+                request_id = value.decode("latin-1")[:64]
+        request_id = request_id or uuid.uuid4().hex
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+                message.setdefault("headers", [])
+                message["headers"] = [
+                    *message["headers"],
+                    (b"x-request-id", request_id.encode("latin-1")),
+                ]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            elapsed_s = time.perf_counter() - start
+            route = scope.get("route")
+            path = getattr(route, "path", None) or "unmatched"
+            method = scope.get("method", "")
+            self.requests.labels(method=method, path=path, status=str(status)).inc()
+            self.latency.labels(method=method, path=path).observe(elapsed_s)
+            if self.log_requests:
+                logger.info(
+                    "request",
+                    extra={
+                        "request_id": request_id,
+                        "method": method,
+                        "path": scope.get("path", ""),
+                        "route": path,
+                        "status": status,
+                        "latency_ms": round(elapsed_s * 1e3, 3),
+                    },
+                )
+
+
+def create_app(recommender: SessionRecommender, settings: ServeSettings | None = None) -> FastAPI:
+    """Build the service around a loaded recommender.
+
+    Args:
+        recommender: shared by every request (it is thread-safe).
+        settings: limits; ``None`` = :class:`ServeSettings` defaults.
+
+    Returns:
+        The FastAPI app (its own Prometheus registry, so several apps can live in one process).
+    """
+    settings = settings or ServeSettings()
+    request_model = _request_model(settings)
+    registry = CollectorRegistry()
+    requests = Counter(
+        "seqrec_http_requests",
+        "HTTP requests served, by method, route and status",
+        ["method", "path", "status"],
+        registry=registry,
+    )
+    latency = Histogram(
+        "seqrec_http_request_duration_seconds",
+        "HTTP request latency (seconds), by method and route",
+        ["method", "path"],
+        buckets=LATENCY_BUCKETS_S,
+        registry=registry,
+    )
+    fallbacks = Counter(
+        "seqrec_fallback_responses",
+        "recommendation responses served from the popularity fallback",
+        registry=registry,
+    )
+    app = FastAPI(
+        title="seqrec recommendations",
+        version=__version__,
+        description=(
+            "Session-based next-item recommendations from a SASRec ONNX export. "
+            f"Model version {recommender.model_version}, {recommender.num_items} items."
+        ),
+    )
+    state: dict[str, Any] = {"ready": False}
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors: dict[str, dict[str, str]] = {}
+        for err in exc.errors():
+            loc = [str(part) for part in err.get("loc", ())]
+            if loc and loc[-1] in _UNION_BRANCHES:  # an item id that is neither str nor int
+                field = ".".join(loc[:-1])
+                errors[field] = {"field": field, "message": _ITEM_ID_MESSAGE, "type": "item_id"}
+            else:
+                field = ".".join(loc)
+                errors.setdefault(
+                    field,
+                    {"field": field, "message": err.get("msg", ""), "type": err.get("type", "")},
+                )
+        return JSONResponse(
+            status_code=422,
+            content={"error": "invalid request", "detail": list(errors.values())},
+        )
+
+    @app.post(
+        "/recommendations",
+        response_model=RecommendationResponse,
+        summary="Recommend the next items for a session",
+        responses={422: {"description": "invalid request: the body names the field and why"}},
+    )
+    async def recommendations(body: request_model) -> Response:  # type: ignore[valid-type]
+        # `async def` on purpose: the model call (about a millisecond, one intra-op thread) runs
+        # on the event loop instead of hopping to a thread pool; measured cheaper per request on
+        # 2 cores. Scale out with more processes, not threads.
+        recs, info = recommender.recommend_with_info(
+            body.session,  # type: ignore[attr-defined]
+            k=body.k,  # type: ignore[attr-defined]
+            exclude_seen=body.exclude_seen,  # type: ignore[attr-defined]
+            allow_items=body.allow_items,  # type: ignore[attr-defined]
+            deny_items=body.deny_items,  # type: ignore[attr-defined]
+        )
+        if info.used_fallback:
+            fallbacks.inc()
+        payload = {
+            "items": [{"item_id": r.item_id, "score": r.score, "source": r.source} for r in recs],
+            "model_version": recommender.model_version,
+            "num_known": info.num_known,
+            "num_unknown": info.num_unknown,
+            "used_fallback": info.used_fallback,
+        }
+        # Serialised here (the shape is RecommendationResponse, which documents it): FastAPI's
+        # response-model validation would cost about as much as the top-k.
+        return Response(json.dumps(payload, separators=(",", ":")), media_type="application/json")
+
+    @app.get("/healthz", summary="Liveness: the process answers")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get(
+        "/readyz",
+        summary="Readiness: the model is loaded and answered a warm-up request",
+        responses={503: {"description": "not ready"}},
+    )
+    async def readyz() -> JSONResponse:
+        if not state["ready"]:
+            return JSONResponse(status_code=503, content={"status": "not ready"})
+        return JSONResponse(
+            content={
+                "status": "ready",
+                "model_version": recommender.model_version,
+                "num_items": recommender.num_items,
+                "max_len": recommender.max_len,
+                "variant": recommender.meta.get("variant"),
+                "settings": asdict(settings),
+            }
+        )
+
+    @app.get("/catalog", summary="Items for the demo shop grid: popular first, then the vocab")
+    async def catalog(
+        limit: Annotated[int, Query(ge=1, le=1000, description="number of item ids")] = 24,
+    ) -> dict[str, Any]:
+        items = list(dict.fromkeys(recommender.fallback_items[:limit] + recommender.item_ids))
+        return {"items": items[:limit], "model_version": recommender.model_version}
+
+    @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/", include_in_schema=False)
+    async def root() -> RedirectResponse:
+        return RedirectResponse(url="/widget/")
+
+    app.mount("/widget", StaticFiles(directory=STATIC_DIR, html=True), name="widget")
+    app.add_middleware(
+        _MetricsAndLogs,
+        requests=requests,
+        latency=latency,
+        log_requests=settings.log_requests,
+    )
+
+    # Warm-up: the first onnxruntime run allocates; readiness waits for it.
+    recommender.recommend(recommender.fallback_items[:1], k=1)
+    state["ready"] = True
+    return app
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of :func:`main`."""
+    defaults = ServeSettings()
+    parser = argparse.ArgumentParser(
+        prog="seqrec-serve",
+        description="Serve next-item recommendations from an ONNX export over HTTP.",
+    )
+    parser.add_argument("export_dir", help="directory written by scripts/export_onnx.py")
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    parser.add_argument(
+        "--num-threads",
+        type=int,
+        default=defaults.num_threads,
+        help="onnxruntime intra-op threads (default 1 per worker)",
+    )
+    parser.add_argument("--max-k", type=int, default=defaults.max_k)
+    parser.add_argument("--max-session-len", type=int, default=defaults.max_session_len)
+    parser.add_argument("--max-filter-items", type=int, default=defaults.max_filter_items)
+    parser.add_argument(
+        "--graph-optimization-level",
+        choices=["disable", "basic", "extended", "all"],
+        default=None,
+        help="onnxruntime level (default: the one recorded at export)",
+    )
+    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument(
+        "--no-request-logs", action="store_true", help="no log line per request (load tests)"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Load the export, build the app and run uvicorn until interrupted.
+
+    Returns:
+        0 after a clean shutdown; 2 for an unusable export directory (message on stderr).
+    """
+    import uvicorn
+
+    from seqrec.serving.logs import configure_json_logging
+
+    args = build_parser().parse_args(argv)
+    configure_json_logging(args.log_level)
+    settings = ServeSettings(
+        num_threads=args.num_threads,
+        max_k=args.max_k,
+        max_session_len=args.max_session_len,
+        max_filter_items=args.max_filter_items,
+        log_requests=not args.no_request_logs,
+    )
+    try:
+        recommender = SessionRecommender.from_dir(
+            args.export_dir,
+            num_threads=settings.num_threads,
+            graph_optimization_level=args.graph_optimization_level,
+        )
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    app = create_app(recommender, settings)
+    logger.info(
+        "serving",
+        extra={
+            "export_dir": str(args.export_dir),
+            "model_version": recommender.model_version,
+            "url": f"http://{args.host}:{args.port}/widget/",
+            **asdict(settings),
+        },
+    )
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_config=None,
+        access_log=False,
+        workers=1,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

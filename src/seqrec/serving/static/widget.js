@@ -1,0 +1,202 @@
+/* seqrec widget: a "you may also like" strip that follows the shopper's clicks.
+ *
+ * The session (item ids, oldest first) lives in the browser (sessionStorage); every click calls
+ * POST /recommendations and re-renders the strip. Embed it on any product page:
+ *
+ *   <div id="recs"></div>
+ *   <script src="https://shop.example/widget/widget.js"></script>
+ *   <script>
+ *     const strip = SeqrecWidget.mount(document.getElementById("recs"), {apiBase: "https://api.example", k: 8});
+ *     strip.view("12345");   // call on each product view
+ *   </script>
+ */
+(function () {
+  "use strict";
+  const STORAGE_KEY = "seqrec.session";
+  const MAX_SESSION = 200; // the API's default max_session_len; the model uses the most recent items
+
+  function hashCode(text) {
+    let h = 2166136261;
+    for (let i = 0; i < text.length; i++) {
+      h ^= text.charCodeAt(i);
+      h = Math.imul(h, 16777619);
+    }
+    return h >>> 0;
+  }
+
+  /* Deterministic fake product data for the demo shop (the catalog has ids only). */
+  const NOUNS = ["Lamp", "Mug", "Backpack", "Sneakers", "Headphones", "Teapot", "Scarf", "Notebook",
+    "Watch", "Chair", "Jacket", "Speaker", "Plant pot", "Blanket", "Bottle", "Sunglasses"];
+  const ADJECTIVES = ["Nordic", "Classic", "Urban", "Cosy", "Bold", "Minimal", "Retro", "Bright"];
+  function product(itemId) {
+    const h = hashCode(String(itemId));
+    return {
+      id: String(itemId),
+      name: ADJECTIVES[h % ADJECTIVES.length] + " " + NOUNS[(h >>> 8) % NOUNS.length],
+      price: (5 + ((h >>> 4) % 19000) / 100).toFixed(2),
+      hue: h % 360,
+    };
+  }
+
+  function card(itemId, extraClass) {
+    const p = product(itemId);
+    const el = document.createElement("button");
+    el.type = "button";
+    el.className = "product-card " + (extraClass || "");
+    el.dataset.itemId = p.id;
+    el.title = p.name + " (item " + p.id + ")";
+    const swatch = document.createElement("div");
+    swatch.className = "swatch";
+    swatch.style.background =
+      "linear-gradient(135deg, hsl(" + p.hue + ",70%,72%), hsl(" + ((p.hue + 40) % 360) + ",65%,52%))";
+    swatch.textContent = p.name.split(" ")[1].charAt(0);
+    const name = document.createElement("div");
+    name.className = "name";
+    name.textContent = p.name;
+    const meta = document.createElement("div");
+    meta.className = "meta";
+    meta.textContent = "€" + p.price + " · #" + p.id;
+    el.append(swatch, name, meta);
+    return el;
+  }
+
+  function loadSession() {
+    try {
+      const raw = window.sessionStorage.getItem(STORAGE_KEY);
+      const parsed = raw ? JSON.parse(raw) : [];
+      return Array.isArray(parsed) ? parsed.map(String) : [];
+    } catch (e) {
+      return [];
+    }
+  }
+
+  function saveSession(items) {
+    try {
+      window.sessionStorage.setItem(STORAGE_KEY, JSON.stringify(items));
+    } catch (e) {
+      /* storage may be disabled: the session then lives in memory only */
+    }
+  }
+
+  /* Mount a recommendation strip in `container`.
+   * options: apiBase (""), k (8), excludeSeen (true or a function returning a boolean),
+   *          onClick(itemId) for clicks on a recommended item, onUpdate(response).
+   */
+  function mount(container, options) {
+    const opts = Object.assign({ apiBase: "", k: 8, excludeSeen: true }, options || {});
+    let session = loadSession();
+    let version = Number(container.dataset.version || 0);
+    let pending = null;
+
+    function excludeSeen() {
+      return typeof opts.excludeSeen === "function" ? !!opts.excludeSeen() : !!opts.excludeSeen;
+    }
+
+    async function refresh() {
+      if (pending) pending.abort();
+      const controller = new AbortController();
+      pending = controller;
+      container.dataset.state = "loading";
+      const body = { session: session.slice(-MAX_SESSION), k: opts.k, exclude_seen: excludeSeen() };
+      try {
+        const response = await fetch(opts.apiBase + "/recommendations", {
+          method: "POST",
+          headers: { "Content-Type": "application/json" },
+          body: JSON.stringify(body),
+          signal: controller.signal,
+        });
+        if (!response.ok) throw new Error("HTTP " + response.status);
+        const data = await response.json();
+        render(data);
+        if (opts.onUpdate) opts.onUpdate(data);
+      } catch (err) {
+        if (err.name === "AbortError") return;
+        container.dataset.state = "error";
+        container.textContent = "Recommendations are unavailable right now.";
+      } finally {
+        if (pending === controller) pending = null;
+      }
+    }
+
+    function render(data) {
+      container.replaceChildren(
+        ...data.items.map((item) => {
+          const el = card(item.item_id, "rec-card");
+          el.dataset.source = item.source;
+          el.addEventListener("click", () => {
+            view(item.item_id);
+            if (opts.onClick) opts.onClick(item.item_id);
+          });
+          return el;
+        })
+      );
+      if (!data.items.length) container.textContent = "Nothing to recommend.";
+      version += 1;
+      container.dataset.version = String(version);
+      container.dataset.state = "ready";
+      container.dataset.modelVersion = data.model_version;
+      container.dataset.usedFallback = String(data.used_fallback);
+    }
+
+    function view(itemId) {
+      session.push(String(itemId));
+      if (session.length > MAX_SESSION) session = session.slice(-MAX_SESSION);
+      saveSession(session);
+      return refresh();
+    }
+
+    function reset() {
+      session = [];
+      saveSession(session);
+      return refresh();
+    }
+
+    refresh();
+    return {
+      view: view,
+      reset: reset,
+      refresh: refresh,
+      session: () => session.slice(),
+    };
+  }
+
+  /* The demo page: a product grid, the strip and the session trail. */
+  async function demoShop(cfg) {
+    function renderTrail(items) {
+      cfg.trail.replaceChildren(
+        ...items.slice(-12).map((id) => {
+          const li = document.createElement("li");
+          li.textContent = product(id).name + " #" + id;
+          return li;
+        })
+      );
+      cfg.sessionCount.textContent = items.length ? "(" + items.length + " viewed)" : "(empty)";
+    }
+    const strip = mount(cfg.strip, {
+      apiBase: cfg.apiBase,
+      k: cfg.k,
+      excludeSeen: () => cfg.excludeSeen.checked,
+      onUpdate: (data) => {
+        renderTrail(strip ? strip.session() : loadSession());
+        cfg.stripMeta.textContent =
+          (data.used_fallback ? "Popular right now" : "Based on your session") +
+          " · model " + data.model_version;
+      },
+    });
+    cfg.excludeSeen.addEventListener("change", () => strip.refresh());
+    cfg.reset.addEventListener("click", () => strip.reset());
+
+    const response = await fetch(cfg.apiBase + "/catalog?limit=" + cfg.gridSize);
+    const catalog = await response.json();
+    cfg.grid.replaceChildren(
+      ...catalog.items.map((id) => {
+        const el = card(id, "grid-card");
+        el.addEventListener("click", () => strip.view(id));
+        return el;
+      })
+    );
+    cfg.grid.dataset.ready = "true";
+  }
+
+  window.SeqrecWidget = { mount: mount, demoShop: demoShop, product: product };
+})();

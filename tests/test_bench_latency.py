@@ -1,0 +1,40 @@
+"""scripts/bench_latency.py --quick writes its JSON, markdown and PNG (a smoke test, not a timing)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_quick_benchmark_writes_reports(tmp_path: Path) -> None:
+    out = tmp_path / "reports"
+    subprocess.run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "scripts" / "bench_latency.py"),
+            "--quick",
+            "--out-dir",
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    report = json.loads((out / "latency.json").read_text())
+    impls = {r["impl"] for r in report["results"]}
+    assert {"pytorch eager", "onnx top-k in graph", "onnx full scores + numpy top-k"} <= impls
+    assert any(i.startswith("memory floor") for i in impls)
+    assert all(r["p50_ms"] > 0 for r in report["results"])
+    assert report["http"]["fixed_rate"]["requests"] > 0
+    assert report["http"]["fixed_rate"]["errors"] == 0
+    assert report["targets"]
+    assert "| items | threads |" in (out / "latency.md").read_text()
+    assert (out / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,93 @@
+"""The pointer (copy) mixture: a proper distribution, consistent between training and scoring."""
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from seqrec.data.vocab import ItemVocab
+from seqrec.export import export_onnx
+from seqrec.lit_module import SASRecModule
+from seqrec.models.sasrec import SASRec, SASRecConfig
+
+
+@pytest.fixture
+def model() -> SASRec:
+    torch.manual_seed(0)
+    cfg = SASRecConfig(
+        num_items=25,
+        max_len=10,
+        d_model=16,
+        n_heads=2,
+        n_layers=1,
+        dropout=0.0,
+        copy_mechanism=True,
+    )
+    return SASRec(cfg).eval()
+
+
+def test_scores_are_log_probabilities(model: SASRec) -> None:
+    scores = model.score_last(torch.tensor([[0, 0, 3, 4, 3], [1, 2, 3, 4, 5], [0, 0, 0, 0, 0]]))
+    probs = torch.exp(scores[:, 1:]).sum(1)
+    assert torch.allclose(probs[:2], torch.ones(2), atol=1e-5)
+    assert not torch.isnan(scores).any()
+
+
+def test_training_log_prob_matches_score_last(model: SASRec) -> None:
+    ids = torch.tensor([[0, 0, 3, 4, 3], [1, 2, 3, 4, 5]])
+    targets = torch.tensor([[0, 0, 4, 3, 7], [2, 3, 4, 5, 1]])
+    hidden = model(ids)
+    is_target = targets != 0
+    log_p = model.log_prob_of(hidden, ids, is_target, targets)  # (N,)
+    # the last target of each row, scored by score_last on the full prefix
+    last = model.score_last(ids)
+    assert log_p[2].item() == pytest.approx(last[0, 7].item(), abs=1e-5)
+    assert log_p[-1].item() == pytest.approx(last[1, 1].item(), abs=1e-5)
+    # an intermediate position equals scoring its prefix alone (causality)
+    alone = model.score_last(torch.tensor([[3, 4]]))
+    assert log_p[1].item() == pytest.approx(alone[0, 3].item(), abs=1e-5)
+
+
+def test_copy_raises_probability_of_seen_items_and_is_padding_invariant(model: SASRec) -> None:
+    short = model.score_last(torch.tensor([[4, 9]]))
+    padded = model.score_last(torch.tensor([[0, 0, 0, 4, 9]]))
+    assert torch.allclose(short[:, 1:], padded[:, 1:], atol=1e-5)
+
+
+def test_copy_model_trains_and_exports(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    module = SASRecModule(
+        num_items=12,
+        max_len=10,
+        d_model=16,
+        n_heads=2,
+        n_layers=1,
+        dropout=0.0,
+        copy_mechanism=True,
+    )
+    ids = torch.tensor([[0, 1, 2, 1], [3, 4, 5, 3]])
+    targets = torch.tensor([[0, 2, 1, 2], [4, 5, 3, 4]])
+    opt = torch.optim.Adam(module.parameters(), lr=1e-2)
+    first = module.loss(ids, targets).item()
+    for _ in range(30):
+        loss = module.loss(ids, targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5 * first
+    vocab = ItemVocab([str(1000 + i) for i in range(1, 13)])
+    out = export_onnx(
+        module.model, vocab=vocab, out_dir=tmp_path / "export", fallback_items=["1001"]
+    )
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    batch = np.array([[0, 0, 3, 4, 3], [1, 2, 3, 4, 5]], dtype=np.int64)
+    onnx_scores = session.run(None, {"item_ids": batch})[0]
+    eager = module.model.eval().score_last(torch.from_numpy(batch)).detach().numpy()
+    np.testing.assert_allclose(onnx_scores[:, 1:], eager[:, 1:], atol=1e-4)
+
+
+def test_copy_needs_full_softmax() -> None:
+    with pytest.raises(ValueError, match="copy_mechanism"):
+        SASRecModule(num_items=5, loss="bce", copy_mechanism=True)

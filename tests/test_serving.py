@@ -1,0 +1,249 @@
+"""HTTP service over a real loopback socket: happy path, filters, validation errors, probes,
+metrics, docs, structured logs and the seqrec-serve console script."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from _export_helpers import FALLBACK_ITEMS, MAX_LEN, NUM_ITEMS, TinyExport, tiny_export
+from _serving_helpers import running_server
+from seqrec.predictor import SessionRecommender
+from seqrec.serving.app import ServeSettings, create_app
+from seqrec.serving.logs import JsonFormatter
+
+SETTINGS = ServeSettings(max_k=40, max_session_len=40, max_filter_items=50)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> TinyExport:
+    return tiny_export(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def rec(exported: TinyExport) -> SessionRecommender:
+    return SessionRecommender.from_dir(exported.export_dir)
+
+
+@pytest.fixture(scope="module")
+def client(rec: SessionRecommender) -> Iterator[httpx.Client]:
+    with (
+        running_server(create_app(rec, SETTINGS)) as url,
+        httpx.Client(base_url=url, timeout=10.0) as http,
+    ):
+        yield http
+
+
+def _ids(payload: dict) -> list[str]:
+    return [item["item_id"] for item in payload["items"]]
+
+
+def test_recommendations_happy_path(client: httpx.Client, rec: SessionRecommender) -> None:
+    response = client.post("/recommendations", json={"session": ["1001", 1002], "k": 5})
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("application/json")
+    assert response.headers["x-request-id"]
+    payload = response.json()
+    assert payload["model_version"] == rec.model_version == rec.meta["model_version"]
+    assert (payload["num_known"], payload["num_unknown"], payload["used_fallback"]) == (2, 0, False)
+    want = rec.recommend(["1001", "1002"], k=5)
+    assert _ids(payload) == [r.item_id for r in want]
+    assert [item["score"] for item in payload["items"]] == pytest.approx([r.score for r in want])
+    assert {item["source"] for item in payload["items"]} == {"model"}
+
+
+def test_filters_and_fallback(client: httpx.Client) -> None:
+    session = ["1004", "1008"]
+    body = {"session": session, "k": NUM_ITEMS, "exclude_seen": True, "deny_items": ["1010"]}
+    payload = client.post("/recommendations", json=body).json()
+    assert not {*session, "1010"} & set(_ids(payload))
+    assert len(payload["items"]) == NUM_ITEMS - 3
+
+    allow = ["1003", "1020", "1021", "9999"]
+    payload = client.post(
+        "/recommendations", json={"session": session, "k": 10, "allow_items": allow}
+    ).json()
+    assert set(_ids(payload)) == {"1003", "1020", "1021"}
+
+    payload = client.post("/recommendations", json={"session": ["nope"], "k": 3}).json()
+    assert payload["used_fallback"] is True
+    assert _ids(payload) == FALLBACK_ITEMS[:3]
+    assert {item["source"] for item in payload["items"]} == {"fallback"}
+    payload = client.post(
+        "/recommendations", json={"session": [], "k": 3, "deny_items": [FALLBACK_ITEMS[0]]}
+    ).json()
+    assert _ids(payload) == FALLBACK_ITEMS[1:4]
+
+
+def test_long_session_keeps_most_recent_items(
+    client: httpx.Client, rec: SessionRecommender
+) -> None:
+    session = [str(1000 + (i % NUM_ITEMS) + 1) for i in range(3 * MAX_LEN)]
+    payload = client.post("/recommendations", json={"session": session, "k": 5}).json()
+    assert _ids(payload) == [r.item_id for r in rec.recommend(session[-MAX_LEN:], k=5)]
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "message"),
+    [
+        ({"session": ["1001"], "k": None}, "body.k", "valid integer"),
+        ({"session": ["1001"], "k": ""}, "body.k", "valid integer"),
+        ({"session": ["1001"], "k": "5"}, "body.k", "valid integer"),
+        ({"session": ["1001"], "k": 0}, "body.k", "greater than or equal to 1"),
+        ({"session": ["1001"], "k": 41}, "body.k", "less than or equal to 40"),
+        ({"session": "1001 1002"}, "body.session", "valid list"),
+        ({"session": [1.5]}, "body.session.0", "strings of 1 to 64 characters or integers"),
+        ({"session": [True]}, "body.session.0", "strings of 1 to 64 characters or integers"),
+        ({"session": [""]}, "body.session.0", "strings of 1 to 64 characters or integers"),
+        ({"session": ["1001"] * 41}, "body.session", "at most 40 items"),
+        ({"k": 3}, "body.session", "Field required"),
+        ({"session": [], "exclude_seen": "yes"}, "body.exclude_seen", "valid boolean"),
+        ({"session": [], "deny_items": ["1"] * 51}, "body.deny_items", "at most 50 items"),
+        ({"session": [], "colour": "red"}, "body.colour", "Extra inputs are not permitted"),
+    ],
+)
+def test_validation_errors_are_clear_422s(
+    client: httpx.Client, body: dict, field: str, message: str
+) -> None:
+    response = client.post("/recommendations", json=body)
+    assert response.status_code == 422, response.text
+    payload = response.json()
+    assert payload["error"] == "invalid request"
+    (error,) = [e for e in payload["detail"] if e["field"] == field]
+    assert message in error["message"]
+
+
+def test_malformed_json_and_wrong_method(client: httpx.Client) -> None:
+    response = client.post(
+        "/recommendations", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 422
+    assert "JSON" in response.json()["detail"][0]["message"]
+    assert client.get("/recommendations").status_code == 405
+    assert client.get("/nope").status_code == 404
+
+
+def test_health_readiness_docs(client: httpx.Client, rec: SessionRecommender) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["status"] == "ready"
+    assert ready.json()["model_version"] == rec.model_version
+    assert ready.json()["settings"]["num_threads"] == 1
+    schema = client.get("/openapi.json").json()
+    assert "/recommendations" in schema["paths"]
+    request_schema = schema["components"]["schemas"]["RecommendationRequest"]
+    assert request_schema["properties"]["k"]["maximum"] == 40
+    assert client.get("/docs").status_code == 200
+    widget = client.get("/widget/")
+    assert widget.status_code == 200 and "You may also like" in widget.text
+    assert client.get("/", follow_redirects=False).headers["location"] == "/widget/"
+    catalog = client.get("/catalog", params={"limit": 7}).json()
+    assert catalog["items"][:5] == FALLBACK_ITEMS and len(catalog["items"]) == 7
+
+
+def test_prometheus_metrics(client: httpx.Client) -> None:
+    for _ in range(3):
+        client.post("/recommendations", json={"session": ["1001"], "k": 2})
+    client.post("/recommendations", json={"session": ["1001"], "k": 0})
+    text = client.get("/metrics").text
+    lines = {
+        line.split(" ")[0]: float(line.split(" ")[1])
+        for line in text.splitlines()
+        if line[:1] != "#"
+    }
+    ok = 'seqrec_http_requests_total{method="POST",path="/recommendations",status="200"}'
+    bad = 'seqrec_http_requests_total{method="POST",path="/recommendations",status="422"}'
+    assert lines[ok] >= 3 and lines[bad] >= 1
+    count = 'seqrec_http_request_duration_seconds_count{method="POST",path="/recommendations"}'
+    assert lines[count] >= 4
+    assert 'seqrec_http_request_duration_seconds_bucket{le="0.02",method="POST"' in text
+
+
+def test_request_log_lines_are_json(client: httpx.Client, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="seqrec.serving"):
+        client.post(
+            "/recommendations", json={"session": [], "k": 1}, headers={"X-Request-ID": "abc123"}
+        )
+    (record,) = [r for r in caplog.records if getattr(r, "request_id", None) == "abc123"]
+    line = json.loads(JsonFormatter().format(record))
+    assert line["message"] == "request"
+    assert (line["method"], line["route"], line["status"]) == ("POST", "/recommendations", 200)
+    assert line["latency_ms"] > 0 and line["level"] == "INFO" and "ts" in line
+
+
+def test_concurrent_requests_match_sequential(client: httpx.Client) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    bodies = [
+        {"session": [str(1001 + i % NUM_ITEMS), str(1001 + (i * 7) % NUM_ITEMS)], "k": 4}
+        for i in range(24)
+    ]
+    expected = [client.post("/recommendations", json=b).json()["items"] for b in bodies]
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        got = list(
+            pool.map(lambda b: client.post("/recommendations", json=b).json()["items"], bodies)
+        )
+    assert got == expected
+
+
+@pytest.mark.slow
+def test_console_script_serves_and_refuses_bad_dirs(exported: TinyExport, tmp_path: Path) -> None:
+    script = shutil.which("seqrec-serve") or str(Path(sys.executable).parent / "seqrec-serve")
+    bad = subprocess.run(
+        [script, str(tmp_path / "missing")], capture_output=True, text=True, timeout=60
+    )
+    assert bad.returncode == 2 and "export directory not found" in bad.stderr
+
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen(
+        [script, str(exported.export_dir), "--port", str(port), "--num-threads", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
+            time.sleep(0.2)
+        response = httpx.post(
+            f"http://127.0.0.1:{port}/recommendations", json={"session": ["1001"], "k": 2}
+        )
+        assert response.status_code == 200 and len(response.json()["items"]) == 2
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=30)
+    log_lines = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    assert any(line.get("route") == "/recommendations" for line in log_lines)
+    assert any(line["message"] == "serving" for line in log_lines)
+
+
+def test_service_module_loads_no_torch() -> None:
+    code = (
+        "import sys, seqrec.serving.app; "
+        "bad = [m for m in ('torch', 'pandas', 'lightning', 'pytorch_lightning', 'hydra') "
+        "if m in sys.modules]; assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

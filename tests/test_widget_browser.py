@@ -1,0 +1,121 @@
+"""The demo-shop widget in a real headless Chromium (Debian's /usr/bin/chromium via Playwright).
+
+Playwright never downloads a browser here: it drives the system binary. Outside CI the test skips
+when chromium or playwright is missing; in CI (env CI set) it fails instead, so the browser test
+cannot silently stop running (``.ci/run`` installs chromium).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from _export_helpers import FALLBACK_ITEMS, TinyExport, tiny_export
+from _serving_helpers import running_server
+from seqrec.predictor import SessionRecommender
+from seqrec.serving.app import create_app
+
+CHROMIUM = Path(os.environ.get("SEQREC_CHROMIUM", "/usr/bin/chromium"))
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+def _unavailable(reason: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason}; CI must run the browser test (.ci/run installs chromium)")
+    pytest.skip(f"{reason}; browser test skipped outside CI")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> TinyExport:
+    return tiny_export(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def base_url(exported: TinyExport) -> Iterator[str]:
+    app = create_app(SessionRecommender.from_dir(exported.export_dir))
+    with running_server(app) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    if not CHROMIUM.is_file():
+        _unavailable(f"{CHROMIUM} not found (apt-get install chromium)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _unavailable("playwright is not installed (pip install -e '.[dev]')")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
+        )
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def _strip_items(page) -> list[str]:  # noqa: ANN001 - playwright Page
+    return page.eval_on_selector_all("#recs .rec-card", "els => els.map(e => e.dataset.itemId)")
+
+
+def _wait_for_version(page, version: int) -> None:  # noqa: ANN001
+    page.wait_for_function(
+        "v => Number(document.querySelector('#recs').dataset.version) >= v "
+        "&& document.querySelector('#recs').dataset.state === 'ready'",
+        arg=version,
+        timeout=15_000,
+    )
+
+
+@pytest.mark.slow
+def test_strip_follows_clicks_and_hides_viewed_items(
+    browser,  # noqa: ANN001
+    base_url: str,
+    tmp_path: Path,
+) -> None:
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(f"{base_url}/widget/")
+    page.wait_for_selector("#grid[data-ready='true'] .grid-card")
+    _wait_for_version(page, 1)
+    assert page.locator("#exclude-seen").is_checked()
+    strips = [_strip_items(page)]
+    assert strips[0] == FALLBACK_ITEMS  # empty session: popular items
+    assert page.locator("#recs").get_attribute("data-used-fallback") == "true"
+
+    grid_ids = page.eval_on_selector_all(
+        "#grid .grid-card", "els => els.map(e => e.dataset.itemId)"
+    )
+    # click items that are currently recommended when possible: exclusion then matters
+    clicked: list[str] = []
+    for step in range(3):
+        target = next((i for i in strips[-1] if i in grid_ids and i not in clicked), None)
+        target = target or next(i for i in grid_ids if i not in clicked)
+        page.click(f"#grid .grid-card[data-item-id='{target}']")
+        clicked.append(target)
+        _wait_for_version(page, step + 2)
+        strip = _strip_items(page)
+        assert strip, "the strip is empty"
+        assert not set(strip) & set(clicked), f"strip {strip} shows clicked items {clicked}"
+        assert page.locator("#recs").get_attribute("data-used-fallback") == "false"
+        strips.append(strip)
+
+    assert len({tuple(s) for s in strips}) >= 3, f"the strip barely changed: {strips}"
+    assert page.evaluate("JSON.parse(sessionStorage.getItem('seqrec.session'))") == clicked
+    assert page.locator("#session li").count() == 3
+    page.screenshot(path=str(tmp_path / "widget.png"), full_page=True)
+    assert not errors, errors
+    page.close()
