@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch pinned in the same pip call: a bare `torch` would resolve to a multi-GB CUDA build.
-	$(PY) -m pip install --quiet --no-compile torch==$(TORCH_VERSION) -e '.[dev,serve]'
+	$(PY) -m pip install --quiet --no-compile torch==$(TORCH_VERSION) -e '.[dev,serve,sweep]'
 	touch $@
 
 setup: $(VENV)/.installed
