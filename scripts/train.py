@@ -1,7 +1,7 @@
 """Hydra entry point: `python scripts/train.py [overrides]` -> `seqrec.pipeline.train`.
 
 Returns the best validation MRR@20 from the Hydra main function, so a multirun sweeper (Optuna,
-see conf/hparams_search/) can optimise it: `python scripts/train.py -m +hparams_search=...`.
+see conf/hparams_search/) can optimise it: `python scripts/train.py -m hparams_search=...`.
 """
 
 import hydra

@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from conftest import CONF_DIR, REPO_ROOT, TINY_GENERATOR, TINY_MODEL
 from seqrec import report
 
-SWEEP_CONFIG = "+hparams_search=retailrocket_optuna"
+SWEEP_CONFIG = "hparams_search=retailrocket_optuna"
 
 
 def test_optuna_sweep_config_composes_with_the_plugin(
@@ -72,7 +72,7 @@ def write_run(root: Path, name: str, overrides: list[str], result: dict | None) 
 
 def fake_sweep(root: Path) -> Path:
     sweep = root / "multirun_x"
-    common = ["+hparams_search=retailrocket_optuna", "trainer.max_epochs=2"]
+    common = ["hparams_search=retailrocket_optuna", "trainer.max_epochs=2"]
 
     def result(mrr: float | None) -> dict:
         return {

@@ -363,9 +363,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "num_items": datamodule.num_items,
         "output_dir": str(Path(cfg.paths.output_dir).resolve()),
     }
-    _write_json(Path(cfg.paths.output_dir) / "train_result.json", result)
-    if best_ckpt:
-        _write_json(_latest_pointer(cfg), result)
+    if trainer.is_global_zero:  # one writer under DDP
+        _write_json(Path(cfg.paths.output_dir) / "train_result.json", result)
+        if best_ckpt:
+            _write_json(_latest_pointer(cfg), result)
     log.info("training done in %.1f s: %s", train_time_s, result)
     return result
 
@@ -373,7 +374,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 # -------------------------------------------------------------------------------------- evaluate
 
 
-def _resolve_ckpt(cfg: DictConfig) -> Path:
+def resolve_ckpt(cfg: DictConfig) -> Path:
+    """``cfg.ckpt_path`` if set, else the best checkpoint of the latest train run on ``cfg.data``.
+
+    Raises:
+        FileNotFoundError: no checkpoint given and no train run recorded for this data set.
+    """
     if cfg.get("ckpt_path"):
         return Path(cfg.ckpt_path)
     pointer = _latest_pointer(cfg)
@@ -467,7 +473,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     def filtered(score_fn):  # noqa: ANN001, ANN202 - the filters SessionRecommender applies
         return filtered_scorer(score_fn, exclude_seen, allow_idxs, deny_idxs)
 
-    ckpt = _resolve_ckpt(cfg)
+    ckpt = resolve_ckpt(cfg)
     module = load_module(ckpt)
     start = time.perf_counter()
     results["SASRec"] = evaluate_scorer(
@@ -476,13 +482,19 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         examples.next_items,
         batch_size=int(cfg.data.datamodule.eval_batch_size),
         ks=ks,
+        num_items=datamodule.num_items,
     )
     timings["SASRec"] = time.perf_counter() - start
     for name in cfg.baselines:
         baseline = getattr(bl, name)().fit(train_sessions, datamodule.num_items)
         start = time.perf_counter()
         results[name] = evaluate_scorer(
-            filtered(baseline.score), examples.prefixes, examples.next_items, batch_size=512, ks=ks
+            filtered(baseline.score),
+            examples.prefixes,
+            examples.next_items,
+            batch_size=512,
+            ks=ks,
+            num_items=datamodule.num_items,
         )
         timings[name] = time.perf_counter() - start
 
@@ -527,7 +539,7 @@ def export(cfg: DictConfig) -> Path:
     from seqrec.baselines import item_counts
     from seqrec.export import ExportVariant, export_onnx
 
-    ckpt = _resolve_ckpt(cfg)
+    ckpt = resolve_ckpt(cfg)
     module = load_module(ckpt)
     datamodule = instantiate(cfg.data.datamodule)
     counts = item_counts(datamodule.train_sessions(), datamodule.num_items)

@@ -583,7 +583,7 @@ def run_quality_bench(cfg: Any, train_cfg: Any | None = None) -> dict[str, Any]:
         train_result = pipeline.train(train_cfg)
         ckpt = Path(train_result["best_ckpt"])
     else:
-        ckpt = pipeline._resolve_ckpt(cfg)
+        ckpt = pipeline.resolve_ckpt(cfg)
     datamodule = instantiate(cfg.data.datamodule)
     num_items = datamodule.num_items
     train_sessions = datamodule.train_sessions()
