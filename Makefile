@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION := 2.13.0
 DATA ?= synthetic
-DEMO_TRAIN_ARGS ?=
+DEMO_TRAIN_ARGS ?= trainer.max_epochs=8
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 SERVE_ARGS ?=

@@ -21,6 +21,10 @@ if not OmegaConf.has_resolver("seqrec_pid"):
     OmegaConf.register_new_resolver("seqrec_pid", lambda: str(os.getpid()))
 
 
+class EmptyDataError(ValueError):
+    """Preparation left a split without sessions; the message names the rule and the numbers."""
+
+
 def _write_json(path: Path, data: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, default=str) + "\n")
@@ -116,8 +120,29 @@ def _prepare_events(cfg: DictConfig) -> dict[str, Any]:
     )
     stats["filter"] = filter_stats
 
-    train, test, test_split = temporal_split(sessions, holdout_days=float(cfg.data.holdout_days))
-    train, valid, valid_split = temporal_split(train, holdout_days=float(cfg.data.holdout_days))
+    if sessions.empty:
+        raise EmptyDataError(
+            f"{raw_path}: no sessions left after sessionizing and filtering "
+            f"(min_session_len={cfg.data.min_session_len}, min_item_support={cfg.data.min_item_support}; "
+            f"see the counts: {filter_stats}). Lower data.min_item_support / data.min_session_len "
+            "or use more data."
+        )
+    holdout_days = float(cfg.data.holdout_days)
+    span_days = (int(sessions[TS_MS].max()) - int(sessions[TS_MS].min())) / 86_400_000
+    train, test, test_split = temporal_split(sessions, holdout_days=holdout_days)
+    if train.empty or test.empty:
+        raise EmptyDataError(
+            f"{raw_path}: the kept sessions span {span_days:.1f} days; holdout_days={holdout_days:g} "
+            f"leaves {'no training' if train.empty else 'no test'} sessions (need more than "
+            f"{2 * holdout_days:g} days for train, validation and test). Lower data.holdout_days."
+        )
+    train, valid, valid_split = temporal_split(train, holdout_days=holdout_days)
+    if train.empty or valid.empty:
+        raise EmptyDataError(
+            f"{raw_path}: the kept sessions span {span_days:.1f} days; two holdouts of "
+            f"{holdout_days:g} days leave {'no training' if train.empty else 'no validation'} "
+            f"sessions. Lower data.holdout_days or use a longer period."
+        )
     stats["split_test"], stats["split_valid"] = test_split, valid_split
     known = set(train[ITEM_ID].unique().tolist())
     valid, stats["unknown_valid"] = drop_unknown_items(valid, known, int(cfg.data.min_session_len))
@@ -514,9 +539,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "table_md": table,
     }
     report_dir = Path(cfg.report_dir)
-    _write_json(report_dir / f"{cfg.split}_metrics.json", report)
-    (report_dir / f"{cfg.split}_metrics.md").write_text(
-        f"# {cfg.data.name}: {cfg.split} split, {len(examples)} examples, {datamodule.num_items} items\n\n{table}\n"
+    # filtered runs get their own file name so they never overwrite the plain report
+    stem = f"{cfg.split}_metrics" + ("_exclude_seen" if exclude_seen else "")
+    _write_json(report_dir / f"{stem}.json", report)
+    (report_dir / f"{stem}.md").write_text(
+        f"# {cfg.data.name}: {cfg.split} split, {len(examples)} examples, {datamodule.num_items} items"
+        + (", seen items excluded (exclude_seen=true)" if exclude_seen else "")
+        + f"\n\n{table}\n"
     )
     return report
 

@@ -184,7 +184,7 @@ def _parse_timestamps_ms(table: Table, ts_unit: str) -> np.ndarray:
         other_low, other_high = _VALID_RANGE[other_unit]
         looks_like_other = bool(other_low <= numeric[row] < other_high)
         hint = (
-            f"the values look like {other_unit!r}; pass ts_unit={other_unit!r}"
+            f"the values look like {other_unit!r}; pass ts_unit={other_unit!r} (Hydra override: data.ts_unit={other_unit})"
             if looks_like_other
             else f"check the unit (ts_unit={other_unit!r} expects [{other_low:.0e}, {other_high:.0e}))"
         )
