@@ -79,6 +79,19 @@ def _row_accounting(
     }
 
 
+def _require_nonempty(
+    raw_path: Path, span_days: float, holdout_days: float, **parts: pd.DataFrame
+) -> None:
+    """Raise :class:`EmptyDataError` naming the first empty split and the time span behind it."""
+    for name, frame in parts.items():
+        if frame.empty:
+            raise EmptyDataError(
+                f"{raw_path}: the kept sessions span {span_days:.1f} days; two holdouts of "
+                f"{holdout_days:g} days leave no {name} sessions. Lower data.holdout_days or use a "
+                f"longer period (train, validation and test need more than {2 * holdout_days:g} days)."
+            )
+
+
 def _prepare_events(cfg: DictConfig) -> dict[str, Any]:
     from seqrec.data.events import read_events
     from seqrec.data.sessionize import drop_consecutive_repeats, filter_min_support, sessionize
@@ -130,19 +143,9 @@ def _prepare_events(cfg: DictConfig) -> dict[str, Any]:
     holdout_days = float(cfg.data.holdout_days)
     span_days = (int(sessions[TS_MS].max()) - int(sessions[TS_MS].min())) / 86_400_000
     train, test, test_split = temporal_split(sessions, holdout_days=holdout_days)
-    if train.empty or test.empty:
-        raise EmptyDataError(
-            f"{raw_path}: the kept sessions span {span_days:.1f} days; holdout_days={holdout_days:g} "
-            f"leaves {'no training' if train.empty else 'no test'} sessions (need more than "
-            f"{2 * holdout_days:g} days for train, validation and test). Lower data.holdout_days."
-        )
+    _require_nonempty(raw_path, span_days, holdout_days, training=train, test=test)
     train, valid, valid_split = temporal_split(train, holdout_days=holdout_days)
-    if train.empty or valid.empty:
-        raise EmptyDataError(
-            f"{raw_path}: the kept sessions span {span_days:.1f} days; two holdouts of "
-            f"{holdout_days:g} days leave {'no training' if train.empty else 'no validation'} "
-            f"sessions. Lower data.holdout_days or use a longer period."
-        )
+    _require_nonempty(raw_path, span_days, holdout_days, training=train, validation=valid)
     stats["split_test"], stats["split_valid"] = test_split, valid_split
     known = set(train[ITEM_ID].unique().tolist())
     valid, stats["unknown_valid"] = drop_unknown_items(valid, known, int(cfg.data.min_session_len))

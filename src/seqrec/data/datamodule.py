@@ -102,19 +102,9 @@ class SessionDataModule(pl.LightningDataModule):
 
     def item_counts(self) -> np.ndarray:
         """(C,) int64 training-event count per item index (PAD = 0)."""
-        sessions = self.train_sessions()
-        counts = (
-            np.bincount(np.concatenate(sessions), minlength=self.num_items + 1)
-            if sessions
-            else None
-        )
-        out = (
-            np.zeros(self.num_items + 1, dtype=np.int64)
-            if counts is None
-            else counts.astype(np.int64)
-        )
-        out[0] = 0
-        return out
+        from seqrec.baselines import item_counts
+
+        return item_counts(self.train_sessions(), self.num_items)
 
     def examples(self, split: str) -> NextItemExamples:
         """Evaluation examples of ``split`` (``valid`` or ``test``)."""
