@@ -65,3 +65,19 @@ def test_raw_events_sample(compose_cfg: Callable[..., DictConfig]) -> None:
     assert stats["num_items"] > 0
     for part in ("train_sessions", "valid_sessions", "test_sessions"):
         assert stats[part]["session_len_median"] >= 2
+
+
+def test_yoochoose_sessionrec_prepare(compose_cfg: Callable[..., DictConfig]) -> None:
+    data_dir = real_data_dir()
+    assert (data_dir / "yoochoose" / "rsc15_100k").is_dir()
+    stats = pipeline.prepare(
+        compose_cfg("prepare", ["data=yoochoose_rsc15_100k", f"paths.external_data_dir={data_dir}"])
+    )
+    # figures of the shipped files (PROVENANCE.md): train_full 70,278 clicks / 17,794 sessions /
+    # 2,933 items; test 13,568 clicks in 3,416 sessions -> 13,568 - 3,416 next-item examples
+    assert stats["num_items"] == 2_933
+    assert stats["train_sessions"]["num_sessions"] == 13_629
+    assert stats["train_sessions"]["num_events"] == 53_254
+    assert stats["valid_sessions"]["num_sessions"] == 17_794 - 13_629
+    assert stats["num_test_examples"] == 13_568 - 3_416
+    assert stats["num_valid_examples"] == 16_539 - 4_084

@@ -39,11 +39,10 @@ def full_ce(hidden: Tensor, item_emb: Tensor, targets: Tensor) -> Tensor:
     Returns:
         Scalar float mean loss.
     """
-    logits = hidden @ item_emb.t()  # (N, C)
-    logits = logits.index_fill(
-        1, torch.tensor([PAD_IDX], device=logits.device), torch.finfo(logits.dtype).min
-    )
-    return F.cross_entropy(logits.float(), targets)
+    # Scoring against rows 1.. (a contiguous view) leaves PAD out of the softmax exactly as a
+    # -inf logit would, without materialising and masking an (N, C) copy; targets shift by one.
+    logits = hidden @ item_emb[PAD_IDX + 1 :].t()  # (N, C - 1)
+    return F.cross_entropy(logits.float(), targets - (PAD_IDX + 1))
 
 
 def sample_negatives(

@@ -249,6 +249,75 @@ def _prepare_benchmark(cfg: DictConfig) -> dict[str, Any]:
     )
 
 
+def _prepare_sessionrec(cfg: DictConfig) -> dict[str, Any]:
+    """Session-rec split files (``<prefix>_train_full / _train_tr / _train_valid / _test.txt``).
+
+    ``train_tr`` is the training part; its validation examples are every next click of the shipped
+    ``train_valid`` sessions (session-rec already restricted them to ``train_tr`` items); the
+    validation *sessions* used by a refit (``include_valid_in_train``) are the complete sessions of
+    ``train_full`` that are not in ``train_tr``, so a refit trains on exactly ``train_full``. Test
+    examples are every next click of the ``test`` sessions, catalog = ``train_full`` items.
+    """
+    from seqrec.data.sources import read_sessionrec
+    from seqrec.data.split import sessions_to_examples
+
+    root = Path(cfg.data.sessionrec_dir)
+    pattern = cfg.data.get("id_pattern")
+    paths = {part: root / f"{cfg.data.file_prefix}_{part}.txt" for part in SESSIONREC_PARTS}
+    frames = {part: read_sessionrec(path, id_pattern=pattern) for part, path in paths.items()}
+    full, train_tr = frames["train_full"], frames["train_tr"]
+    tr_sessions = set(train_tr[SESSION_ID].unique().tolist())
+    is_tr = full[SESSION_ID].isin(tr_sessions)
+    train, valid = full[is_tr], full[~is_tr]
+    if len(train) != len(train_tr):
+        raise ValueError(
+            f"{paths['train_tr']}: {len(train_tr)} clicks, but its sessions have {len(train)} "
+            f"clicks in {paths['train_full']}: the files are not one session-rec split"
+        )
+    stats: dict[str, Any] = {"source": str(root), "files": {p: str(f) for p, f in paths.items()}}
+    stats["row_accounting"] = {
+        str(paths["train_full"]): _row_accounting(
+            len(full), {}, {"train": len(train), "valid": len(valid)}, str(paths["train_full"])
+        ),
+        str(paths["train_tr"]): _row_accounting(
+            len(train_tr),
+            {},
+            {"train (same clicks as in train_full)": len(train_tr)},
+            str(paths["train_tr"]),
+        ),
+    }
+    examples = {}
+    for part, catalog_frame in (("train_valid", train), ("test", full)):
+        clicks = frames[part]
+        part_examples = sessions_to_examples(clicks)
+        is_known = _examples_within(part_examples, set(catalog_frame[ITEM_ID].unique().tolist()))
+        num_unknown = int((~is_known).sum())
+        if num_unknown:
+            log.warning("%s: %d examples with an unknown item dropped", paths[part], num_unknown)
+        examples[part] = part_examples[is_known]
+        num_sessions = int(clicks[SESSION_ID].nunique())
+        stats["row_accounting"][str(paths[part])] = _row_accounting(
+            len(clicks),
+            dropped={"example_with_unknown_item": num_unknown},
+            kept={"examples": int(is_known.sum()), "first_click_of_session": num_sessions},
+            source=str(paths[part]),
+        )
+    return _write_processed(
+        cfg,
+        train=train,
+        valid=valid,
+        test=frames["test"],
+        valid_examples=examples["train_valid"],
+        test_examples=examples["test"],
+        stats=stats,
+        vocab_items=full[ITEM_ID],
+    )
+
+
+SESSIONREC_PARTS = ("train_full", "train_tr", "train_valid", "test")
+"""File suffixes of one session-rec split."""
+
+
 def _examples_within(examples: pd.DataFrame, items: set[str]) -> pd.Series:
     """(N,) bool: the example's next item and every prefix item are in ``items``."""
     return examples[NEXT_ITEM_ID].isin(items) & examples[PREFIX_ITEM_IDS].map(
@@ -313,7 +382,11 @@ def prepare(cfg: DictConfig) -> dict[str, Any]:
         return _prepare_events(cfg)
     if source == "benchmark":
         return _prepare_benchmark(cfg)
-    raise ValueError(f"unknown data.source {source!r}: expected 'events' or 'benchmark'")
+    if source == "sessionrec":
+        return _prepare_sessionrec(cfg)
+    raise ValueError(
+        f"unknown data.source {source!r}: expected 'events', 'benchmark' or 'sessionrec'"
+    )
 
 
 def _ensure_prepared(cfg: DictConfig) -> None:

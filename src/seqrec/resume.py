@@ -45,24 +45,67 @@ log = logging.getLogger(__name__)
 class EpochShuffleSampler(Sampler[int]):
     """A fresh random order of ``range(num_samples)`` per epoch, determined by ``(seed, epoch)``.
 
+    With ``lengths`` the order is *length-bucketed*: the random permutation is cut into chunks of
+    ``bucket_batches * batch_size`` samples, each chunk is sorted by length and cut into batches, and
+    the full batches are shuffled (the short last batch, if any, stays last so that consecutive
+    ``batch_size`` runs of the order are exactly these batches). Every sample still appears once per
+    epoch, batches are still random across the epoch, but a batch holds windows of similar length,
+    so padding to the batch's longest window wastes little. This is the usual bucketing trick of
+    sequence-model trainers (e.g. fairseq's and torchtext's bucket iterators).
+
     Args:
         num_samples: dataset size.
         seed: base seed (any int; reduced modulo 2**32).
+        lengths: optional (num_samples,) sample lengths; enables bucketing.
+        batch_size: batch size of the loader (needed with ``lengths``).
+        bucket_batches: batches per sorted chunk (larger = less padding, less randomness).
+
+    Raises:
+        ValueError: ``lengths`` of the wrong size, or ``batch_size`` / ``bucket_batches`` < 1.
     """
 
-    def __init__(self, num_samples: int, seed: int) -> None:
+    def __init__(
+        self,
+        num_samples: int,
+        seed: int,
+        lengths: Sequence[int] | np.ndarray | None = None,
+        batch_size: int = 1,
+        bucket_batches: int = 50,
+    ) -> None:
         self.num_samples = int(num_samples)
         self.seed = int(seed) % 2**32
         self.epoch = 0
         self._start = 0
+        self.lengths = None if lengths is None else np.asarray(lengths, dtype=np.int64)
+        if self.lengths is not None and self.lengths.shape != (self.num_samples,):
+            raise ValueError(
+                f"lengths has shape {self.lengths.shape}, expected ({self.num_samples},)"
+            )
+        if batch_size < 1 or bucket_batches < 1:
+            raise ValueError(
+                f"batch_size and bucket_batches must be >= 1, got {batch_size}, {bucket_batches}"
+            )
+        self.batch_size = int(batch_size)
+        self.bucket_batches = int(bucket_batches)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose order the next iteration yields (called by Lightning)."""
         self.epoch = int(epoch)
 
     def order(self) -> np.ndarray:
-        """(num_samples,) int64 permutation of this epoch."""
-        return np.random.default_rng([self.seed, self.epoch]).permutation(self.num_samples)
+        """(num_samples,) int64 permutation of this epoch (length-bucketed when ``lengths``)."""
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(self.num_samples)
+        if self.lengths is None:
+            return order
+        chunk = self.batch_size * self.bucket_batches
+        for start in range(0, self.num_samples, chunk):
+            part = order[start : start + chunk]
+            order[start : start + chunk] = part[np.argsort(self.lengths[part], kind="stable")]
+        num_full = self.num_samples // self.batch_size
+        full = order[: num_full * self.batch_size].reshape(num_full, self.batch_size)
+        rest = order[num_full * self.batch_size :]
+        return np.concatenate([full[rng.permutation(num_full)].reshape(-1), rest])
 
     def skip_next(self, num_samples: int) -> None:
         """Make the next iteration start ``num_samples`` into this epoch's order (one time)."""
@@ -94,6 +137,9 @@ class ResumableDataLoader(DataLoader):
         batch_size: samples per batch (all batches but the last are full, so skipping ``n``
             batches skips ``n * batch_size`` samples).
         seed: seed of the per-epoch order.
+        lengths: optional (len(dataset),) sample lengths: batches are length-bucketed (see
+            :class:`EpochShuffleSampler`). Under DDP Lightning's distributed sampler re-deals the
+            order across ranks, so bucketing is then only approximate.
         sampler: ``None`` (an :class:`EpochShuffleSampler` is made); set by Lightning only.
         **kwargs: other ``DataLoader`` arguments (``collate_fn``, ``num_workers``, ...).
     """
@@ -104,6 +150,7 @@ class ResumableDataLoader(DataLoader):
         batch_size: int,
         seed: int,
         sampler: Sampler | None = None,
+        lengths: Sequence[int] | np.ndarray | None = None,
         **kwargs: Any,
     ) -> None:
         # A generator of our own keeps DataLoader from drawing its worker base seed from the global
@@ -113,7 +160,9 @@ class ResumableDataLoader(DataLoader):
         super().__init__(
             dataset,
             batch_size=batch_size,
-            sampler=sampler if sampler is not None else EpochShuffleSampler(len(dataset), seed),  # type: ignore[arg-type]
+            sampler=sampler
+            if sampler is not None
+            else EpochShuffleSampler(len(dataset), seed, lengths, batch_size),  # type: ignore[arg-type]
             **kwargs,
         )
         self.seed = seed

@@ -35,6 +35,8 @@ class SessionDataModule(pl.LightningDataModule):
         include_valid_in_train: also train on the validation sessions (a final refit with settings
             chosen earlier on the held-out validation split; validation metrics are then not
             held-out and must not be used for selection).
+        length_bucketing: batch training windows of similar length together (less padding; see
+            :class:`seqrec.resume.EpochShuffleSampler`). Measured by ``scripts/bench_train.py``.
     """
 
     def __init__(
@@ -46,6 +48,7 @@ class SessionDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         include_valid_in_train: bool = False,
+        length_bucketing: bool = True,
     ) -> None:
         super().__init__()
         self.processed_dir = Path(processed_dir)
@@ -55,6 +58,7 @@ class SessionDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.include_valid_in_train = include_valid_in_train
+        self.length_bucketing = length_bucketing
         vocab_path = self.processed_dir / "item_vocab.json"
         if not vocab_path.is_file():
             raise FileNotFoundError(f"{vocab_path} not found: run scripts/prepare_data.py first")
@@ -131,6 +135,7 @@ class SessionDataModule(pl.LightningDataModule):
             self.train_set,
             batch_size=self.batch_size,
             seed=self.seed,
+            lengths=[len(w) for w in self.train_set.windows] if self.length_bucketing else None,
             collate_fn=TrainSessions.collate,
             num_workers=self.num_workers,
             drop_last=False,

@@ -7,7 +7,13 @@ Pre-split benchmark format (SR-GNN / GCE-GNN family, as laid out in ``$SEQREC_DA
 * ``test_prefix_target.tsv``: one row per test example with ``prefix_items`` (space-separated),
   ``target_item`` and, when present, ``target_timestamp_s``.
 
-Any data set shipped in this layout is read by :func:`read_benchmark`. Files are read by
+Any data set shipped in this layout is read by :func:`read_benchmark`.
+
+Session-rec format (session-rec / GRU4Rec, e.g. the YOOCHOOSE ``rsc15`` files): tab-separated
+``SessionId ItemId Time`` with one row per click and ``Time`` in Unix seconds (float), one file per
+split (``<prefix>_train_full.txt``, ``_train_tr.txt``, ``_train_valid.txt``, ``_test.txt``); read by
+:func:`read_sessionrec` (Ludewig, Mauro, Latifi & Jannach, "Empirical analysis of session-based
+recommendation algorithms", UMUAI 2021; https://github.com/rn5l/session-rec). Files are read by
 :func:`seqrec.data.textfile.read_table` (tab-separated, header row required; compression
 recognised from the content, so ``train_sessions.tsv.gz`` is found and read; UTF-8 BOM dropped);
 every malformed file is rejected with a :class:`SourceFormatError` naming file, line, data row and
@@ -206,3 +212,42 @@ def split_last_sessions(train: pd.DataFrame, fraction: float) -> tuple[pd.DataFr
     valid_ids = set(session_order[len(session_order) - num_valid :].tolist())
     is_valid = train[SESSION_ID].isin(valid_ids).to_numpy()
     return train[~is_valid].reset_index(drop=True), train[is_valid].reset_index(drop=True)
+
+
+SESSIONREC_SCHEMA = "SessionId<TAB>ItemId<TAB>Time"
+"""Header of a session-rec click file (other columns are allowed and ignored)."""
+
+
+def read_sessionrec(path: str | Path, id_pattern: str | None = ID_PATTERN_DIGITS) -> pd.DataFrame:
+    """Read one session-rec click file into the canonical long frame.
+
+    Args:
+        path: a ``SessionId<TAB>ItemId<TAB>Time`` file (any supported compression).
+        id_pattern: regular expression every item id must match in full (default: digits);
+            ``None`` accepts any token.
+
+    Returns:
+        Long frame ``session_id`` (str), ``item_id`` (str), ``ts_ms`` (Int64 ms), one row per click,
+        in file order (callers order events within a session by ``ts_ms``).
+
+    Raises:
+        FileNotFoundError: the file is missing.
+        SourceFormatError: empty file, missing column, wrong separator, ragged line, empty session
+            id, malformed item id, or a ``Time`` that is not Unix seconds (file, line, data row and
+            column named).
+    """
+    table = _read_tsv(Path(path), ["SessionId", "ItemId", "Time"], SESSIONREC_SCHEMA)
+    table.check_not_empty("SessionId")
+    table.check_not_empty("ItemId")
+    item_ids = table.frame["ItemId"].str.strip()
+    table.check_pattern("ItemId", id_pattern, item_ids)
+    is_blank_time = (table.frame["Time"].str.strip() == "").to_numpy(dtype=bool)
+    if is_blank_time.any():
+        raise table.fail(is_blank_time, "Time", "missing")
+    return pd.DataFrame(
+        {
+            SESSION_ID: table.frame["SessionId"].str.strip().to_numpy(dtype=object),
+            ITEM_ID: item_ids.to_numpy(dtype=object),
+            TS_MS: _parse_seconds_to_ms(table, "Time"),
+        }
+    )

@@ -249,8 +249,9 @@ class SASRec(nn.Module):
             (N,) float log p(target).
         """
         hidden_at, targets_at = hidden[is_target], targets[is_target]  # (N, D), (N,)
-        log_p_gen = torch.log_softmax(self.score(hidden_at).float(), dim=-1)  # (N, C)
-        log_p_gen = log_p_gen.gather(1, targets_at.unsqueeze(1)).squeeze(1)  # (N,)
+        # Real items only (rows 1..), so PAD needs no masking; the target column shifts by one.
+        logits = (hidden_at @ self.item_emb.weight[PAD_IDX + 1 :].t()).float()  # (N, C - 1)
+        log_p_gen = -F.cross_entropy(logits, targets_at - (PAD_IDX + 1), reduction="none")  # (N,)
         gate, alpha = self.copy_weights(hidden, item_ids)  # (B, L, 1), (B, L, L)
         gate_at, alpha_at = (
             gate[is_target].squeeze(1).float(),
