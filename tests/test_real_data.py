@@ -22,6 +22,9 @@ def test_benchmark_prepare_train_slice_and_full_test_eval(
     assert stats["train_file"]["num_events"] == 685_984
     assert stats["num_items"] == 36_968
     assert stats["num_test_examples"] == 15_132
+    # whole test sessions (test_sessions.tsv) are kept for the widget replay only
+    assert stats["test_sessions"]["num_sessions"] == 4_775
+    assert stats["test_sessions"]["num_events"] == 24_682
     # the last 10% of train sessions (file order) are validation
     assert stats["valid_sessions"]["num_sessions"] == round(126_168 * 0.1)
 

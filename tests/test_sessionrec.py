@@ -138,3 +138,27 @@ def test_prepare_sessionrec_missing_file(
     )
     with pytest.raises(FileNotFoundError, match="clicks_test.txt"):
         pipeline.prepare(cfg)
+
+
+def test_benchmark_test_sessions_sorted_by_pos(tmp_path: Path) -> None:
+    from seqrec.data.sources import read_benchmark_test_sessions
+
+    assert read_benchmark_test_sessions(tmp_path) is None  # optional file
+    (tmp_path / "test_sessions.tsv").write_text(
+        "test_session_idx\tpos\titem_idx\ttimestamp_s\n"
+        "7\t1\t20\t1441940365\n7\t0\t10\t1441939815\n3\t0\t30\t1441940546\n"
+    )
+    frame = read_benchmark_test_sessions(tmp_path)
+    assert frame[SESSION_ID].tolist() == ["7", "7", "3"]
+    assert frame[ITEM_ID].tolist() == ["10", "20", "30"]
+    assert frame[TS_MS].tolist() == [1_441_939_815_000, 1_441_940_365_000, 1_441_940_546_000]
+
+
+def test_benchmark_test_sessions_rejects_repeated_pos(tmp_path: Path) -> None:
+    from seqrec.data.sources import read_benchmark_test_sessions
+
+    (tmp_path / "test_sessions.tsv").write_text(
+        "test_session_idx\tpos\titem_idx\ttimestamp_s\n7\t0\t20\t1441940365\n7\t0\t10\t1441939815\n"
+    )
+    with pytest.raises(SourceFormatError, match=r"column 'pos' has 1 repeated value.*line 3"):
+        read_benchmark_test_sessions(tmp_path)

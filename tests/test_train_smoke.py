@@ -79,3 +79,18 @@ def test_demo_pipeline_end_to_end(compose_cfg: Callable[..., DictConfig], tmp_pa
     prefix = list(test_examples.loc[0, "prefix_item_ids"])
     recs = rec.recommend(prefix, k=5)
     assert len(recs) == 5 and len({r.item_id for r in recs}) == 5
+
+    # the widget replay on the same export: real test sessions, click by click
+    from seqrec.replay import run_replay
+
+    replay_report = run_replay(compose_cfg("replay", [*common, "max_sessions=40"]))
+    test_sessions = pd.read_parquet(processed / "test.parquet")
+    sizes = test_sessions.groupby("session_id").size()
+    assert [r["exclude_seen"] for r in replay_report["runs"]] == [True, False]
+    for run in replay_report["runs"]:
+        assert run["num_sessions"] == 40
+        assert run["num_predictions"] == run["num_clicks"] - 40  # every click but the last
+        assert run["num_clicks"] <= sizes.sort_values().iloc[-40:].sum()
+        assert 0.0 <= run["hit_rate"] <= 1.0 and run["latency_ms"]["p50"] > 0
+    replay_md = (tmp_path / "artifacts" / "reports" / "synthetic" / "replay.md").read_text()
+    assert "next click in strip" in replay_md

@@ -184,7 +184,14 @@ def _prepare_events(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _prepare_benchmark(cfg: DictConfig) -> dict[str, Any]:
-    from seqrec.data.sources import TEST_FILE, TRAIN_FILE, read_benchmark, split_last_sessions
+    from seqrec.data.sources import (
+        TEST_FILE,
+        TEST_SESSIONS_FILE,
+        TRAIN_FILE,
+        read_benchmark,
+        read_benchmark_test_sessions,
+        split_last_sessions,
+    )
     from seqrec.data.split import sessions_to_examples
 
     full_train, test_examples = read_benchmark(
@@ -237,11 +244,21 @@ def _prepare_benchmark(cfg: DictConfig) -> dict[str, Any]:
             source=str(root / TEST_FILE),
         ),
     }
+    # Whole test sessions, when shipped, are kept as test.parquet for the click-by-click widget
+    # replay; the metrics use the shipped examples above, never these.
+    test_sessions = read_benchmark_test_sessions(root, id_pattern=cfg.data.get("id_pattern"))
+    if test_sessions is not None:
+        stats["row_accounting"][str(root / TEST_SESSIONS_FILE)] = _row_accounting(
+            len(test_sessions),
+            dropped={},
+            kept={"test_sessions (replay only)": len(test_sessions)},
+            source=str(root / TEST_SESSIONS_FILE),
+        )
     return _write_processed(
         cfg,
         train=train,
         valid=valid,
-        test=None,
+        test=test_sessions,
         valid_examples=valid_examples[is_known],
         test_examples=test_examples,
         stats=stats,

@@ -41,6 +41,9 @@ TRAIN_FILE = "train_sessions.tsv"
 """Training sessions of a benchmark directory (a compressed ``.tsv.gz`` etc. is also found)."""
 TEST_FILE = "test_prefix_target.tsv"
 """Shipped test examples of a benchmark directory."""
+TEST_SESSIONS_FILE = "test_sessions.tsv"
+"""Optional whole test sessions of a benchmark directory (``test_session_idx, pos, item_idx,
+timestamp_s``): what the widget replay (``scripts/replay_widget.py``) plays click by click."""
 
 _VALID_SECONDS = (1e8, 1e11)
 """Accepted ``[low, high)`` magnitude of ``target_timestamp_s`` (about 1973..5138 in seconds)."""
@@ -251,3 +254,54 @@ def read_sessionrec(path: str | Path, id_pattern: str | None = ID_PATTERN_DIGITS
             TS_MS: _parse_seconds_to_ms(table, "Time"),
         }
     )
+
+
+def read_benchmark_test_sessions(
+    root: str | Path, id_pattern: str | None = ID_PATTERN_DIGITS
+) -> pd.DataFrame | None:
+    """Read the optional ``test_sessions.tsv`` of a benchmark directory.
+
+    Args:
+        root: the benchmark directory.
+        id_pattern: regular expression every item id must match in full; ``None`` accepts any.
+
+    Returns:
+        Long frame ``session_id`` (str), ``item_id`` (str), ``ts_ms`` (Int64) sorted by session
+        (file order of first appearance) and ``pos``; ``None`` when the file is absent.
+
+    Raises:
+        SourceFormatError: malformed file (missing column, non-numeric ``pos`` or timestamp,
+            malformed item id, repeated ``(test_session_idx, pos)``), with file, line and column.
+    """
+    try:
+        path = find_file(Path(root) / TEST_SESSIONS_FILE)
+    except FileNotFoundError:
+        return None
+    table = _read_tsv(
+        path,
+        ["test_session_idx", "pos", "item_idx", "timestamp_s"],
+        "test_session_idx<TAB>pos<TAB>item_idx<TAB>timestamp_s",
+    )
+    table.check_not_empty("test_session_idx")
+    items = table.frame["item_idx"].str.strip()
+    table.check_not_empty("item_idx")
+    table.check_pattern("item_idx", id_pattern, items)
+    pos = pd.to_numeric(table.frame["pos"].str.strip(), errors="coerce")
+    is_bad_pos = pos.isna().to_numpy() | (pos.to_numpy(dtype=np.float64, na_value=0) < 0)
+    if is_bad_pos.any():
+        raise table.fail(is_bad_pos, "pos", "non-numeric or negative")
+    sessions = table.frame["test_session_idx"].str.strip()
+    is_repeat = pd.DataFrame({"s": sessions, "p": pos}).duplicated().to_numpy(dtype=bool)
+    if is_repeat.any():
+        raise table.fail(is_repeat, "pos", "repeated", rule=" (pos repeats within a session)")
+    frame = pd.DataFrame(
+        {
+            SESSION_ID: sessions.to_numpy(dtype=object),
+            ITEM_ID: items.to_numpy(dtype=object),
+            TS_MS: _parse_seconds_to_ms(table, "timestamp_s"),
+            "_pos": pos.to_numpy(dtype=np.int64),
+            "_order": pd.factorize(sessions, sort=False)[0],
+        }
+    )
+    frame = frame.sort_values(["_order", "_pos"], kind="stable")
+    return frame.drop(columns=["_pos", "_order"]).reset_index(drop=True)
