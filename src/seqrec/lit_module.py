@@ -27,7 +27,10 @@ class SASRecModule(pl.LightningModule):
         d_model, n_heads, n_layers, dropout, ffn_mult: see :class:`SASRecConfig`.
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay (not applied to biases, LayerNorms and position embeddings).
-        warmup_steps: linear learning-rate warm-up steps, then constant.
+        warmup_steps: linear learning-rate warm-up steps (from lr / warmup_steps up to lr).
+        lr_schedule: after the warm-up, ``constant`` or ``cosine`` (cosine annealing to 0 at the
+            run's last step, Loshchilov & Hutter, "SGDR", ICLR 2017; the run length is
+            ``trainer.max_epochs``, so a run stopped early never reaches the low rates).
         loss: one of ``ce`` (full softmax), ``sampled_softmax``, ``bce``, ``gbce``
             (see :mod:`seqrec.losses`).
         num_negatives: M negatives per batch for the sampled losses (shared by all positions).
@@ -55,12 +58,17 @@ class SASRecModule(pl.LightningModule):
         sampler: str = "popularity",
         gbce_t: float = 0.75,
         copy_mechanism: bool = False,
+        lr_schedule: str = "constant",
     ) -> None:
         super().__init__()
         if loss not in losses.LOSSES:
             raise ValueError(f"unknown loss {loss!r}; expected one of {losses.LOSSES}")
         if sampler not in ("popularity", "uniform"):
             raise ValueError(f"unknown sampler {sampler!r}; expected 'popularity' or 'uniform'")
+        if lr_schedule not in ("constant", "cosine"):
+            raise ValueError(
+                f"unknown lr_schedule {lr_schedule!r}; expected 'constant' or 'cosine'"
+            )
         if copy_mechanism and loss != "ce":
             raise ValueError("copy_mechanism needs loss='ce' (the mixture is a full distribution)")
         self.save_hyperparameters()
@@ -175,11 +183,27 @@ class SASRecModule(pl.LightningModule):
             lr=self.hparams.lr,
         )
         warmup = max(int(self.hparams.warmup_steps), 0)
-        if warmup == 0:
+        schedulers: list[torch.optim.lr_scheduler.LRScheduler] = []
+        if warmup > 1:
+            schedulers.append(
+                torch.optim.lr_scheduler.LinearLR(
+                    optimizer, start_factor=1.0 / warmup, end_factor=1.0, total_iters=warmup - 1
+                )
+            )
+        if self.hparams.lr_schedule == "cosine":
+            # decay to 0 at the last step of the run (max_epochs, limit_train_batches included)
+            total = int(self.trainer.estimated_stepping_batches)
+            schedulers.append(
+                torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total - warmup, 1))
+            )
+        if not schedulers:
             return optimizer
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: min(1.0, (step + 1) / warmup)
-        )
+        if len(schedulers) == 1:
+            scheduler = schedulers[0]
+        else:
+            scheduler = torch.optim.lr_scheduler.SequentialLR(
+                optimizer, schedulers, milestones=[warmup]
+            )
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
