@@ -109,6 +109,7 @@ def build_export(
             d_model=args.d_model,
             n_heads=args.n_heads,
             n_layers=args.n_layers,
+            copy_mechanism=args.copy_mechanism,
         )
         model = SASRec(cfg).eval()
     vocab = ItemVocab([str(100_000 + i) for i in range(1, num_items + 1)])
@@ -493,7 +494,8 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores; load average "
         f"before {report['machine']['load_avg_1_5_15']}, after {report['load_avg_after']}. "
         f"Model: random SASRec, d_model {report['args']['d_model']}, "
-        f"{report['args']['n_layers']} layers, max_len {report['args']['max_len']}, k = "
+        f"{report['args']['n_layers']} layers, max_len {report['args']['max_len']}, copy "
+        f"mechanism {'on' if report['args'].get('copy_mechanism') else 'off'}, k = "
         f"{report['args']['k']}. Mode: {'quick' if report['args']['quick'] else 'full'}.",
         "",
         "## One session",
@@ -701,6 +703,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--n-layers", type=int, default=2)
     parser.add_argument("--n-heads", type=int, default=2)
     parser.add_argument("--max-len", type=int, default=50)
+    parser.add_argument(
+        "--copy-mechanism",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="measure the copy (pointer) variant of the model (model.copy_mechanism)",
+    )
     parser.add_argument("--short-session-len", type=int, default=5)
     parser.add_argument("--k", type=int, default=20)
     parser.add_argument("--budget-s", type=float, default=2.5, help="seconds per measurement")

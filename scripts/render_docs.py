@@ -1,0 +1,271 @@
+"""Fill the generated blocks of README.md and PROPOSAL.md from the committed reports.
+
+    python scripts/render_docs.py --collect   # copy the latest reports into docs/results/
+    python scripts/render_docs.py             # rewrite the generated blocks from docs/results/
+    python scripts/render_docs.py --check     # exit 1 if a block differs (run by the tests)
+
+A generated block is the text between ``<!-- BEGIN generated: NAME -->`` and
+``<!-- END generated: NAME -->``. Every number in it comes from a JSON report in
+``docs/results/`` that a project command wrote (the command is named in the block). The reports
+themselves live in ``artifacts/reports/`` (git-ignored); ``--collect`` copies the ones the docs
+cite, so the docs and their sources are committed together and a test keeps them in step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import re
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULTS = REPO_ROOT / "docs" / "results"
+DOCS = [REPO_ROOT / "README.md", REPO_ROOT / "PROPOSAL.md"]
+
+# docs/results/<name> <- artifacts/reports/<source>
+SOURCES = {
+    "retailrocket_benchmark_quality.json": "retailrocket_benchmark/quality.json",
+    "yoochoose_rsc15_100k_quality.json": "yoochoose_rsc15_100k/quality.json",
+    "retailrocket_benchmark_throughput.json": "retailrocket_benchmark/throughput.json",
+    "retailrocket_benchmark_replay.json": "retailrocket_benchmark/replay.json",
+    "latency.json": "latency/latency.json",
+}
+
+BLOCK = re.compile(
+    r"(<!-- BEGIN generated: (?P<name>[\w:.-]+) -->\n)(?P<body>.*?)(<!-- END generated: (?P=name) -->)",
+    re.S,
+)
+
+QUALITY_COMMANDS = {
+    "retailrocket_benchmark": "python scripts/bench_quality.py data=retailrocket_benchmark "
+    "data.datamodule.include_valid_in_train=true ckpt_path=<final ckpt> (README: How it was made)",
+    "yoochoose_rsc15_100k": "python scripts/bench_quality.py data=yoochoose_rsc15_100k "
+    "data.datamodule.include_valid_in_train=true ckpt_path=<final ckpt>",
+}
+
+
+def _load(results: Path, name: str) -> dict[str, Any]:
+    path = results / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} missing: run the command that writes it, then --collect")
+    return json.loads(path.read_text())
+
+
+def quality_table(results: Path, dataset: str) -> str:
+    """Model-vs-baselines table (Recall/MRR/NDCG at 10 and 20) and the margin over the best."""
+    rep = _load(results, f"{dataset}_quality.json")
+    cols = ["recall@10", "recall@20", "mrr@10", "mrr@20", "ndcg@10", "ndcg@20"]
+    head = ["Recall@10", "Recall@20", "MRR@10", "MRR@20", "NDCG@10", "NDCG@20"]
+    lines = [
+        "| model | " + " | ".join(head) + " |",
+        "|---|" + "---:|" * len(cols),
+    ]
+    for name, res in rep["results"].items():
+        label = f"**{name}**" if name == "SASRec" else name
+        lines.append(f"| {label} | " + " | ".join(f"{res['metrics'][c]:.4f}" for c in cols) + " |")
+    margins = [
+        f"{metric.replace('recall', 'Recall').replace('mrr', 'MRR')} "
+        f"{m['relative']:+.1%} over {m['best_baseline']}"
+        for metric, m in rep["margin"].items()
+    ]
+    hp = rep.get("sasrec_hparams", {})
+    lines += [
+        "",
+        f"{rep['num_examples']:,} {rep['split']} examples, {rep['num_items']:,} items, full-catalog "
+        f"ranking, ties against the model. SASRec (d_model {hp.get('d_model')}, "
+        f"{hp.get('n_layers')} layers, copy mechanism {'on' if hp.get('copy_mechanism') else 'off'}, "
+        f"lr schedule {hp.get('lr_schedule', 'constant')}) vs the best baseline: "
+        + "; ".join(margins)
+        + ".",
+        f"Source: `docs/results/{dataset}_quality.json`, written by "
+        f"`{QUALITY_COMMANDS.get(dataset, 'python scripts/bench_quality.py data=' + dataset)}`.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _latency_rows(rep: dict[str, Any], size: int, threads: int = 1) -> list[dict[str, Any]]:
+    return [r for r in rep["results"] if r["num_items"] == size and r["threads"] == threads]
+
+
+def latency_summary(results: Path) -> str:
+    """Predictor vs eager vs floor at the reference catalog size, batch 64, and the HTTP figures."""
+    rep = _load(results, "latency.json")
+    args = rep["args"]
+    size, length = args["reference_size"], args["max_len"]
+    rows = _latency_rows(rep, size)
+
+    def pick(case: str, impl: str) -> dict[str, Any]:
+        found = [r for r in rows if r["case"] == case and r["impl"] == impl]
+        full = [r for r in found if r.get("session_len") in (None, length)]
+        return (full or found)[0]
+
+    floor = min(
+        (r for r in rows if r["case"] == "single" and r["impl"].startswith("memory floor")),
+        key=lambda r: r["p50_ms"],
+    )
+    eager = pick("single", "pytorch eager")
+    lines = [
+        "| one session, k = 20, 1 thread | p50 ms | p99 ms | p50 / floor | p99 / floor "
+        "| eager / this |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for impl in ("onnx top-k in graph", "onnx full scores + numpy top-k", "pytorch eager"):
+        r = pick("single", impl)
+        lines.append(
+            f"| {impl} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {r['p50_ms'] / floor['p50_ms']:.2f}x "
+            f"| {r['p99_ms'] / floor['p50_ms']:.2f}x | {eager['p50_ms'] / r['p50_ms']:.2f}x |"
+        )
+    lines.append(
+        f"| {floor['impl']} (the floor) | {floor['p50_ms']:.3f} | {floor['p99_ms']:.3f} | 1.00x | | |"
+    )
+    batch = [r for r in rows if r["case"] == "batch64"]
+    if batch:
+        lines += [
+            "",
+            "| batch of 64 sessions, 1 thread | sessions/s | vs eager | floor time / this |",
+            "|---|---:|---:|---:|",
+        ]
+        b_floor = next(r for r in batch if r["impl"].startswith("floor"))
+        b_eager = next(r for r in batch if r["impl"] == "pytorch eager")
+        for r in batch:
+            if "sessions_per_s" not in r:
+                continue
+            lines.append(
+                f"| {r['impl']} | {r['sessions_per_s']:,.0f} | "
+                f"{r['sessions_per_s'] / b_eager['sessions_per_s']:.2f}x | "
+                f"{b_floor['p50_ms'] / r['p50_ms']:.2f} |"
+            )
+    http = rep.get("http") or {}
+    fixed = http.get("fixed_rate")
+    lines.append("")
+    if fixed:
+        lines.append(
+            f"HTTP (`seqrec-serve`, loopback, load generator on the same cores): "
+            f"{fixed['target_rate_per_s']:.0f} req/s offered for {fixed['duration_s']:.0f} s -> "
+            f"{fixed['requests_per_s']:.0f} req/s served, p99 {fixed['p99_ms']:.1f} ms, "
+            f"{fixed['errors']} errors; highest rate holding p99 < "
+            f"{args.get('http_p99_target_ms', 20):.0f} ms with zero errors: "
+            f"{http.get('highest_rate_held') or 'none of the ladder'} req/s."
+        )
+    machine = rep["machine"]
+    lines.append(
+        f"{size:,} items, d_model {args['d_model']}, {args['n_layers']} layers, session of "
+        f"{length} items, copy mechanism {'on' if args.get('copy_mechanism') else 'off'}; "
+        f"{machine['cpu']}, {machine['cores']} cores, load average {machine['load_avg_1_5_15']} "
+        f"at start. Source: `docs/results/latency.json`, written by `make bench` "
+        f"(`python scripts/bench_latency.py`)."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def throughput_summary(results: Path) -> str:
+    """Training-throughput table (sequences/s before and after the speed work)."""
+    sys.path.insert(0, str(REPO_ROOT / "src"))
+    from seqrec.throughput import throughput_markdown
+
+    rep = _load(results, "retailrocket_benchmark_throughput.json")
+    body = throughput_markdown(rep).split("\n", 2)[2]  # drop the title
+    return body + (
+        "Source: `docs/results/retailrocket_benchmark_throughput.json`, written by "
+        "`python scripts/bench_train.py data=retailrocket_benchmark model.d_model=128`.\n"
+    )
+
+
+def replay_summary(results: Path) -> str:
+    """Widget replay table on the benchmark's test sessions."""
+    rep = _load(results, "retailrocket_benchmark_replay.json")
+    lines = [
+        "| strip | hide seen items | next click in strip | strip changed | new items per update "
+        "| p50 ms | p99 ms |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rep["runs"]:
+        lat = r["latency_ms"]
+        lines.append(
+            f"| {r['k']} | {'yes' if r['exclude_seen'] else 'no'} | {r['hit_rate']:.1%} | "
+            f"{r['strip_change_rate']:.1%} | {r['mean_new_items_per_update']:.1f} | "
+            f"{lat['p50']:.2f} | {lat['p99']:.2f} |"
+        )
+    first = rep["runs"][0]
+    lines += [
+        "",
+        f"{first['num_sessions']:,} test sessions, {first['num_clicks']:,} clicks replayed one by "
+        f"one ({rep['machine']}). Source: `docs/results/retailrocket_benchmark_replay.json`, "
+        "written by `python scripts/replay_widget.py data=retailrocket_benchmark`.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+RENDERERS: dict[str, Callable[[Path], str]] = {
+    "quality:retailrocket_benchmark": lambda r: quality_table(r, "retailrocket_benchmark"),
+    "quality:yoochoose_rsc15_100k": lambda r: quality_table(r, "yoochoose_rsc15_100k"),
+    "latency": latency_summary,
+    "throughput": throughput_summary,
+    "replay": replay_summary,
+}
+
+
+def render(text: str, results: Path) -> str:
+    """Replace every generated block of ``text``.
+
+    Raises:
+        KeyError: a block names no known renderer.
+    """
+
+    def fill(match: re.Match[str]) -> str:
+        name = match["name"]
+        if name not in RENDERERS:
+            raise KeyError(f"unknown generated block {name!r}; known: {sorted(RENDERERS)}")
+        return match.group(1) + RENDERERS[name](results) + match.group(4)
+
+    return BLOCK.sub(fill, text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--collect", action="store_true", help="copy artifacts/reports -> docs/results first"
+    )
+    parser.add_argument("--check", action="store_true", help="only compare; exit 1 when stale")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--reports", type=Path, default=REPO_ROOT / "artifacts" / "reports")
+    parser.add_argument("docs", nargs="*", type=Path, default=DOCS)
+    args = parser.parse_args(argv)
+    if args.collect:
+        args.results.mkdir(parents=True, exist_ok=True)
+        for name, source in SOURCES.items():
+            src = args.reports / source
+            if src.is_file():
+                shutil.copyfile(src, args.results / name)
+                print(f"collected {src} -> {args.results / name}")
+    stale = []
+    for doc in args.docs:
+        old = doc.read_text()
+        new = render(old, args.results)
+        if new == old:
+            continue
+        if args.check:
+            stale.append(doc)
+            sys.stdout.writelines(
+                difflib.unified_diff(
+                    old.splitlines(True), new.splitlines(True), str(doc), "rendered"
+                )
+            )
+        else:
+            doc.write_text(new)
+            print(f"updated {doc}")
+    if stale:
+        print(f"stale generated blocks in {', '.join(map(str, stale))}: run scripts/render_docs.py")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
