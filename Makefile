@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?=
 SERVE_ARGS ?=
 
-.PHONY: setup demo test test-fast lint format bench bench-quick serve clean
+.PHONY: setup demo test test-fast lint format bench bench-quick bench-train docs serve clean
 
 # Install once: the stamp file is newer than pyproject.toml until the dependencies change.
 $(VENV)/.installed: pyproject.toml
@@ -51,6 +51,15 @@ bench: setup
 
 bench-quick: setup
 	$(PY) scripts/bench_latency.py --quick $(BENCH_ARGS)
+
+# Training throughput before / after the speed work (sequences/s, one run) on $(DATA).
+bench-train: setup
+	$(PY) scripts/bench_train.py data=$(DATA) $(BENCH_TRAIN_ARGS)
+
+# Rewrite the generated blocks of README.md / PROPOSAL.md from docs/results/ (COLLECT=1: copy the
+# latest artifacts/reports first).
+docs: setup
+	$(PY) scripts/render_docs.py $(if $(COLLECT),--collect,)
 
 # HTTP service + demo widget (http://127.0.0.1:8000/widget/) over the export of `make demo`.
 serve: setup

@@ -34,6 +34,8 @@ SOURCES = {
     "retailrocket_benchmark_throughput.json": "retailrocket_benchmark/throughput.json",
     "retailrocket_benchmark_replay.json": "retailrocket_benchmark/replay.json",
     "latency.json": "latency/latency.json",
+    "retailrocket_benchmark_quality.png": "retailrocket_benchmark/quality.png",
+    "retailrocket_benchmark_stats.json": "../../data/processed/retailrocket_benchmark/stats.json",
 }
 
 BLOCK = re.compile(
@@ -201,7 +203,77 @@ def replay_summary(results: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _margin_words(rep: dict[str, Any]) -> str:
+    parts = []
+    for metric, m in rep["margin"].items():
+        label = metric.replace("recall", "Recall").replace("mrr", "MRR")
+        parts.append(
+            f"{label} {m['sasrec']:.4f} ({m['relative']:+.1%} vs {m['best_baseline']} {m['baseline']:.4f})"
+        )
+    return " and ".join(parts)
+
+
+def proposal_data(results: Path) -> str:
+    """Size of the RetailRocket benchmark as prepared."""
+    stats = _load(results, "retailrocket_benchmark_stats.json")
+    return (
+        f"It has {stats['train_file']['num_sessions']:,} training visits and "
+        f"{stats['num_test_examples']:,} test predictions from the following week over "
+        f"{stats['num_items']:,} products (`python scripts/prepare_data.py "
+        f"data=retailrocket_benchmark`, `docs/results/retailrocket_benchmark_stats.json`).\n"
+    )
+
+
+def proposal_yoochoose(results: Path) -> str:
+    """One sentence: the YOOCHOOSE check."""
+    rep = _load(results, "yoochoose_rsc15_100k_quality.json")
+    return (
+        f"On YOOCHOOSE ({rep['num_examples']:,} test predictions, {rep['num_items']:,} products) the "
+        f"same recipe reaches {_margin_words(rep)} (README, YOOCHOOSE commands; "
+        "`docs/results/yoochoose_rsc15_100k_quality.json`).\n"
+    )
+
+
+def proposal_tradeoffs(results: Path) -> str:
+    """Accuracy, latency and training-time bullets from the reports."""
+    quality = _load(results, "retailrocket_benchmark_quality.json")
+    lat = _load(results, "latency.json")
+    thr = _load(results, "retailrocket_benchmark_throughput.json")
+    size = lat["args"]["reference_size"]
+    single = [r for r in lat["results"] if r["case"] == "single" and r["threads"] == 1]
+
+    def p50(num_items: int, impl: str) -> float:
+        rows = [r for r in single if r["num_items"] == num_items and r["impl"] == impl]
+        full = [r for r in rows if r.get("session_len") in (None, lat["args"]["max_len"])]
+        return (full or rows)[0]["p50_ms"]
+
+    ours = "onnx top-k in graph"
+    sizes = sorted({r["num_items"] for r in single})
+    scaling = ", ".join(f"{p50(n, ours):.2f} ms at {n:,}" for n in sizes)
+    fixed = (lat.get("http") or {}).get("fixed_rate") or {}
+    after = thr["results"]["length_bucketing"]
+    epoch_min = thr["epoch_minutes"]["length_bucketing"]
+    lines = [
+        f"- **Accuracy.** On RetailRocket the model reaches {_margin_words(quality)}.",
+        f"- **Speed.** One request (a visit of {lat['args']['max_len']} clicks, {size:,} products, one "
+        f"core) takes {p50(size, ours):.2f} ms at the median, "
+        f"{p50(size, 'pytorch eager') / p50(size, ours):.1f}x faster than running the same model in "
+        f"PyTorch; by catalog size: {scaling} products. Over HTTP on the same 2 cores the service "
+        f"served {fixed.get('requests_per_s', float('nan')):.0f} requests/s with p99 "
+        f"{fixed.get('p99_ms', float('nan')):.1f} ms and {fixed.get('errors', 'n/a')} errors "
+        "(`make bench`, `docs/results/latency.json`).",
+        f"- **Training time.** {after['sequences_per_s']:.0f} training sequences per second on the "
+        f"2-core CPU, {thr['speedup_after_vs_before']:.1f}x the straightforward implementation: "
+        f"about {epoch_min:.0f} min per pass over the data (`python scripts/bench_train.py`, "
+        "`docs/results/retailrocket_benchmark_throughput.json`).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 RENDERERS: dict[str, Callable[[Path], str]] = {
+    "proposal:data": proposal_data,
+    "proposal:yoochoose": proposal_yoochoose,
+    "proposal:tradeoffs": proposal_tradeoffs,
     "quality:retailrocket_benchmark": lambda r: quality_table(r, "retailrocket_benchmark"),
     "quality:yoochoose_rsc15_100k": lambda r: quality_table(r, "yoochoose_rsc15_100k"),
     "latency": latency_summary,
