@@ -63,7 +63,7 @@ def test_all_positions_loss_equals_the_target_positions_loss() -> None:
     module = SASRecModule(num_items=40, max_len=12, d_model=16, n_layers=1).eval()
     windows = [np.array([3, 5, 7, 9]), np.array([4, 2]), np.array([1, 8, 8, 6, 39, 40, 2])]
     dynamic = TrainSessions.collate(windows)
-    padded = throughput.collate_to_width(windows, 11)
+    padded = TrainSessions.collate(windows, 11)
     assert padded["item_ids"].shape == (3, 11)
     expected = module.loss(dynamic["item_ids"], dynamic["targets"])
     for batch in (dynamic, padded):

@@ -58,22 +58,6 @@ VARIANTS = (
 BEFORE, AFTER = "padded_all_positions", "length_bucketing"
 
 
-def collate_to_width(batch: Sequence[np.ndarray], width: int) -> dict[str, Tensor]:
-    """Left-pad a batch of windows to a fixed ``width`` (the "before" collate).
-
-    Returns:
-        ``{"item_ids": (B, width) int64, "targets": (B, width) int64}`` as in
-        :meth:`TrainSessions.collate`.
-    """
-    inputs = np.zeros((len(batch), width), dtype=np.int64)
-    targets = np.zeros((len(batch), width), dtype=np.int64)
-    for row, window in enumerate(batch):
-        n = len(window) - 1
-        inputs[row, width - n :] = window[:-1]
-        targets[row, width - n :] = window[1:]
-    return {"item_ids": torch.from_numpy(inputs), "targets": torch.from_numpy(targets)}
-
-
 def all_positions_ce(module: Any, item_ids: Tensor, targets: Tensor) -> Tensor:
     """The "before" loss: full-catalog logits at every (B, L) position, padding ignored.
 
@@ -118,9 +102,7 @@ def make_batches(
     batches = []
     for group in groups:
         batch = [windows[i] for i in group]
-        batches.append(
-            TrainSessions.collate(batch) if pad_to is None else collate_to_width(batch, pad_to)
-        )
+        batches.append(TrainSessions.collate(batch, pad_to))
     return batches
 
 
@@ -188,18 +170,21 @@ def run_variant(
     }
 
 
-def machine_info() -> dict[str, Any]:
-    """CPU model, logical cores, load average, torch version and threads (for the report)."""
-    cpu = platform.processor() or platform.machine()
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux, else ``platform``), for reports."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, logical cores, load average, torch version and threads (for the report)."""
     return {
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "logical_cores": os.cpu_count(),
         "load_average_1m_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "torch": torch.__version__,

@@ -75,14 +75,20 @@ class TrainSessions(Dataset):
         return self.windows[index]
 
     @staticmethod
-    def collate(batch: Sequence[np.ndarray]) -> dict[str, Tensor]:
-        """Left-pad a batch to its longest window.
+    def collate(batch: Sequence[np.ndarray], width: int | None = None) -> dict[str, Tensor]:
+        """Left-pad a batch to its longest window (or to a fixed ``width``).
+
+        Args:
+            batch: windows of item indices (>= 2 each).
+            width: pad to this many input positions instead (>= longest window - 1); used by the
+                throughput benchmark's "before" variant.
 
         Returns:
-            ``{"item_ids": (B, L') int64, "targets": (B, L') int64}``, L' = longest window - 1;
-            ``targets[b, t]`` is the item after ``item_ids[b, t]``; both are PAD (0) on the left.
+            ``{"item_ids": (B, L') int64, "targets": (B, L') int64}``, L' = longest window - 1
+            (or ``width``); ``targets[b, t]`` is the item after ``item_ids[b, t]``; both are PAD
+            (0) on the left.
         """
-        width = max(len(w) for w in batch) - 1
+        width = max(len(w) for w in batch) - 1 if width is None else int(width)
         inputs = np.zeros((len(batch), width), dtype=np.int64)
         targets = np.zeros((len(batch), width), dtype=np.int64)
         for row, window in enumerate(batch):
