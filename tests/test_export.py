@@ -377,20 +377,24 @@ def test_default_export_uses_the_last_position_graph(exported: TinyExport) -> No
     assert meta["validation"]["scoring_graph"] == "last_position"
 
 
-def test_models_without_plain_dot_scores_export_score_last(
+def test_copy_models_export_the_last_position_pointer_head(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A copy model exports the full forward plus the pointer mixture at the last position only
+    (mode ``dot``); its scores equal ``SASRec.score_last``'s, PAD column included."""
     from seqrec.models.sasrec import SASRec, SASRecConfig
 
-    if "copy_mechanism" not in SASRecConfig.__dataclass_fields__:
-        pytest.skip("this SASRec has no copy mechanism")
     _legacy_only(monkeypatch)
     torch.manual_seed(0)
     cfg = SASRecConfig(
         num_items=NUM_ITEMS, max_len=MAX_LEN, d_model=16, n_heads=2, n_layers=1, copy_mechanism=True
     )
     model = SASRec(cfg).eval()
-    assert ScoringModel(model).mode == "score_last"
+    scoring = ScoringModel(model)
+    assert scoring.mode == "dot"
+    ids = torch.tensor([[0, 0, 3, 4, 3], [1, 2, 3, 4, 5], [0, 0, 0, 0, 0], [0, 0, 0, 0, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(scoring(ids), model.score_last(ids), rtol=1e-5, atol=1e-5)
     out = export_onnx(model, tiny_vocab(), tmp_path / "export")
     meta = json.loads((out / "export_meta.json").read_text())
-    assert meta["validation"]["scoring_graph"] == "score_last"
+    assert meta["validation"]["scoring_graph"] == "dot"

@@ -137,18 +137,21 @@ class ScoringModel(nn.Module):
         Args:
             model: the trained model.
             mode: ``last_position`` (fastest), ``dot`` (full forward, then the dot-product
-                scores) or ``score_last`` (``SASRec.score_last`` as is, always exact). A mode the
-                model cannot use (a different block layout, or scores that are not a plain dot
-                product such as ``cfg.copy_mechanism``) degrades to ``score_last``.
+                scores, and for ``cfg.copy_mechanism`` the pointer mixture at the last position)
+                or ``score_last`` (``SASRec.score_last`` as is, always exact). A copy model asked
+                for ``last_position`` uses ``dot`` (the pointer needs every position's state); a
+                mode the model cannot use (a different block layout) degrades to ``score_last``.
         """
         super().__init__()
         if mode not in SCORING_MODES:
             raise ValueError(f"mode must be one of {SCORING_MODES}, got {mode!r}")
         self.model = model
-        is_dot = not getattr(model.cfg, "copy_mechanism", False)
-        if mode == "last_position" and not (is_dot and _has_sasrec_blocks(model)):
+        self.is_copy = bool(getattr(model.cfg, "copy_mechanism", False))
+        if mode == "last_position" and not _has_sasrec_blocks(model):
             mode = "score_last"
-        if mode == "dot" and not is_dot:
+        if mode == "last_position" and self.is_copy:
+            mode = "dot"  # the pointer's keys need every position's final state
+        if mode == "dot" and self.is_copy and not _has_copy_head(model):
             mode = "score_last"
         self.mode = mode
 
@@ -172,12 +175,44 @@ class ScoringModel(nn.Module):
         if self.mode == "last_position":
             hidden = self._last_hidden(item_ids)  # (B, D)
         else:
-            hidden = self.model(item_ids)[:, -1]  # (B, D) state after the most recent item
+            states = self.model(item_ids)  # (B, L, D)
+            hidden = states[:, -1]  # (B, D) state after the most recent item
         real = hidden @ self.model.item_emb.weight[PAD_IDX + 1 :].t()  # (B, C-1)
+        if self.is_copy:
+            real = self._copy_log_probs(real, states, item_ids)  # (B, C-1)
         pad = torch.full(
             (hidden.shape[0], 1), torch.finfo(real.dtype).min, dtype=real.dtype
         )  # (B, 1)
         return torch.cat([pad, real], dim=1)  # (B, C); PAD_IDX = 0 is the first column
+
+    def _copy_log_probs(self, logits: Tensor, states: Tensor, item_ids: Tensor) -> Tensor:
+        """The copy mixture of ``SASRec.score_last`` at the last position only, real items only.
+
+        Args:
+            logits: (B, C-1) float generator logits of the real items (rows 1.. of the table).
+            states: (B, L, D) float ``SASRec.forward`` output.
+            item_ids: (B, L) int64 the same left-padded inputs.
+
+        Returns:
+            (B, C-1) float log-probabilities of the real items, equal to ``score_last``'s columns
+            1.. (the pointer attention of the last position over the real positions, instead of
+            the (B, L, L) attention of every position, and no PAD column to mask).
+        """
+        model = self.model
+        last = states[:, -1]  # (B, D)
+        gate = torch.sigmoid(model.copy_gate(last))  # (B, 1)
+        query = model.copy_query(last)  # (B, D)
+        keys = model.copy_key(states)  # (B, L, D)
+        att = (keys @ query.unsqueeze(-1)).squeeze(-1) / (model.cfg.d_model**0.5)  # (B, L)
+        length = item_ids.shape[1]
+        is_last = torch.arange(length, device=item_ids.device) == length - 1  # (L,)
+        is_allowed = (item_ids != PAD_IDX) | is_last.unsqueeze(0)  # (B, L)
+        alpha = torch.softmax(att.masked_fill(~is_allowed, torch.finfo(att.dtype).min), dim=-1)
+        p_copy = torch.zeros(
+            (item_ids.shape[0], logits.shape[1] + 1), dtype=alpha.dtype, device=alpha.device
+        ).scatter_add(1, item_ids, alpha)[:, PAD_IDX + 1 :]  # (B, C-1)
+        probs = gate * torch.softmax(logits, dim=-1) + (1.0 - gate) * p_copy  # (B, C-1)
+        return torch.log(probs.clamp_min(torch.finfo(probs.dtype).tiny))
 
     def _last_hidden(self, item_ids: Tensor) -> Tensor:
         """``SASRec.forward(item_ids)[:, -1]`` with the final block computed at the last position.
@@ -235,6 +270,11 @@ def _has_sasrec_blocks(model: nn.Module) -> bool:
         and hasattr(block.attn, "n_heads")
         for block in blocks
     ) and all(hasattr(model, name) for name in ("item_emb", "pos_emb", "emb_drop", "ln_out"))
+
+
+def _has_copy_head(model: nn.Module) -> bool:
+    """Whether ``model`` has the copy layers :meth:`ScoringModel._copy_log_probs` relies on."""
+    return all(hasattr(model, name) for name in ("copy_gate", "copy_query", "copy_key"))
 
 
 @contextmanager
