@@ -174,7 +174,7 @@ def throughput_summary(results: Path) -> str:
     body = throughput_markdown(rep).split("\n", 2)[2]  # drop the title
     return body + (
         "Source: `docs/results/retailrocket_benchmark_throughput.json`, written by "
-        "`python scripts/bench_train.py data=retailrocket_benchmark model.d_model=128`.\n"
+        "`python scripts/bench_train.py data=retailrocket_benchmark` (`make bench-train DATA=retailrocket_benchmark`).\n"
     )
 
 
