@@ -45,9 +45,9 @@ BLOCK = re.compile(
 
 QUALITY_COMMANDS = {
     "retailrocket_benchmark": "python scripts/bench_quality.py data=retailrocket_benchmark "
-    "data.datamodule.include_valid_in_train=true ckpt_path=<final ckpt> (README: How it was made)",
+    "data.datamodule.include_valid_in_train=true ckpt_path=<final ckpt> <grids> (README: How it was made)",
     "yoochoose_rsc15_100k": "python scripts/bench_quality.py data=yoochoose_rsc15_100k "
-    "data.datamodule.include_valid_in_train=true ckpt_path=<final ckpt>",
+    "data.datamodule.include_valid_in_train=true ckpt_path=<final ckpt> <grids> (README: YOOCHOOSE)",
 }
 
 
