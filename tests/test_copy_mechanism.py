@@ -1,5 +1,6 @@
 """The pointer (copy) mixture: a proper distribution, consistent between training and scoring."""
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -91,3 +92,25 @@ def test_copy_model_trains_and_exports(tmp_path: Path) -> None:
 def test_copy_needs_full_softmax() -> None:
     with pytest.raises(ValueError, match="copy_mechanism"):
         SASRecModule(num_items=5, loss="bce", copy_mechanism=True)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_copy_model_exports_in_reduced_precision(tmp_path: Path, precision: str) -> None:
+    """fp16 keeps the pointer's ScatterElements in float32 (onnxruntime's CPU kernel has no
+    float16 add-reduction; this export used to fail at the first run)."""
+    from seqrec.export import ExportVariant
+    from seqrec.predictor import SessionRecommender
+
+    torch.manual_seed(0)
+    cfg = SASRecConfig(num_items=12, max_len=10, d_model=16, n_heads=2, n_layers=1)
+    model = SASRec(dataclasses.replace(cfg, copy_mechanism=True)).eval()
+    vocab = ItemVocab([str(1000 + i) for i in range(1, 13)])
+    out = export_onnx(
+        model,
+        vocab=vocab,
+        out_dir=tmp_path / "export",
+        fallback_items=["1001"],
+        variant=ExportVariant(precision=precision, top_k_in_graph=True, min_top_k_overlap=0.5),
+    )
+    recs = SessionRecommender.from_dir(out).recommend(["1003", "1004", "1003"], k=5)
+    assert len(recs) == 5 and all(np.isfinite(r.score) for r in recs)

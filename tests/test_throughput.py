@@ -65,6 +65,8 @@ def test_all_positions_loss_equals_the_target_positions_loss() -> None:
     dynamic = TrainSessions.collate(windows)
     padded = TrainSessions.collate(windows, 11)
     assert padded["item_ids"].shape == (3, 11)
+    with pytest.raises(ValueError, match="width 5 < longest window's 6 input positions"):
+        TrainSessions.collate(windows, 5)
     expected = module.loss(dynamic["item_ids"], dynamic["targets"])
     for batch in (dynamic, padded):
         got = throughput.all_positions_ce(module, batch["item_ids"], batch["targets"])
@@ -90,7 +92,8 @@ def test_throughput_bench_on_tiny_data(compose_cfg: Callable[..., DictConfig]) -
     # every variant trains on the same windows: same sequences and real target positions
     assert len({r["sequences"] for r in results.values()}) == 1
     assert len({r["positions"] for r in results.values()}) == 1
-    assert results["padded_all_positions"]["padded_positions"] == 3 * 16 * 49
+    # windows hold up to max_len + 1 items: inputs and targets are max_len = 50 wide
+    assert results["padded_all_positions"]["padded_positions"] == 3 * 16 * 50
     # bucketing pads less than random batches padded to their longest window
     assert (
         results["length_bucketing"]["padded_positions"]

@@ -518,11 +518,27 @@ def _convert_precision(src: Path, dst: Path, precision: str) -> None:
     if precision == "fp32":
         shutil.copyfile(src, dst)
     elif precision == "fp16":
-        from onnxruntime.transformers.float16 import convert_float_to_float16
+        from onnxruntime.transformers.float16 import (
+            DEFAULT_OP_BLOCK_LIST,
+            convert_float_to_float16,
+        )
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "values clipped to the fp16 range"
-            proto = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+            proto = convert_float_to_float16(
+                onnx.load(str(src)),
+                keep_io_types=True,
+                # onnxruntime's CPU ScatterElements has no float16 kernel with reduction="add"
+                # (the copy mechanism's pointer scatter): it stays float32
+                op_block_list=[*DEFAULT_OP_BLOCK_LIST, "ScatterElements"],
+            )
+        # the converter appends the Cast nodes around blocked ops at the end of the node list;
+        # ONNX requires topological order
+        import onnx_ir
+
+        graph_ir = onnx_ir.from_proto(proto)
+        graph_ir.graph.sort()
+        proto = onnx_ir.to_proto(graph_ir)
         onnx.save(proto, str(dst))
     elif precision == "int8":
         from onnxruntime.quantization import QuantType, quantize_dynamic

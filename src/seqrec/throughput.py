@@ -287,7 +287,7 @@ def run_throughput_bench(cfg: Any) -> dict[str, Any]:
         options = {
             "bucketed": variant in ("length_bucketing", "bf16_autocast"),
             "bucket_batches": int(cfg.bucket_batches),
-            "pad_to": max_len - 1 if variant == "padded_all_positions" else None,
+            "pad_to": max_len if variant == "padded_all_positions" else None,
         }
         batches = make_batches(windows, warmup_order, batch_size, warmup, **options)
         batches += make_batches(windows, timed_order, batch_size, steps, **options)

@@ -88,7 +88,11 @@ class TrainSessions(Dataset):
             (or ``width``); ``targets[b, t]`` is the item after ``item_ids[b, t]``; both are PAD
             (0) on the left.
         """
-        width = max(len(w) for w in batch) - 1 if width is None else int(width)
+        longest = max(len(w) for w in batch) - 1
+        if width is None:
+            width = longest
+        elif width < longest:
+            raise ValueError(f"width {width} < longest window's {longest} input positions")
         inputs = np.zeros((len(batch), width), dtype=np.int64)
         targets = np.zeros((len(batch), width), dtype=np.int64)
         for row, window in enumerate(batch):
