@@ -52,17 +52,19 @@ def test_readme_predictor_example(exported: TinyExport) -> None:
     namespace, printed = _run_python(
         code.replace("artifacts/export/synthetic", str(exported.export_dir))
     )
+    rec = namespace["rec"]
     lines = printed.strip().splitlines()
     assert len(lines) == 5
     shown = [line.split()[0] for line in lines]
-    assert not {"1001", "1002", "1003"} & set(shown)  # exclude_seen and the deny-list
-    assert all(line.split()[2] == "model" for line in lines)
+    assert not set(rec.item_ids[:3]) & set(shown)  # exclude_seen and the deny-list
+    assert all(line.split()[2] == "model" for line in lines)  # real ids: no fallback
     assert [len(s) for s in namespace["strips"]] == [3, 3]
 
 
 def test_readme_http_examples(exported: TinyExport) -> None:
     rec = SessionRecommender.from_dir(exported.export_dir)
     settings = ServeSettings(max_k=40, max_session_len=40, max_filter_items=50)
+    session = list(dict.fromkeys(rec.fallback_items + rec.item_ids))[:2]  # what /catalog lists
     with running_server(create_app(rec, settings)) as url:
         lang, code = readme_block("readme-http")
         assert lang == "python" and "http://127.0.0.1:8000" in code
@@ -70,8 +72,8 @@ def test_readme_http_examples(exported: TinyExport) -> None:
         version, items = printed.split(" ", 1)
         assert version == rec.model_version
         got = eval(items)  # noqa: S307 - a printed list of ids
-        want = rec.recommend(["1001", "1002"], k=5, exclude_seen=True, deny_items=["1003"])
-        assert got == [r.item_id for r in want]
+        want = rec.recommend(session, k=5, exclude_seen=True, deny_items=["1003"])
+        assert got == [r.item_id for r in want] and len(got) == 5
 
         lang, command = readme_block("readme-curl")
         assert lang == "bash" and shutil.which("curl")
@@ -80,8 +82,9 @@ def test_readme_http_examples(exported: TinyExport) -> None:
             capture_output=True, text=True, timeout=30, check=True,
         )  # fmt: skip
         payload = json.loads(proc.stdout)
-        want = rec.recommend(["1001", "1002"], k=5, exclude_seen=True)
+        want = rec.recommend(session, k=5, exclude_seen=True)
         assert [i["item_id"] for i in payload["items"]] == [r.item_id for r in want]
+        assert payload["used_fallback"] is False
 
 
 def test_generated_blocks_match_the_committed_reports() -> None:

@@ -162,3 +162,40 @@ def test_benchmark_test_sessions_rejects_repeated_pos(tmp_path: Path) -> None:
     )
     with pytest.raises(SourceFormatError, match=r"column 'pos' has 1 repeated value.*line 3"):
         read_benchmark_test_sessions(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("part", "rows", "message"),
+    [
+        # same click count as session 1 in train_full, one item changed
+        (
+            "train_tr",
+            [("1", "10", "1400000000.5"), ("1", "13", "1400000010"), ("1", "12", "1400000020"),
+             ("2", "11", "1400000100"), ("2", "12", "1400000110"),
+             ("3", "10", "1400000200"), ("3", "13", "1400000210")],
+            "first differing session '1'",
+        ),
+        # a training session used for validation: a leak
+        ("train_valid", [("1", "10", "1400000000.5"), ("1", "11", "1400000010")], "first '1'"),
+        # a test session id that is also a training session
+        ("test", [("2", "11", "1400200000"), ("2", "12", "1400200010")], "first '2'"),
+        # test ends a year before training: not a time split
+        ("test", [("9", "11", "1368000000"), ("9", "12", "1368000010")], "not a time split"),
+    ],
+)  # fmt: skip
+def test_prepare_sessionrec_refuses_files_of_different_splits(
+    tmp_path: Path,
+    compose_cfg: Callable[..., DictConfig],
+    part: str,
+    rows: list[tuple[str, str, str]],
+    message: str,
+) -> None:
+    root = _split_dir(tmp_path / "split")
+    _write(root / f"{PREFIX}_{part}.txt", rows)
+    cfg = compose_cfg(
+        "prepare",
+        ["data=yoochoose_rsc15_100k", f"data.sessionrec_dir={root}", f"data.file_prefix={PREFIX}"],
+    )
+    with pytest.raises(ValueError, match=message) as info:
+        pipeline.prepare(cfg)
+    assert f"{PREFIX}_{part}.txt" in str(info.value)

@@ -286,11 +286,7 @@ def _prepare_sessionrec(cfg: DictConfig) -> dict[str, Any]:
     tr_sessions = set(train_tr[SESSION_ID].unique().tolist())
     is_tr = full[SESSION_ID].isin(tr_sessions)
     train, valid = full[is_tr], full[~is_tr]
-    if len(train) != len(train_tr):
-        raise ValueError(
-            f"{paths['train_tr']}: {len(train_tr)} clicks, but its sessions have {len(train)} "
-            f"clicks in {paths['train_full']}: the files are not one session-rec split"
-        )
+    _check_sessionrec_split(paths, frames, train, valid)
     stats: dict[str, Any] = {"source": str(root), "files": {p: str(f) for p, f in paths.items()}}
     stats["row_accounting"] = {
         str(paths["train_full"]): _row_accounting(
@@ -329,6 +325,61 @@ def _prepare_sessionrec(cfg: DictConfig) -> dict[str, Any]:
         stats=stats,
         vocab_items=full[ITEM_ID],
     )
+
+
+def _check_sessionrec_split(
+    paths: dict[str, Path],
+    frames: dict[str, pd.DataFrame],
+    train: pd.DataFrame,
+    valid: pd.DataFrame,
+) -> None:
+    """Raise ValueError unless the four session-rec files are one split of one log.
+
+    ``train_tr`` must be exactly the ``train_full`` clicks of its sessions; ``train_valid`` may
+    only hold sessions of ``train_full`` that are not in ``train_tr``; ``test`` shares no session
+    with ``train_full`` and does not end before it (a time split). Messages name the first
+    offending session.
+    """
+    columns = [SESSION_ID, ITEM_ID, TS_MS]
+
+    def rows(frame: pd.DataFrame) -> pd.DataFrame:
+        return frame[columns].sort_values(columns, kind="stable").reset_index(drop=True)
+
+    tr, full_tr = rows(frames["train_tr"]), rows(train)
+    if len(tr) != len(full_tr) or not tr.equals(full_tr):
+        differs = (
+            pd.concat([tr, full_tr]).drop_duplicates(keep=False)[SESSION_ID].iloc[0]
+            if len(tr) == len(full_tr)
+            else sorted(set(tr[SESSION_ID]) ^ set(full_tr[SESSION_ID]) or set(tr[SESSION_ID]))[0]
+        )
+        raise ValueError(
+            f"{paths['train_tr']}: its clicks differ from those of the same sessions in "
+            f"{paths['train_full']} (first differing session {differs!r}; {len(tr)} vs "
+            f"{len(full_tr)} clicks): the files are not one session-rec split"
+        )
+    valid_ids = set(valid[SESSION_ID].unique().tolist())
+    outside = sorted(set(frames["train_valid"][SESSION_ID].unique().tolist()) - valid_ids)
+    if outside:
+        raise ValueError(
+            f"{paths['train_valid']}: {len(outside)} session(s) that are not validation sessions "
+            f"of {paths['train_full']} (in train_tr, or in no train file), first {outside[0]!r}: "
+            "validation would leak into training or come from elsewhere"
+        )
+    test, full = frames["test"], frames["train_full"]
+    shared = sorted(
+        set(test[SESSION_ID].unique().tolist()) & set(full[SESSION_ID].unique().tolist())
+    )
+    if shared:
+        raise ValueError(
+            f"{paths['test']}: {len(shared)} session id(s) also in {paths['train_full']}, first "
+            f"{shared[0]!r}: test sessions must be new sessions"
+        )
+    if test[TS_MS].max() < full[TS_MS].max():
+        raise ValueError(
+            f"{paths['test']}: its last click ({pd.to_datetime(int(test[TS_MS].max()), unit='ms')}) "
+            f"is before the last training click ({pd.to_datetime(int(full[TS_MS].max()), unit='ms')}"
+            f" in {paths['train_full']}): not a time split"
+        )
 
 
 SESSIONREC_PARTS = ("train_full", "train_tr", "train_valid", "test")

@@ -192,6 +192,11 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def _duration(minutes: float) -> str:
+    """``48.6 min`` or, under a minute, ``12 s``."""
+    return f"{minutes:.1f} min" if minutes >= 1.0 else f"{minutes * 60:.0f} s"
+
+
 def throughput_markdown(report: dict[str, Any]) -> str:
     """Markdown table of a :func:`run_throughput_bench` report."""
     cfg, machine = report["config"], report["machine"]
@@ -200,7 +205,7 @@ def throughput_markdown(report: dict[str, Any]) -> str:
         "",
         f"Model d_model={cfg['d_model']}, {cfg['n_layers']} layers, max_len={cfg['max_len']}, "
         f"copy_mechanism={cfg['copy_mechanism']}; batch {cfg['batch_size']} windows; "
-        f"{cfg['steps']} timed steps per variant after {cfg['warmup_steps']} warm-up steps; "
+        f"{cfg['steps']} timed steps per variant after {cfg['warmup_steps']} warm-up step(s); "
         f"{machine['cpu']}, {machine['logical_cores']} logical cores, "
         f"{machine['torch_threads']} torch threads, torch {machine['torch']}, "
         f"load average {machine['load_average_1m_at_start']:.2f} at start.",
@@ -222,8 +227,8 @@ def throughput_markdown(report: dict[str, Any]) -> str:
             f"Default configuration (`{AFTER}`) vs before (`{BEFORE}`): "
             f"**{report['speedup_after_vs_before']:.2f}x** sequences/s; estimated epoch "
             f"({report['num_train_windows']:,} windows): "
-            f"{report['epoch_minutes'][BEFORE]:.1f} min before, "
-            f"{report['epoch_minutes'][AFTER]:.1f} min after.",
+            f"{_duration(report['epoch_minutes'][BEFORE])} before, "
+            f"{_duration(report['epoch_minutes'][AFTER])} after.",
         ]
     return "\n".join(lines) + "\n"
 
