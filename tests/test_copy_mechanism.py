@@ -1,6 +1,5 @@
 """The pointer (copy) mixture: a proper distribution, consistent between training and scoring."""
 
-import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -102,8 +101,10 @@ def test_copy_model_exports_in_reduced_precision(tmp_path: Path, precision: str)
     from seqrec.predictor import SessionRecommender
 
     torch.manual_seed(0)
-    cfg = SASRecConfig(num_items=12, max_len=10, d_model=16, n_heads=2, n_layers=1)
-    model = SASRec(dataclasses.replace(cfg, copy_mechanism=True)).eval()
+    cfg = SASRecConfig(
+        num_items=12, max_len=10, d_model=16, n_heads=2, n_layers=1, copy_mechanism=True
+    )
+    model = SASRec(cfg).eval()
     vocab = ItemVocab([str(1000 + i) for i in range(1, 13)])
     out = export_onnx(
         model,

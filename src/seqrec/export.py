@@ -179,40 +179,11 @@ class ScoringModel(nn.Module):
             hidden = states[:, -1]  # (B, D) state after the most recent item
         real = hidden @ self.model.item_emb.weight[PAD_IDX + 1 :].t()  # (B, C-1)
         if self.is_copy:
-            real = self._copy_log_probs(real, states, item_ids)  # (B, C-1)
+            real = self.model.copy_log_probs_last(real, states, item_ids)  # (B, C-1)
         pad = torch.full(
             (hidden.shape[0], 1), torch.finfo(real.dtype).min, dtype=real.dtype
         )  # (B, 1)
         return torch.cat([pad, real], dim=1)  # (B, C); PAD_IDX = 0 is the first column
-
-    def _copy_log_probs(self, logits: Tensor, states: Tensor, item_ids: Tensor) -> Tensor:
-        """The copy mixture of ``SASRec.score_last`` at the last position only, real items only.
-
-        Args:
-            logits: (B, C-1) float generator logits of the real items (rows 1.. of the table).
-            states: (B, L, D) float ``SASRec.forward`` output.
-            item_ids: (B, L) int64 the same left-padded inputs.
-
-        Returns:
-            (B, C-1) float log-probabilities of the real items, equal to ``score_last``'s columns
-            1.. (the pointer attention of the last position over the real positions, instead of
-            the (B, L, L) attention of every position, and no PAD column to mask).
-        """
-        model = self.model
-        last = states[:, -1]  # (B, D)
-        gate = torch.sigmoid(model.copy_gate(last))  # (B, 1)
-        query = model.copy_query(last)  # (B, D)
-        keys = model.copy_key(states)  # (B, L, D)
-        att = (keys @ query.unsqueeze(-1)).squeeze(-1) / (model.cfg.d_model**0.5)  # (B, L)
-        length = item_ids.shape[1]
-        is_last = torch.arange(length, device=item_ids.device) == length - 1  # (L,)
-        is_allowed = (item_ids != PAD_IDX) | is_last.unsqueeze(0)  # (B, L)
-        alpha = torch.softmax(att.masked_fill(~is_allowed, torch.finfo(att.dtype).min), dim=-1)
-        p_copy = torch.zeros(
-            (item_ids.shape[0], logits.shape[1] + 1), dtype=alpha.dtype, device=alpha.device
-        ).scatter_add(1, item_ids, alpha)[:, PAD_IDX + 1 :]  # (B, C-1)
-        probs = gate * torch.softmax(logits, dim=-1) + (1.0 - gate) * p_copy  # (B, C-1)
-        return torch.log(probs.clamp_min(torch.finfo(probs.dtype).tiny))
 
     def _last_hidden(self, item_ids: Tensor) -> Tensor:
         """``SASRec.forward(item_ids)[:, -1]`` with the final block computed at the last position.
@@ -273,8 +244,8 @@ def _has_sasrec_blocks(model: nn.Module) -> bool:
 
 
 def _has_copy_head(model: nn.Module) -> bool:
-    """Whether ``model`` has the copy layers :meth:`ScoringModel._copy_log_probs` relies on."""
-    return all(hasattr(model, name) for name in ("copy_gate", "copy_query", "copy_key"))
+    """Whether ``model`` has ``SASRec.copy_log_probs_last`` (the last-position copy mixture)."""
+    return hasattr(model, "copy_log_probs_last")
 
 
 @contextmanager

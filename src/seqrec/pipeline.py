@@ -343,18 +343,16 @@ def _check_sessionrec_split(
     columns = [SESSION_ID, ITEM_ID, TS_MS]
 
     def rows(frame: pd.DataFrame) -> pd.DataFrame:
-        return frame[columns].sort_values(columns, kind="stable").reset_index(drop=True)
+        return frame[columns].astype({TS_MS: "int64"}).reset_index(drop=True)
 
     tr, full_tr = rows(frames["train_tr"]), rows(train)
-    if len(tr) != len(full_tr) or not tr.equals(full_tr):
-        differs = (
-            pd.concat([tr, full_tr]).drop_duplicates(keep=False)[SESSION_ID].iloc[0]
-            if len(tr) == len(full_tr)
-            else sorted(set(tr[SESSION_ID]) ^ set(full_tr[SESSION_ID]) or set(tr[SESSION_ID]))[0]
-        )
+    diff = tr.merge(full_tr, how="outer", indicator=True)
+    diff = diff[diff["_merge"] != "both"]
+    if len(tr) != len(full_tr) or not diff.empty:
+        first = diff[SESSION_ID].iloc[0] if not diff.empty else tr[SESSION_ID].iloc[0]
         raise ValueError(
             f"{paths['train_tr']}: its clicks differ from those of the same sessions in "
-            f"{paths['train_full']} (first differing session {differs!r}; {len(tr)} vs "
+            f"{paths['train_full']} (first differing session {first!r}; {len(tr)} vs "
             f"{len(full_tr)} clicks): the files are not one session-rec split"
         )
     valid_ids = set(valid[SESSION_ID].unique().tolist())

@@ -207,15 +207,38 @@ class SASRec(nn.Module):
         hidden = self.forward(item_ids)  # (B, L, D)
         if not self.cfg.copy_mechanism:
             return self.score(hidden[:, -1])
-        logits = self.score(hidden[:, -1])  # (B, C), PAD at the dtype minimum
-        gate, alpha = self.copy_weights(hidden, item_ids)  # (B, L, 1), (B, L, L)
-        gate_last, alpha_last = gate[:, -1], alpha[:, -1]  # (B, 1), (B, L)
-        p_copy = torch.zeros_like(logits).scatter_add(1, item_ids, alpha_last)  # (B, C)
-        probs = gate_last * torch.softmax(logits, dim=-1) + (1.0 - gate_last) * p_copy  # (B, C)
-        log_probs = torch.log(probs.clamp_min(torch.finfo(probs.dtype).tiny))
-        return log_probs.index_fill(
-            1, torch.tensor([PAD_IDX], device=log_probs.device), torch.finfo(log_probs.dtype).min
-        )
+        real = hidden[:, -1] @ self.item_emb.weight[PAD_IDX + 1 :].t()  # (B, C-1)
+        real = self.copy_log_probs_last(real, hidden, item_ids)  # (B, C-1)
+        pad = torch.full((real.shape[0], 1), torch.finfo(real.dtype).min, dtype=real.dtype)
+        return torch.cat([pad.to(real.device), real], dim=1)  # (B, C); PAD_IDX = 0 first
+
+    def copy_log_probs_last(self, logits: Tensor, states: Tensor, item_ids: Tensor) -> Tensor:
+        """The copy mixture at the last position, over real items only (``cfg.copy_mechanism``).
+
+        Args:
+            logits: (B, C-1) float generator logits of the real items (rows 1.. of the table).
+            states: (B, L, D) float ``SASRec.forward`` output.
+            item_ids: (B, L) int64 the same left-padded inputs.
+
+        Returns:
+            (B, C-1) float log-probabilities of the real items: gate * softmax(logits) + (1 - gate)
+            * pointer, with the pointer attention of the last position over the real positions
+            (and itself), as :meth:`copy_weights` computes it for every position.
+        """
+        last = states[:, -1]  # (B, D)
+        gate = torch.sigmoid(self.copy_gate(last))  # (B, 1)
+        query = self.copy_query(last)  # (B, D)
+        keys = self.copy_key(states)  # (B, L, D)
+        att = (keys @ query.unsqueeze(-1)).squeeze(-1) / (self.cfg.d_model**0.5)  # (B, L)
+        length = item_ids.shape[1]
+        is_last = torch.arange(length, device=item_ids.device) == length - 1  # (L,)
+        is_allowed = (item_ids != PAD_IDX) | is_last.unsqueeze(0)  # (B, L)
+        alpha = torch.softmax(att.masked_fill(~is_allowed, torch.finfo(att.dtype).min), dim=-1)
+        p_copy = torch.zeros(
+            (item_ids.shape[0], logits.shape[1] + 1), dtype=alpha.dtype, device=alpha.device
+        ).scatter_add(1, item_ids, alpha)[:, PAD_IDX + 1 :]  # (B, C-1)
+        probs = gate * torch.softmax(logits, dim=-1) + (1.0 - gate) * p_copy  # (B, C-1)
+        return torch.log(probs.clamp_min(torch.finfo(probs.dtype).tiny))
 
     def copy_weights(self, hidden: Tensor, item_ids: Tensor) -> tuple[Tensor, Tensor]:
         """Gate and pointer attention of the copy mechanism (``cfg.copy_mechanism``).
