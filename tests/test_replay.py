@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pandas as pd
 import pytest
+from omegaconf import DictConfig
 
 from seqrec.constants import ITEM_ID, SESSION_ID, TS_MS
-from seqrec.replay import replay, replay_markdown, sessions_from_frame
+from seqrec.replay import replay, replay_markdown, run_replay, sessions_from_frame
 
 
 @dataclass
@@ -77,3 +80,21 @@ def test_sessions_from_frame_orders_by_time_within_session() -> None:
     )
     assert sessions_from_frame(frame) == [["b", "c"], ["z", "a"], ["q"]]
     assert sessions_from_frame(frame.iloc[:0]) == []
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("k=0", "k must be an integer >= 1, got 0"),
+        ("k=2.5", "k must be an integer >= 1, got 2.5"),
+        ("exclude_seen=true", "exclude_seen must be a non-empty list of booleans"),
+        ("exclude_seen=[]", "exclude_seen must be a non-empty list of booleans"),
+        ("max_sessions=0", "max_sessions must be null or an integer >= 1, got 0"),
+    ],
+)
+def test_run_replay_checks_settings_before_reading_data(
+    compose_cfg: Callable[..., DictConfig], override: str, message: str
+) -> None:
+    cfg = compose_cfg("replay", ["data=synthetic", "export_dir=/nonexistent", override])
+    with pytest.raises(ValueError, match=re.escape(message)):
+        run_replay(cfg)

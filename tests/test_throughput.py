@@ -110,6 +110,15 @@ def test_throughput_bench_on_tiny_data(compose_cfg: Callable[..., DictConfig]) -
     assert "| length_bucketing |" in markdown and "x before" in markdown
 
 
+@pytest.mark.parametrize("override", ["steps=0", "warmup_steps=-1"])
+def test_throughput_bench_rejects_bad_step_counts(
+    compose_cfg: Callable[..., DictConfig], override: str
+) -> None:
+    cfg = compose_cfg("bench_train", ["data=synthetic", override])
+    with pytest.raises(ValueError, match="need steps >= 1 and warmup_steps >= 0"):
+        throughput.run_throughput_bench(cfg)
+
+
 def test_throughput_bench_rejects_unknown_variant(compose_cfg: Callable[..., DictConfig]) -> None:
     cfg = compose_cfg("bench_train", ["data=synthetic", "variants=[fast_mode]"])
     with pytest.raises(ValueError, match="unknown variant"):

@@ -182,6 +182,8 @@ def run_replay(cfg: Any) -> dict[str, Any]:
         exclude_seen value], "paths"}``.
 
     Raises:
+        ValueError: ``k``, ``exclude_seen`` or ``max_sessions`` out of range (checked before any
+            data is read).
         FileNotFoundError: no export in ``export_dir`` or no ``test.parquet`` (a benchmark without
             ``test_sessions.tsv``) in the processed data.
     """
@@ -193,6 +195,15 @@ def run_replay(cfg: Any) -> dict[str, Any]:
     from seqrec.report import subsample
     from seqrec.throughput import machine_info
 
+    k, flags, max_sessions = cfg.k, cfg.exclude_seen, cfg.get("max_sessions")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    if isinstance(flags, bool | str) or not flags or not all(isinstance(f, bool) for f in flags):
+        raise ValueError(f"exclude_seen must be a non-empty list of booleans, got {flags!r}")
+    if max_sessions is not None and (
+        isinstance(max_sessions, bool) or not isinstance(max_sessions, int) or max_sessions < 1
+    ):
+        raise ValueError(f"max_sessions must be null or an integer >= 1, got {max_sessions!r}")
     _ensure_prepared(cfg)
     sessions_path = Path(cfg.data.processed_dir) / "test.parquet"
     if not sessions_path.is_file():

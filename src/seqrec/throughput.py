@@ -244,8 +244,8 @@ def run_throughput_bench(cfg: Any) -> dict[str, Any]:
         The report dict (also written as JSON).
 
     Raises:
-        ValueError: an unknown variant, a loss other than ``ce`` with an all-positions variant, or
-            fewer training windows than ``(warmup_steps + steps) * batch_size``.
+        ValueError: an unknown variant, ``steps`` < 1 or ``warmup_steps`` < 0, a copy model with
+            an all-positions variant, or fewer training windows than ``(warmup_steps + steps) * batch_size``.
     """
     from hydra.utils import instantiate
 
@@ -263,6 +263,11 @@ def run_throughput_bench(cfg: Any) -> dict[str, Any]:
     ):
         raise ValueError(
             "the all-positions variants implement plain SASRec: set copy_mechanism=false"
+        )
+    if int(cfg.steps) < 1 or int(cfg.warmup_steps) < 0:
+        raise ValueError(
+            f"need steps >= 1 and warmup_steps >= 0, got steps={cfg.steps}, "
+            f"warmup_steps={cfg.warmup_steps}"
         )
     _ensure_prepared(cfg)
     datamodule = instantiate(cfg.data.datamodule)
