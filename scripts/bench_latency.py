@@ -49,6 +49,11 @@ log = logging.getLogger("bench_latency")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RETAILROCKET_ITEMS = 37_000
+INCREMENTAL = "onnx incremental"
+NEXT_CLICK = "onnx incremental, next click (cached states)"
+NEW_SESSION = "onnx incremental, new session (no cached state)"
+INCREMENTAL_IMPLS = (NEXT_CLICK, NEW_SESSION)
+SERVED_IMPLS = ("onnx full scores + numpy top-k", "onnx top-k in graph", *INCREMENTAL_IMPLS)
 
 
 # ------------------------------------------------------------------------------------ timing
@@ -93,6 +98,7 @@ def build_export(
     out_dir: Path,
     variant_kwargs: dict[str, Any],
     model: Any = None,
+    exporters: list[str] | None = None,
 ) -> tuple[Any, Path]:
     """A random SASRec of ``num_items`` items and its verified export in ``out_dir``."""
     import torch
@@ -119,7 +125,7 @@ def build_export(
         out_dir,
         fallback_items=vocab.item_ids[:100],
         variant=ExportVariant(**variant_kwargs),
-        exporters=args.exporters,
+        exporters=exporters,
     )
     return model, out_dir
 
@@ -166,6 +172,7 @@ def measure_size(
     layouts: dict[str, dict[str, Any]] = {
         "onnx full scores + numpy top-k": {"top_k_in_graph": False},
         "onnx top-k in graph": {"top_k_in_graph": True},
+        INCREMENTAL: {"top_k_in_graph": True, "incremental": True},
     }
     is_reference_size = num_items == args.reference_size
     if is_reference_size:
@@ -177,7 +184,12 @@ def measure_size(
     for name, variant in layouts.items():
         start = time.perf_counter()
         model, export_dirs[name] = build_export(
-            num_items, args, work_dir / f"{num_items}_{len(export_dirs)}", variant, model
+            num_items,
+            args,
+            work_dir / f"{num_items}_{len(export_dirs)}",
+            variant,
+            model,
+            exporters=None if variant.get("incremental") else args.exporters,
         )
         meta = json.loads((export_dirs[name] / "export_meta.json").read_text())
         quality[name] = meta["quality"]["top_k_overlap_mean"]
@@ -240,18 +252,35 @@ def measure_size(
             for name, rec in recommenders.items():
                 if threads > 1 and ("int8" in name or "fp16" in name):
                     continue  # precision variants: one thread only
+                if name == INCREMENTAL:
+                    # the widget's case: the session minus its newest item was served before
+                    rec.recommend_batch([s[:-1] for s in sessions], k=k)
+                    impls[NEXT_CLICK] = (
+                        (lambda s, r=rec: r.recommend(s, k=k)),
+                        (lambda b, r=rec: r.recommend_batch(b, k=k)),
+                    )
+                    # a session never seen before (cache emptied before each call)
+                    impls[NEW_SESSION] = (
+                        (lambda s, r=rec: (r.clear_state_cache(), r.recommend(s, k=k))),
+                        (lambda b, r=rec: (r.clear_state_cache(), r.recommend_batch(b, k=k))),
+                    )
+                    continue
                 impls[name] = (
                     (lambda s, r=rec: r.recommend(s, k=k)),
                     (lambda b, r=rec: r.recommend_batch(b, k=k)),
                 )
             for impl, (single_fn, batch_fn) in impls.items():
+                if impl == NEXT_CLICK:  # re-warm: the new-session rows empty the shared cache
+                    recommenders[INCREMENTAL].recommend_batch([s[:-1] for s in sessions], k=k)
                 single = time_calls(
                     lambda i, f=single_fn, s=sessions: f(s[i % 256]), budget_s, 200, 20_000, 30
                 )
                 row = {**base, "case": "single", "session_len": length, "impl": impl, **single}
                 row["x_floor_p50"] = single["p50_ms"] / floor["p50_ms"]
                 row["x_floor_p99"] = single["p99_ms"] / floor["p50_ms"]
-                row["top_k_overlap"] = quality.get(impl)
+                row["top_k_overlap"] = quality.get(
+                    INCREMENTAL if impl in INCREMENTAL_IMPLS else impl
+                )
                 results.append(row)
                 if length_name == "short" and impl != "pytorch eager":
                     continue
@@ -360,6 +389,44 @@ async def _load(
     }
 
 
+def _scrape_cache(port: int) -> dict[str, float] | None:
+    """The server's ``seqrec_state_cache_*`` metrics (None when it has no cache)."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    values = {
+        line.split(" ")[0].removeprefix("seqrec_state_cache_").removesuffix("_total"): float(
+            line.split(" ")[1]
+        )
+        for line in text.splitlines()
+        if line.startswith("seqrec_state_cache_")
+    }
+    return values or None
+
+
+def widget_bodies(num_items: int, shoppers: int, count: int, seed: int = 0) -> list[bytes]:
+    """Request bodies as the product-page widget sends them: ``shoppers`` shoppers browse at the
+    same time; each request is one shopper's session after one more click (1 to 10 clicks per
+    session, then a new shopper takes the place), k = 20, seen items excluded."""
+    rng = random.Random(seed)
+    ids = [str(100_000 + i) for i in range(1, num_items + 1)]
+
+    def new_shopper() -> tuple[list[str], int]:
+        return [], rng.randint(1, 10)
+
+    active = [new_shopper() for _ in range(shoppers)]
+    bodies = []
+    for _ in range(count):
+        slot = rng.randrange(shoppers)
+        session, length = active[slot]
+        session.append(rng.choice(ids))
+        bodies.append(json.dumps({"session": session, "k": 20, "exclude_seen": True}).encode())
+        if len(session) >= length:
+            active[slot] = new_shopper()
+    return bodies
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -390,14 +457,7 @@ def measure_http(export_dir: Path, args: argparse.Namespace, log_path: Path) -> 
                 raise RuntimeError(f"seqrec-serve did not start; see {log_path}")
             time.sleep(0.2)
         meta = json.loads((export_dir / "export_meta.json").read_text())
-        rng = random.Random(0)
-        ids = [str(100_000 + i) for i in range(1, int(meta["num_items"]) + 1)]
-        bodies = [
-            json.dumps(
-                {"session": rng.sample(ids, rng.randint(1, 10)), "k": 20, "exclude_seen": True}
-            ).encode()
-            for _ in range(512)
-        ]
+        bodies = widget_bodies(int(meta["num_items"]), args.http_shoppers, args.http_bodies)
         run = asyncio.run
         out: dict[str, Any] = {"server_request_logs": args.http_request_logs}
         run(_load(port, bodies, 4, 1.0, None, 10_000))  # warm-up
@@ -443,6 +503,9 @@ def measure_http(export_dir: Path, args: argparse.Namespace, log_path: Path) -> 
         out["ladder"] = ladder
         held = [s["target_rate_per_s"] for s in ladder if s["holds"]]
         out["highest_rate_held"] = max(held) if held else None
+        out["incremental"] = bool(meta.get("incremental"))
+        out["shoppers"] = args.http_shoppers
+        out["state_cache"] = _scrape_cache(port)
         return out
     finally:
         proc.send_signal(signal.SIGINT)
@@ -533,6 +596,16 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
             f"## HTTP (seqrec-serve, 1 worker, 1 onnxruntime thread, {http['num_items']} items, "
             "loopback, load generator on the same cores)",
             "",
+            f"Export: {'incremental (states cached per session)' if http.get('incremental') else 'top-k in graph'}"
+            f". Requests: {http.get('shoppers', '?')} shoppers browsing at once, each request one "
+            "shopper's session after one more click (1 to 10 clicks), k = 20, seen items excluded."
+            + (
+                f" State cache after the run: {http['state_cache']['hits']} hits, "
+                f"{http['state_cache']['misses']} misses."
+                if http.get("state_cache")
+                else ""
+            ),
+            "",
             "| phase | concurrency | target req/s | duration s | requests | errors | req/s | p50 ms "
             "| p99 ms |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -576,7 +649,7 @@ def targets(report: dict[str, Any]) -> list[str]:
     )
     for length in sorted({r.get("session_len") for r in rows if r.get("session_len")}):
         eager = pick("single", "pytorch eager", length)
-        for impl in ("onnx full scores + numpy top-k", "onnx top-k in graph"):
+        for impl in SERVED_IMPLS:
             r = pick("single", impl, length)
             if not (r and eager and floor):
                 continue
@@ -591,7 +664,7 @@ def targets(report: dict[str, Any]) -> list[str]:
             )
     eager_b = pick("batch64", "pytorch eager", report["args"]["max_len"])
     floor_b = pick("batch64", "floor: numpy (64, D) x (D, C) matmul")
-    for impl in ("onnx full scores + numpy top-k", "onnx top-k in graph"):
+    for impl in SERVED_IMPLS:
         r = pick("batch64", impl, report["args"]["max_len"])
         if not (r and eager_b and floor_b):
             continue
@@ -626,6 +699,8 @@ _COLORS = {
     "top-k in graph": "tab:green",
     "int8": "tab:purple",
     "fp16": "tab:orange",
+    "next click": "tab:cyan",
+    "new session": "tab:olive",
 }
 """Line colour per implementation (substring of its name); line style per thread count."""
 
@@ -720,6 +795,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="rates tried in order until one fails (p99 or errors or not achieved)",
     )
     parser.add_argument("--http-ladder-s", type=float, default=10.0)
+    parser.add_argument(
+        "--http-incremental",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="serve an incremental export (the conf/export.yaml default) rather than top-k only",
+    )
+    parser.add_argument(
+        "--http-shoppers", type=int, default=64, help="shoppers browsing at once (HTTP bodies)"
+    )
+    parser.add_argument(
+        "--http-bodies", type=int, default=20_000, help="distinct requests, sent in a cycle"
+    )
     parser.add_argument("--http-p99-target-ms", type=float, default=20.0)
     parser.add_argument(
         "--http-request-logs",
@@ -768,8 +855,13 @@ def main(argv: list[str] | None = None) -> int:
             measure_size(num_items, args, work_dir, results)
         http = None
         if not args.skip_http:
+            variant = {"top_k_in_graph": True, "incremental": args.http_incremental}
             _, http_dir = build_export(
-                args.reference_size, args, work_dir / "http_export", {"top_k_in_graph": False}
+                args.reference_size,
+                args,
+                work_dir / "http_export",
+                variant,
+                exporters=None if args.http_incremental else args.exporters,
             )
             http = measure_http(http_dir, args, args.out_dir / "http_server_log.jsonl")
             http["num_items"] = args.reference_size

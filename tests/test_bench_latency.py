@@ -30,11 +30,21 @@ def test_quick_benchmark_writes_reports(tmp_path: Path) -> None:
     )
     report = json.loads((out / "latency.json").read_text())
     impls = {r["impl"] for r in report["results"]}
-    assert {"pytorch eager", "onnx top-k in graph", "onnx full scores + numpy top-k"} <= impls
+    assert {
+        "pytorch eager",
+        "onnx top-k in graph",
+        "onnx full scores + numpy top-k",
+        "onnx incremental, next click (cached states)",
+        "onnx incremental, new session (no cached state)",
+    } <= impls
     assert any(i.startswith("memory floor") for i in impls)
     assert all(r["p50_ms"] > 0 for r in report["results"])
     assert report["http"]["fixed_rate"]["requests"] > 0
     assert report["http"]["fixed_rate"]["errors"] == 0
+    # widget-like requests on an incremental export: most clicks extend a cached session
+    assert report["http"]["incremental"]
+    cache = report["http"]["state_cache"]
+    assert cache["hits"] > cache["misses"] > 0
     assert report["targets"]
     assert "| items | threads |" in (out / "latency.md").read_text()
     assert (out / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

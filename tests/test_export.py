@@ -225,6 +225,7 @@ def test_default_variant_metadata(exported: TinyExport) -> None:
         "precision": "fp32",
         "graph_optimization_level": "all",
         "min_top_k_overlap": 0.9,
+        "incremental": False,
     }
     assert (meta["input_names"], meta["output_names"]) == (["item_ids"], ["scores"])
     assert meta["quality"]["top_k_overlap_mean"] == 1.0

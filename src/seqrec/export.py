@@ -46,6 +46,7 @@ from torch import Tensor, nn
 
 from seqrec.constants import PAD_IDX
 from seqrec.data.vocab import ItemVocab
+from seqrec.incremental import STEP_FILE, export_incremental
 from seqrec.models.sasrec import SASRec
 from seqrec.predictor import file_sha256
 from seqrec.sequence import encode_prefixes
@@ -96,12 +97,17 @@ class ExportVariant:
             (``disable``, ``basic``, ``extended``, ``all``); recorded in the metadata.
         min_top_k_overlap: smallest mean top-k overlap with PyTorch on the quality check that is
             accepted (float32 variants must match exactly up to ties anyway).
+        incremental: also write the step graph ``model_step.onnx`` and make ``model.onnx`` the
+            prefill graph that returns every position's states (``seqrec.incremental``), so the
+            predictor computes only the newest item of a session it has seen one click earlier.
+            Needs ``top_k_in_graph`` and ``fp32`` and the dynamo exporter.
     """
 
     top_k_in_graph: bool = False
     precision: str = "fp32"
     graph_optimization_level: str = "all"
     min_top_k_overlap: float = 0.9
+    incremental: bool = False
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -113,6 +119,12 @@ class ExportVariant:
             )
         if not 0.0 <= self.min_top_k_overlap <= 1.0:
             raise ValueError(f"min_top_k_overlap must be in [0, 1], got {self.min_top_k_overlap}")
+        if self.incremental and (not self.top_k_in_graph or self.precision != "fp32"):
+            raise ValueError(
+                "incremental=True needs top_k_in_graph=True and precision='fp32' (set "
+                "incremental=False, variant.incremental=false in conf/export.yaml, for others; got "
+                f"top_k_in_graph={self.top_k_in_graph}, precision={self.precision!r})"
+            )
 
 
 class ScoringModel(nn.Module):
@@ -315,7 +327,7 @@ def _onnx_opset(path: Path) -> int:
 
 def _remove_export_files(directory: Path) -> None:
     for name in os.listdir(directory):
-        if name == MODEL_FILE or name.startswith(MODEL_FILE + "."):  # model.onnx.data etc.
+        if name in (MODEL_FILE, STEP_FILE) or name.startswith(MODEL_FILE + "."):  # .onnx.data
             (directory / name).unlink()
 
 
@@ -406,14 +418,30 @@ def export_onnx(
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     tmp_dir.chmod(0o755)  # mkdtemp makes it private; the published directory should not be
     base_path = tmp_dir / "scores_fp32.onnx"  # intermediate, removed before publishing
+    incremental: dict[str, Any] | None = None
     try:
         with _eval_mode(cpu_model):
-            exporter, validation, fallback_reason, export_time_s = _export_validated(
-                cpu_model, base_path, opset, exporters
-            )
-            actual_opset = _onnx_opset(base_path)
-            build_variant(base_path, tmp_dir / MODEL_FILE, variant, cfg.num_items + 1)
-            base_path.unlink()
+            if variant.incremental:
+                if exporters is not None and "dynamo" not in exporters:
+                    raise ValueError("incremental exports need the dynamo exporter")
+                start = time.perf_counter()
+                incremental = export_incremental(
+                    cpu_model, tmp_dir / MODEL_FILE, tmp_dir / STEP_FILE, opset
+                )
+                export_time_s = time.perf_counter() - start
+                exporter, fallback_reason = "dynamo", None
+                validation = {
+                    key: incremental.pop(key) for key in ("max_abs_diff", "batches_checked", "atol")
+                }
+                validation["scoring_graph"] = "incremental prefill + step"
+                actual_opset = _onnx_opset(tmp_dir / MODEL_FILE)
+            else:
+                exporter, validation, fallback_reason, export_time_s = _export_validated(
+                    cpu_model, base_path, opset, exporters
+                )
+                actual_opset = _onnx_opset(base_path)
+                build_variant(base_path, tmp_dir / MODEL_FILE, variant, cfg.num_items + 1)
+                base_path.unlink()
             quality = check_variant(
                 cpu_model, tmp_dir / MODEL_FILE, variant, quality_examples, k=quality_k
             )
@@ -422,8 +450,17 @@ def export_onnx(
                 "requested opset %d, the %s exporter wrote %d", opset, exporter, actual_opset
             )
         vocab.save(tmp_dir / VOCAB_FILE)
-        hashes = {name: file_sha256(tmp_dir / name) for name in (MODEL_FILE, VOCAB_FILE)}
-        if variant.top_k_in_graph:
+        files = (MODEL_FILE, VOCAB_FILE) + ((STEP_FILE,) if incremental else ())
+        hashes = {name: file_sha256(tmp_dir / name) for name in files}
+        if incremental:
+            names = incremental.pop("names")
+            input_names, output_names = names["prefill_inputs"], names["outputs"]
+            incremental = {
+                "step_file": STEP_FILE,
+                "step_input_names": names["step_inputs"],
+                "validation": incremental,
+            }
+        elif variant.top_k_in_graph:
             input_names = [INPUT_NAME, MASK_NAME, K_NAME]
             output_names = [TOP_SCORES_NAME, TOP_IDX_NAME]
         else:
@@ -454,6 +491,8 @@ def export_onnx(
         }
         if fallback_reason is not None:
             meta["exporter_fallback_reason"] = fallback_reason
+        if incremental:
+            meta["incremental"] = incremental
         clashes = sorted(set(meta) & set(extra_meta or {}))
         if clashes:
             raise ValueError(f"extra_meta may not override reserved keys: {clashes}")

@@ -8,8 +8,15 @@ thread-safe. ``from_dir`` checks the sha256 of the model and vocabulary files re
 (``exclude_seen``, allow-list, deny-list) always go through ``seqrec.filters.mask_scores``, the
 function offline evaluation uses.
 
-Only the standard library, numpy, onnxruntime and the numpy-only ``seqrec.sequence`` /
-``seqrec.constants`` may be imported here (a test checks that torch and pandas stay unloaded).
+Incremental exports (``ExportVariant(incremental=True)``, the served default) come with a step
+graph: the recommender keeps each session's transformer states in a bounded LRU cache
+(``seqrec.kv_cache``) and, when a request is a session it saw one item earlier (the widget asks
+after every click), computes only the new item's position. Results are the same either way; a
+cache miss runs the whole session.
+
+Only the standard library, numpy, onnxruntime, cachetools and the numpy-only ``seqrec.sequence`` /
+``seqrec.kv_cache`` / ``seqrec.constants`` may be imported here (a test checks that torch and
+pandas stay unloaded).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import onnxruntime as ort
 
 from seqrec.constants import PAD_IDX
 from seqrec.filters import mask_scores
+from seqrec.kv_cache import SessionState, StateCache, stack_past, states_from_prefill
 from seqrec.sequence import encode_prefixes
 
 logger = logging.getLogger(__name__)
@@ -141,7 +149,8 @@ def _verify_hashes(directory: Path, meta: dict[str, Any]) -> None:
             )
         logger.warning("%s: format 1 export without sha256; integrity not checked", directory)
         return
-    for name in (MODEL_FILE, VOCAB_FILE):
+    step_file = (meta.get("incremental") or {}).get("step_file")
+    for name in (MODEL_FILE, VOCAB_FILE) + ((step_file,) if step_file else ()):
         want = hashes.get(name)
         got = file_sha256(directory / name)
         if want != got:
@@ -168,8 +177,9 @@ def _graph_optimization_level(name: str) -> ort.GraphOptimizationLevel:
 class SessionRecommender:
     """Next-item recommendations for sessions of raw item ids, from an ONNX export directory.
 
-    One instance is safe to share between threads: it keeps no per-call state (the cached masks
-    are read-only) and ``InferenceSession.run`` is thread-safe.
+    One instance is safe to share between threads: the only per-call state is the session-state
+    cache, which is locked and holds immutable arrays; the masks are read-only and
+    ``InferenceSession.run`` is thread-safe.
     """
 
     def __init__(
@@ -177,6 +187,8 @@ class SessionRecommender:
         session: ort.InferenceSession,
         item_ids: list[str],
         meta: dict[str, Any],
+        step_session: ort.InferenceSession | None = None,
+        state_cache: StateCache | None = None,
     ) -> None:
         """Wrap a loaded graph; prefer :meth:`from_dir`.
 
@@ -184,8 +196,14 @@ class SessionRecommender:
             session: onnxruntime session of ``model.onnx``.
             item_ids: raw ids in index order (``item_ids[i - 1]`` has index i).
             meta: contents of ``export_meta.json`` (validated by :meth:`from_dir`).
+            step_session: onnxruntime session of the step graph of an incremental export.
+            state_cache: where session states are kept between calls (incremental exports);
+                None runs every session whole.
         """
         self._session = session
+        self._step_session = step_session
+        self._state_cache = state_cache if step_session is not None else None
+        self._is_copy = "present_copy_keys" in (meta.get("output_names") or [])
         self._item_ids = list(item_ids)
         self._index = {item_id: idx for idx, item_id in enumerate(self._item_ids, start=1)}
         self._meta = meta
@@ -206,6 +224,7 @@ class SessionRecommender:
         num_threads: int = 1,
         graph_optimization_level: str | None = None,
         verify_integrity: bool = True,
+        state_cache_mb: float = 256.0,
     ) -> SessionRecommender:
         """Load ``model.onnx``, ``item_vocab.json`` and ``export_meta.json`` from ``path``.
 
@@ -216,8 +235,12 @@ class SessionRecommender:
             graph_optimization_level: ``disable`` / ``basic`` / ``extended`` / ``all``; ``None``
                 takes the level recorded at export (``variant.graph_optimization_level``, else
                 ``all``).
-            verify_integrity: check the sha256 of ``model.onnx`` and ``item_vocab.json`` against
-                the metadata (a few ms per 10 MB).
+            verify_integrity: check the sha256 of ``model.onnx`` and ``item_vocab.json`` (and the
+                step graph) against the metadata (a few ms per 10 MB).
+            state_cache_mb: memory bound of the session-state cache of an incremental export, in
+                MiB (0 = no cache: every session runs whole). A session of n items holds
+                n * (4 * n_layers * d_model + 1 * d_model) float32 values, e.g. 64 KiB for 25
+                items at d_model 128 with 2 layers and the copy mechanism. Ignored otherwise.
 
         Raises:
             FileNotFoundError: the directory or one of the three files is missing.
@@ -229,6 +252,8 @@ class SessionRecommender:
         """
         if num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+        if not state_cache_mb >= 0:
+            raise ValueError(f"state_cache_mb must be >= 0, got {state_cache_mb}")
         directory = Path(path)
         if not directory.is_dir():
             raise FileNotFoundError(f"export directory not found: {directory}")
@@ -289,8 +314,26 @@ class SessionRecommender:
                 f"{model_path}: graph has inputs {inputs} / outputs {outputs}, but {meta_path} "
                 f"names {want_inputs} -> {meta['output_name']!r}"
             )
+        step_session, state_cache = None, None
+        incremental = meta.get("incremental")
+        if incremental:
+            step_path = directory / str(incremental.get("step_file", ""))
+            if not step_path.is_file():
+                raise FileNotFoundError(f"missing export file: {step_path}")
+            step_session = ort.InferenceSession(
+                str(step_path), options, providers=["CPUExecutionProvider"]
+            )
+            step_inputs = [i.name for i in step_session.get_inputs()]
+            if step_inputs != list(incremental.get("step_input_names", [])):
+                raise ValueError(
+                    f"{step_path}: graph has inputs {step_inputs}, but {meta_path} names "
+                    f"{incremental.get('step_input_names')}"
+                )
+            if state_cache_mb > 0:
+                state_cache = StateCache(int(state_cache_mb * 2**20))
         logger.info(
-            "loaded %s: %d items, max_len %d, exporter %s, variant %s, %d thread(s), level %s",
+            "loaded %s: %d items, max_len %d, exporter %s, variant %s, %d thread(s), level %s, "
+            "state cache %s",
             directory,
             len(item_ids),
             int(meta["max_len"]),
@@ -298,8 +341,9 @@ class SessionRecommender:
             meta.get("variant", "fp32 scores"),
             num_threads,
             level,
+            f"{state_cache_mb:g} MiB" if state_cache else "off",
         )
-        return cls(session, item_ids, meta)
+        return cls(session, item_ids, meta, step_session, state_cache)
 
     @property
     def num_items(self) -> int:
@@ -330,6 +374,21 @@ class SessionRecommender:
     def fallback_items(self) -> list[str]:
         """Popularity fallback, best first (a copy)."""
         return list(self._fallback_ids)
+
+    @property
+    def incremental(self) -> bool:
+        """Whether sessions seen one item earlier are scored from cached states."""
+        return self._state_cache is not None
+
+    def state_cache_info(self) -> dict[str, int] | None:
+        """``{"hits", "misses", "entries", "bytes", "max_bytes"}`` of the session-state cache,
+        or None without one (see :meth:`from_dir`)."""
+        return None if self._state_cache is None else self._state_cache.info()
+
+    def clear_state_cache(self) -> None:
+        """Forget every cached session state (and reset the counters); no-op without a cache."""
+        if self._state_cache is not None:
+            self._state_cache.clear()
 
     @property
     def session_options(self) -> ort.SessionOptions:
@@ -501,14 +560,14 @@ class SessionRecommender:
                 mask = mask_scores(zeros, prefixes, exclude_seen, allow_idxs, deny_idxs)
             else:
                 mask = self._pad_mask  # (1, C), broadcast over the batch in the graph
-            top_scores, top_idx = self._session.run(
-                None,
-                {
-                    self._input_name: item_ids,
-                    "score_mask": mask,
-                    "k": np.array([min(k, self.num_items)], dtype=np.int64),
-                },
-            )  # (B, K) float32, (B, K) int64, best first
+            k_arr = np.array([min(k, self.num_items)], dtype=np.int64)
+            if self._state_cache is not None:
+                top_scores, top_idx = self._run_incremental(prefixes, mask, k_arr)
+            else:
+                top_scores, top_idx = self._session.run(
+                    ["top_scores", "top_idx"],
+                    {self._input_name: item_ids, "score_mask": mask, "k": k_arr},
+                )  # (B, K) float32, (B, K) int64, best first
             return [
                 self._recommendations(row_idx[is_kept], row_scores[is_kept])
                 for row_scores, row_idx in zip(top_scores, top_idx, strict=True)
@@ -521,6 +580,69 @@ class SessionRecommender:
             self._recommendations(top, row_scores[top])
             for top, row_scores in zip(tops, scores, strict=True)
         ]
+
+    def _run_incremental(
+        self, prefixes: list[list[int]], mask: np.ndarray, k_arr: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k of B sessions, each from its cached states when the cache holds the session
+        minus its newest item (step graph), else whole (prefill graph); both store the
+        session's states for its next click.
+
+        Args:
+            prefixes: B non-empty sessions of item indices; only the last ``max_len`` count.
+            mask: (1 or B, C) float32 score mask; k_arr: (1,) int64.
+
+        Returns:
+            (B, K) float32 scores and (B, K) int64 item indices, best first.
+        """
+        cache = self._state_cache
+        assert cache is not None and self._step_session is not None
+        windows = [tuple(p[-self._max_len :]) for p in prefixes]
+        states = [cache.get(w[:-1]) if len(w) > 1 else None for w in windows]
+        step_rows = [row for row, state in enumerate(states) if state is not None]
+        full_rows = [row for row, state in enumerate(states) if state is None]
+        top_scores = np.empty((len(windows), int(k_arr[0])), dtype=np.float32)
+        top_idx = np.empty((len(windows), int(k_arr[0])), dtype=np.int64)
+
+        def rows_mask(rows: list[int]) -> np.ndarray:
+            return mask if len(mask) == 1 or len(rows) == len(windows) else mask[rows]
+
+        if full_rows:
+            outputs = self._session.run(
+                None,
+                {
+                    self._input_name: encode_prefixes(
+                        [windows[r] for r in full_rows], self._max_len
+                    ),
+                    "score_mask": rows_mask(full_rows),
+                    "k": k_arr,
+                },
+            )  # top_scores, top_idx, present_kv (2 * layers, B', H, L', Dh)[, copy keys]
+            top_scores[full_rows], top_idx[full_rows] = outputs[0], outputs[1]
+            new_states = states_from_prefill(
+                outputs[2],
+                outputs[3] if self._is_copy else None,
+                [len(windows[r]) for r in full_rows],
+            )
+            for row, state in zip(full_rows, new_states, strict=True):
+                cache.put(windows[row], state)
+        if step_rows:
+            past: list[SessionState] = [states[r] for r in step_rows]  # type: ignore[misc]
+            past_kv, past_copy_keys = stack_past(past)
+            feed = {
+                self._input_name: encode_prefixes([windows[r] for r in step_rows], self._max_len),
+                "past_kv": past_kv,
+                "score_mask": rows_mask(step_rows),
+                "k": k_arr,
+            }
+            if self._is_copy:
+                feed["past_copy_keys"] = past_copy_keys
+            outputs = self._step_session.run(None, feed)  # present: (2 * layers, B', H, 1, Dh)
+            top_scores[step_rows], top_idx[step_rows] = outputs[0], outputs[1]
+            for j, row in enumerate(step_rows):
+                copy_key = outputs[3][j] if self._is_copy else None
+                cache.put(windows[row], past[j].extended(outputs[2][:, j], copy_key))
+        return top_scores, top_idx
 
     def _recommendations(self, idxs: np.ndarray, scores: np.ndarray) -> list[Recommendation]:
         """Recommendations for (K,) int64 item indices ``idxs`` (best first) with their (K,)

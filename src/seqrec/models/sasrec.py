@@ -56,6 +56,18 @@ class SASRecConfig:
             raise ValueError(f"d_model={self.d_model} not divisible by n_heads={self.n_heads}")
 
 
+def _log_sigmoid(x: Tensor) -> Tensor:
+    """log(sigmoid(x)), finite for any finite x; written with elementwise ops so that ONNX
+    exporters keep it stable (they lower ``F.logsigmoid`` to Log(Sigmoid), -inf below x = -104)."""
+    return -(torch.clamp(-x, min=0) + torch.log1p(torch.exp(-x.abs())))
+
+
+def _log_add_exp(a: Tensor, b: Tensor) -> Tensor:
+    """log(exp(a) + exp(b)) without overflow (exporters lower ``torch.logaddexp`` to
+    Log(Exp + Exp))."""
+    return torch.maximum(a, b) + torch.log1p(torch.exp(-(a - b).abs()))
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with an explicit additive mask."""
 
@@ -218,27 +230,73 @@ class SASRec(nn.Module):
         Args:
             logits: (B, C-1) float generator logits of the real items (rows 1.. of the table).
             states: (B, L, D) float ``SASRec.forward`` output.
-            item_ids: (B, L) int64 the same left-padded inputs.
+            item_ids: (B, L) int64 the same left-padded inputs; the last column must be a real
+                item (as in every prefix the model scores).
 
         Returns:
-            (B, C-1) float log-probabilities of the real items: gate * softmax(logits) + (1 - gate)
-            * pointer, with the pointer attention of the last position over the real positions
-            (and itself), as :meth:`copy_weights` computes it for every position.
+            (B, C-1) float log-probabilities of the real items: log(gate * softmax(logits) +
+            (1 - gate) * pointer), with the pointer attention of the last position over the real
+            positions (and itself), as :meth:`copy_weights` computes it for every position.
+            See :meth:`copy_log_probs_from_keys` for how it is computed.
         """
-        last = states[:, -1]  # (B, D)
-        gate = torch.sigmoid(self.copy_gate(last))  # (B, 1)
+        log_probs = self.copy_log_probs_from_keys(
+            logits, states[:, -1], self.copy_key(states), item_ids
+        )
+        assert isinstance(log_probs, Tensor)
+        return log_probs
+
+    def copy_log_probs_from_keys(
+        self,
+        logits: Tensor,
+        last: Tensor,
+        keys: Tensor,
+        item_ids: Tensor,
+        split_gate: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """:meth:`copy_log_probs_last` from the last state and the pointer keys of every position.
+
+        The incremental serving graphs (``seqrec.incremental``) cache the keys, so they call this
+        directly. Computed in log space with one pass over the catalog besides ``log_softmax``:
+        an item outside the session has log p = log(gate) + log_softmax(logits); a session item
+        has log p = logaddexp(log(gate) + log_softmax(logit), log(1 - gate) + log(pointer mass)),
+        written into the log-softmax row by one scatter. Nothing is clamped and no (B, C-1)
+        probability matrix is built.
+
+        Args:
+            logits: (B, C-1) float generator logits of the real items.
+            last: (B, D) float final state at the last position.
+            keys: (B, L, D) float ``copy_key`` of the final states at every position.
+            item_ids: (B, L) int64 left-padded inputs; the last column is a real item.
+            split_gate: return ``(log p - log(gate), log(gate))`` instead of log p: the first
+                part ranks the catalog the same way, so a top-k can add the (B, 1) second part to
+                its k values only.
+
+        Returns:
+            (B, C-1) float log-probabilities of the real items, or the pair described above.
+        """
+        gate_logit = self.copy_gate(last)  # (B, 1)
         query = self.copy_query(last)  # (B, D)
-        keys = self.copy_key(states)  # (B, L, D)
         att = (keys @ query.unsqueeze(-1)).squeeze(-1) / (self.cfg.d_model**0.5)  # (B, L)
         length = item_ids.shape[1]
         is_last = torch.arange(length, device=item_ids.device) == length - 1  # (L,)
-        is_allowed = (item_ids != PAD_IDX) | is_last.unsqueeze(0)  # (B, L)
+        is_real = item_ids != PAD_IDX  # (B, L)
+        is_allowed = is_real | is_last.unsqueeze(0)  # (B, L)
         alpha = torch.softmax(att.masked_fill(~is_allowed, torch.finfo(att.dtype).min), dim=-1)
-        p_copy = torch.zeros(
-            (item_ids.shape[0], logits.shape[1] + 1), dtype=alpha.dtype, device=alpha.device
-        ).scatter_add(1, item_ids, alpha)[:, PAD_IDX + 1 :]  # (B, C-1)
-        probs = gate * torch.softmax(logits, dim=-1) + (1.0 - gate) * p_copy  # (B, C-1)
-        return torch.log(probs.clamp_min(torch.finfo(probs.dtype).tiny))
+        # pointer mass of each position's item (summed over repeats of the same item): (B, L)
+        same = item_ids.unsqueeze(2) == item_ids.unsqueeze(1)  # (B, L, L)
+        mass = (alpha.unsqueeze(1) * same.to(alpha.dtype)).sum(-1)  # (B, L)
+        log_gen = torch.log_softmax(logits, dim=-1)  # (B, C-1)
+        log_gate, log_not_gate = _log_sigmoid(gate_logit), _log_sigmoid(-gate_logit)  # (B, 1)
+        # padded positions write the last item's value again (same column, same value)
+        col = (torch.where(is_real, item_ids, item_ids[:, -1:]) - (PAD_IDX + 1)).clamp(min=0)
+        mass = torch.where(is_real, mass, mass[:, -1:])  # (B, L)
+        mixed = _log_add_exp(
+            log_gen.gather(1, col), log_not_gate - log_gate + torch.log(mass)
+        )  # (B, L) log p(item) - log(gate) of each position's item
+        ranked = log_gen.scatter(1, col, mixed)  # (B, C-1) log p - log(gate)
+        if split_gate:
+            return ranked, log_gate
+        return ranked + log_gate
 
     def copy_weights(self, hidden: Tensor, item_ids: Tensor) -> tuple[Tensor, Tensor]:
         """Gate and pointer attention of the copy mechanism (``cfg.copy_mechanism``).

@@ -14,7 +14,7 @@ import logging
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -30,6 +30,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StringConstraints
 
 from seqrec import __version__
@@ -76,6 +77,8 @@ class ServeSettings:
         max_filter_items: most ids in ``allow_items`` / ``deny_items``.
         default_k: ``k`` when a request does not give one.
         log_requests: one structured log line per request.
+        state_cache_mb: memory bound (MiB) of the predictor's session-state cache for
+            incremental exports (0 = off); see ``SessionRecommender.from_dir``.
     """
 
     num_threads: int = 1
@@ -84,6 +87,7 @@ class ServeSettings:
     max_filter_items: int = 10_000
     default_k: int = 10
     log_requests: bool = True
+    state_cache_mb: float = 256.0
 
 
 _UNION_BRANCHES = {"constrained-str", "int", "str"}
@@ -209,6 +213,34 @@ class _MetricsAndLogs:
                 )
 
 
+class _StateCacheCollector:
+    """Prometheus view of the recommender's session-state cache (read at scrape time)."""
+
+    def __init__(self, recommender: SessionRecommender) -> None:
+        self._recommender = recommender
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        info = self._recommender.state_cache_info()
+        if info is None:
+            return
+        yield CounterMetricFamily(
+            "seqrec_state_cache_hits",
+            "requests scored from a cached session state (only the newest item computed)",
+            value=info["hits"],
+        )
+        yield CounterMetricFamily(
+            "seqrec_state_cache_misses",
+            "requests whose session minus its newest item was not cached (whole session run)",
+            value=info["misses"],
+        )
+        yield GaugeMetricFamily(
+            "seqrec_state_cache_entries", "cached states", value=info["entries"]
+        )
+        yield GaugeMetricFamily(
+            "seqrec_state_cache_bytes", "memory held by cached states", value=info["bytes"]
+        )
+
+
 def create_app(recommender: SessionRecommender, settings: ServeSettings | None = None) -> FastAPI:
     """Build the service around a loaded recommender.
 
@@ -240,6 +272,7 @@ def create_app(recommender: SessionRecommender, settings: ServeSettings | None =
         "recommendation responses served from the popularity fallback",
         registry=registry,
     )
+    registry.register(_StateCacheCollector(recommender))
     app = FastAPI(
         title="seqrec recommendations",
         version=__version__,
@@ -376,6 +409,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="onnxruntime level (default: the one recorded at export)",
     )
+    parser.add_argument(
+        "--state-cache-mb",
+        type=float,
+        default=defaults.state_cache_mb,
+        help="MiB of session states kept so a session's next click computes only the new item "
+        "(incremental exports; 0 = off)",
+    )
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument(
         "--no-request-logs", action="store_true", help="no log line per request (load tests)"
@@ -401,12 +441,14 @@ def main(argv: list[str] | None = None) -> int:
         max_session_len=args.max_session_len,
         max_filter_items=args.max_filter_items,
         log_requests=not args.no_request_logs,
+        state_cache_mb=args.state_cache_mb,
     )
     try:
         recommender = SessionRecommender.from_dir(
             args.export_dir,
             num_threads=settings.num_threads,
             graph_optimization_level=args.graph_optimization_level,
+            state_cache_mb=settings.state_cache_mb,
         )
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -1,0 +1,339 @@
+"""Incremental serving: prefill + step graphs, the session-state cache, and the predictor using
+them give exactly the rankings of the whole-session model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from _export_helpers import FALLBACK_ITEMS, MAX_LEN, NUM_ITEMS, tiny_vocab
+from seqrec.export import ExportValidationError, ExportVariant, export_onnx
+from seqrec.incremental import STEP_FILE, validate_incremental
+from seqrec.kv_cache import SessionState, StateCache, stack_past, states_from_prefill
+from seqrec.models.sasrec import SASRec, SASRecConfig
+from seqrec.predictor import ArtifactIntegrityError, SessionRecommender
+from seqrec.sequence import encode_prefixes
+
+
+def _model(copy_mechanism: bool, n_layers: int = 2, seed: int = 0) -> SASRec:
+    torch.manual_seed(seed)
+    cfg = SASRecConfig(
+        num_items=NUM_ITEMS,
+        max_len=MAX_LEN,
+        d_model=16,
+        n_heads=2,
+        n_layers=n_layers,
+        copy_mechanism=copy_mechanism,
+    )
+    model = SASRec(cfg).eval()
+    with torch.no_grad():  # spread the scores (random init gives near-ties)
+        for param in model.parameters():
+            param.normal_(0.0, 0.3)
+        model.item_emb.weight[0].zero_()
+    return model
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["dot", "copy"])
+def inc_export(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    model = _model(request.param)
+    out = export_onnx(
+        model,
+        tiny_vocab(),
+        tmp_path_factory.mktemp("incremental") / "export",
+        fallback_items=FALLBACK_ITEMS,
+        variant=ExportVariant(top_k_in_graph=True, incremental=True),
+    )
+    return model, out
+
+
+def _eager(model: SASRec, session: list[str], k: int, exclude_seen: bool = False):
+    idxs = [int(i) - 1000 for i in session][-MAX_LEN:]
+    with torch.inference_mode():
+        scores = model.score_last(torch.from_numpy(encode_prefixes([idxs], MAX_LEN)))[0].numpy()
+    scores = scores.copy()
+    scores[0] = -np.inf
+    if exclude_seen:
+        scores[idxs] = -np.inf
+    order = np.argsort(-scores, kind="stable")[:k]
+    return [str(1000 + i) for i in order], scores[order]
+
+
+def _random_session(rng: np.random.Generator, length: int) -> list[str]:
+    return [str(1000 + int(i)) for i in rng.integers(1, NUM_ITEMS + 1, size=length)]
+
+
+# ----------------------------------------------------------------------------------- kv_cache
+
+
+def _state(length: int, value: float, copy: bool = True) -> SessionState:
+    kv = np.full((4, 2, length, 3), value, dtype=np.float32)
+    keys = np.full((length, 6), value, dtype=np.float32) if copy else None
+    return SessionState.frozen(kv, keys)
+
+
+def test_stack_past_left_pads_each_row() -> None:
+    past_kv, past_keys = stack_past([_state(2, 1.0), _state(4, 2.0)])
+    assert past_kv.shape == (4, 2, 2, 4, 3) and past_keys.shape == (2, 4, 6)
+    assert (past_kv[:, 0, :, :2] == 0).all() and (past_kv[:, 0, :, 2:] == 1).all()
+    assert (past_kv[:, 1] == 2).all()
+    assert (past_keys[0, :2] == 0).all() and (past_keys[0, 2:] == 1).all()
+    single_kv, single_keys = stack_past([_state(3, 5.0, copy=False)])
+    assert single_kv.shape == (4, 1, 2, 3, 3) and single_keys is None
+
+
+def test_states_from_prefill_keeps_real_positions_only() -> None:
+    kv = np.arange(4 * 2 * 2 * 5 * 3, dtype=np.float32).reshape(4, 2, 2, 5, 3)
+    keys = np.arange(2 * 5 * 6, dtype=np.float32).reshape(2, 5, 6)
+    short, full = states_from_prefill(kv, keys, [2, 5])
+    np.testing.assert_array_equal(short.kv, kv[:, 0, :, 3:])
+    np.testing.assert_array_equal(short.copy_keys, keys[0, 3:])
+    np.testing.assert_array_equal(full.kv, kv[:, 1])
+    assert not short.kv.flags.writeable
+
+
+def test_extended_leaves_the_cached_state_unchanged() -> None:
+    state = _state(2, 1.0)
+    grown = state.extended(np.full((4, 2, 1, 3), 7.0, np.float32), np.full((1, 6), 7.0, np.float32))
+    assert state.length == 2 and grown.length == 3
+    assert (grown.kv[:, :, 2] == 7).all() and (grown.copy_keys[2] == 7).all()
+    assert (state.kv == 1).all()
+
+
+def test_state_cache_is_lru_bounded_in_bytes_and_counts() -> None:
+    one = _state(2, 1.0)  # 4*2*2*3*4 + 2*6*4 = 240 bytes
+    cache = StateCache(max_bytes=2 * one.nbytes)
+    cache.put(("a",), one)
+    cache.put(("b",), _state(2, 2.0))
+    assert cache.get(("a",)) is one  # a is now the most recent
+    cache.put(("c",), _state(2, 3.0))  # evicts b
+    assert cache.get(("b",)) is None and cache.get(("c",)) is not None
+    cache.put(("big",), _state(20, 0.0))  # larger than the cache: not stored, nothing evicted
+    info = cache.info()
+    assert info == {
+        "hits": 2,
+        "misses": 1,
+        "entries": 2,
+        "bytes": 2 * one.nbytes,
+        "max_bytes": 2 * one.nbytes,
+    }
+    with pytest.raises(ValueError, match="max_bytes"):
+        StateCache(0)
+
+
+# ------------------------------------------------------------------------------------ export
+
+
+def test_variant_needs_top_k_in_graph_and_fp32() -> None:
+    with pytest.raises(ValueError, match="top_k_in_graph"):
+        ExportVariant(incremental=True)
+    with pytest.raises(ValueError, match="fp32"):
+        ExportVariant(top_k_in_graph=True, precision="fp16", incremental=True)
+
+
+def test_export_writes_and_hashes_the_step_graph(inc_export) -> None:
+    model, out = inc_export
+    meta = json.loads((out / "export_meta.json").read_text())
+    assert (out / STEP_FILE).is_file() and STEP_FILE in meta["sha256"]
+    assert meta["incremental"]["step_file"] == STEP_FILE
+    report = meta["incremental"]["validation"]
+    assert report["max_state_diff"] <= 1e-4
+    assert meta["validation"]["max_abs_diff"] <= 1e-4
+    assert meta["quality"]["top_k_overlap_mean"] == 1.0
+    want_inputs = ["item_ids", "past_kv", "score_mask", "k"]
+    if model.cfg.copy_mechanism:
+        want_inputs.insert(2, "past_copy_keys")
+    assert meta["incremental"]["step_input_names"] == want_inputs
+
+
+def test_validation_catches_a_wrong_step_graph(inc_export, tmp_path: Path) -> None:
+    model, out = inc_export
+    other = _model(model.cfg.copy_mechanism, seed=1)  # same shapes, different weights
+    with pytest.raises(ExportValidationError, match="graph"):
+        validate_incremental(other, out / "model.onnx", out / STEP_FILE)
+
+
+# --------------------------------------------------------------------------------- predictor
+
+
+def test_growing_session_matches_the_whole_session_model(inc_export) -> None:
+    model, out = inc_export
+    rec = SessionRecommender.from_dir(out)
+    assert rec.incremental
+    session = _random_session(np.random.default_rng(3), MAX_LEN + 4)
+    for n in range(1, len(session) + 1):
+        exclude = n % 3 == 0
+        got = rec.recommend(session[:n], k=8, exclude_seen=exclude)
+        want_ids, want_scores = _eager(model, session[:n], 8, exclude)
+        assert [r.item_id for r in got] == want_ids, n
+        np.testing.assert_allclose([r.score for r in got], want_scores, rtol=1e-5, atol=1e-4)
+    info = rec.state_cache_info()
+    # n = 2..MAX_LEN extend the previous window; past MAX_LEN the window slides (whole runs)
+    assert info["hits"] == MAX_LEN - 1
+    assert info["misses"] == len(session) - MAX_LEN
+
+
+def test_batches_mixing_cached_and_new_sessions(inc_export) -> None:
+    model, out = inc_export
+    rec = SessionRecommender.from_dir(out)
+    plain = SessionRecommender.from_dir(out, state_cache_mb=0)
+    assert not plain.incremental and plain.state_cache_info() is None
+    rng = np.random.default_rng(5)
+    sessions = [_random_session(rng, n) for n in (1, 2, 5, 9, MAX_LEN, MAX_LEN + 3)]
+    rec.recommend_batch([s[:-1] for s in sessions[::2] if len(s) > 1])  # cache some prefixes
+    filters = [
+        {},
+        {"exclude_seen": True},
+        {"deny_items": ["1003", "1017"]},
+        {"allow_items": ["1002", "1005", "1011", "1029"]},
+        {"allow_items": []},
+    ]
+    for kwargs in filters:
+        got = rec.recommend_batch(sessions, k=6, **kwargs)
+        want = plain.recommend_batch(sessions, k=6, **kwargs)
+        for a, b in zip(got, want, strict=True):
+            assert [r.item_id for r in a] == [r.item_id for r in b], kwargs
+            np.testing.assert_allclose([r.score for r in a], [r.score for r in b], atol=1e-5)
+    assert rec.state_cache_info()["hits"] > 0
+
+
+def test_threads_sharing_one_recommender(inc_export) -> None:
+    model, out = inc_export
+    rec = SessionRecommender.from_dir(out)
+    rng = np.random.default_rng(11)
+    sessions = [_random_session(rng, MAX_LEN) for _ in range(16)]
+    want = {
+        (s, n): _eager(model, sessions[s][:n], 5)[0]
+        for s in range(len(sessions))
+        for n in range(1, MAX_LEN + 1)
+    }
+    errors: list[str] = []
+    lock = threading.Lock()
+
+    def shopper(s: int) -> None:
+        for n in range(1, MAX_LEN + 1):
+            got = [r.item_id for r in rec.recommend(sessions[s][:n], k=5)]
+            if got != want[(s, n)]:
+                with lock:
+                    errors.append(f"session {s}, {n} items")
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(shopper, range(len(sessions))))
+    assert errors == []
+    assert rec.state_cache_info()["hits"] == len(sessions) * (MAX_LEN - 1)
+
+
+def test_tiny_cache_evicts_and_stays_correct(inc_export) -> None:
+    model, out = inc_export
+    rec = SessionRecommender.from_dir(out, state_cache_mb=0.002)  # ~2 KiB: a few short states
+    rng = np.random.default_rng(2)
+    for _ in range(3):
+        session = _random_session(rng, MAX_LEN)
+        for n in range(1, MAX_LEN + 1):
+            got = [r.item_id for r in rec.recommend(session[:n], k=5)]
+            assert got == _eager(model, session[:n], 5)[0]
+    info = rec.state_cache_info()
+    assert info["bytes"] <= info["max_bytes"] and info["misses"] > 0
+
+
+def test_tampered_step_graph_is_refused(inc_export, tmp_path: Path) -> None:
+    _, out = inc_export
+    copy = tmp_path / "export"
+    shutil.copytree(out, copy)
+    with open(copy / STEP_FILE, "ab") as handle:
+        handle.write(b"\0")
+    with pytest.raises(ArtifactIntegrityError, match=STEP_FILE):
+        SessionRecommender.from_dir(copy)
+    (copy / STEP_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match=STEP_FILE):
+        SessionRecommender.from_dir(copy, verify_integrity=False)
+    with pytest.raises(ValueError, match="state_cache_mb"):
+        SessionRecommender.from_dir(out, state_cache_mb=-1)
+
+
+# ------------------------------------------------------------------------- copy mixture maths
+
+
+def _copy_reference(model: SASRec, item_ids: torch.Tensor) -> torch.Tensor:
+    """The copy mixture in probability space, as first written: log(g * softmax + (1-g) * ptr)."""
+    states = model(item_ids)
+    last = states[:, -1]
+    logits = last @ model.item_emb.weight[1:].t()
+    gate = torch.sigmoid(model.copy_gate(last))
+    att = (model.copy_key(states) @ model.copy_query(last).unsqueeze(-1)).squeeze(-1)
+    att = att / model.cfg.d_model**0.5
+    is_last = torch.arange(item_ids.shape[1]) == item_ids.shape[1] - 1
+    allowed = (item_ids != 0) | is_last
+    alpha = torch.softmax(att.masked_fill(~allowed, torch.finfo(att.dtype).min), dim=-1)
+    pointer = torch.zeros(item_ids.shape[0], logits.shape[1] + 1, dtype=torch.float64)
+    pointer = pointer.scatter_add(1, item_ids, alpha.double())[:, 1:]
+    probs = gate.double() * torch.softmax(logits.double(), -1) + (1 - gate.double()) * pointer
+    return torch.log(probs)
+
+
+def test_log_space_copy_mixture_equals_probability_space() -> None:
+    model = _model(True)
+    ids = torch.randint(1, NUM_ITEMS + 1, (6, 9), generator=torch.Generator().manual_seed(0))
+    ids[0, :4] = 0
+    ids[1, :8] = 0  # one item
+    ids[2, 2] = ids[2, 5] = ids[2, 8]  # a repeated item, also the last one
+    with torch.inference_mode():
+        got = model.score_last(ids)[:, 1:].double()
+        want = _copy_reference(model, ids)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.exp().sum(-1), torch.ones(6, dtype=torch.float64))
+
+
+def test_copy_mixture_stays_finite_for_extreme_gates() -> None:
+    model = _model(True)
+    ids = torch.randint(1, NUM_ITEMS + 1, (2, 5), generator=torch.Generator().manual_seed(1))
+    for bias in (-200.0, 200.0):
+        with torch.no_grad():
+            model.copy_gate.bias.fill_(bias)
+        with torch.inference_mode():
+            scores = model.score_last(ids)[:, 1:]
+        assert torch.isfinite(scores).all(), bias
+        seen = torch.zeros(2, NUM_ITEMS, dtype=torch.bool).scatter(1, ids - 1, True)
+        if bias < 0:  # gate ~ 0: all mass on the session's items
+            torch.testing.assert_close(
+                scores.exp()[seen].sum(), torch.tensor(2.0), atol=1e-4, rtol=0
+            )
+        else:  # gate ~ 1: the plain softmax
+            states = model(ids)
+            logits = states[:, -1] @ model.item_emb.weight[1:].t()
+            torch.testing.assert_close(scores, torch.log_softmax(logits, -1), atol=1e-4, rtol=0)
+
+
+def test_service_serves_a_growing_session_from_the_cache(inc_export) -> None:
+    import httpx
+
+    from _serving_helpers import running_server
+    from seqrec.serving.app import create_app
+
+    model, out = inc_export
+    rec = SessionRecommender.from_dir(out)
+    session = _random_session(np.random.default_rng(8), 6)
+    with (
+        running_server(create_app(rec)) as url,
+        httpx.Client(base_url=url, timeout=10.0) as http,
+    ):
+        for n in range(1, len(session) + 1):
+            body = {"session": session[:n], "k": 4, "exclude_seen": True}
+            items = http.post("/recommendations", json=body).json()["items"]
+            assert [i["item_id"] for i in items] == _eager(model, session[:n], 4, True)[0]
+        metrics = {
+            line.split(" ")[0]: float(line.split(" ")[1])
+            for line in http.get("/metrics").text.splitlines()
+            if line[:1] != "#"
+        }
+    # create_app's warm-up request (one item) is neither a hit nor a miss
+    assert metrics["seqrec_state_cache_hits_total"] == len(session) - 1
+    assert metrics["seqrec_state_cache_misses_total"] == 0
+    assert metrics["seqrec_state_cache_entries"] == len(session) + 1
+    assert metrics["seqrec_state_cache_bytes"] > 0
