@@ -238,9 +238,11 @@ class SessionRecommender:
             verify_integrity: check the sha256 of ``model.onnx`` and ``item_vocab.json`` (and the
                 step graph) against the metadata (a few ms per 10 MB).
             state_cache_mb: memory bound of the session-state cache of an incremental export, in
-                MiB (0 = no cache: every session runs whole). A session of n items holds
-                n * (4 * n_layers * d_model + 1 * d_model) float32 values, e.g. 64 KiB for 25
-                items at d_model 128 with 2 layers and the copy mechanism. Ignored otherwise.
+                MiB (0 = no cache: every session runs whole). The state of an n-item session
+                holds n * (2 * n_layers + 1) * d_model float32 values (without the copy
+                mechanism n * 2 * n_layers * d_model), e.g. 62.5 KiB for 25 items at d_model 128
+                with 2 layers; states of a visit's earlier clicks stay until the least recently
+                used ones are evicted. Ignored for other exports.
 
         Raises:
             FileNotFoundError: the directory or one of the three files is missing.

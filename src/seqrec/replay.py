@@ -129,6 +129,16 @@ def replay(
     }
 
 
+def _cache_words(info: Mapping[str, Any] | None) -> str:
+    if not info:
+        return ""
+    return (
+        f" Incremental export: {info['hits']:,} requests computed only the newest click from the "
+        f"cached states of the earlier ones; {info['misses']:,} later clicks found no cached state "
+        "and ran the whole session (a visit's first click always does and is not counted)."
+    )
+
+
 def replay_markdown(report: Mapping[str, Any]) -> str:
     """Markdown summary of a replay report (``{"dataset", "export_dir", "runs": [replay(...)]}``)."""
     runs = report["runs"]
@@ -137,7 +147,7 @@ def replay_markdown(report: Mapping[str, Any]) -> str:
         "",
         f"{runs[0]['num_sessions']:,} test sessions, {runs[0]['num_clicks']:,} clicks replayed one "
         f"by one through SessionRecommender ({report['export_dir']}); "
-        f"{report['machine']}.",
+        f"{report['machine']}.{_cache_words(runs[0].get('state_cache'))}",
         "",
         "| strip k | exclude seen | next click in strip | strip changed | new items / update "
         "| p50 ms | p95 ms | p99 ms |",
@@ -179,7 +189,9 @@ def run_replay(cfg: Any) -> dict[str, Any]:
 
     Returns:
         ``{"dataset", "export_dir", "machine", "runs": [one :func:`replay` result per
-        exclude_seen value], "paths"}``.
+        exclude_seen value, plus ``state_cache`` (hits, misses, entries, bytes of the
+        recommender's session-state cache after the run; None for non-incremental exports)],
+        "paths"}``.
 
     Raises:
         ValueError: ``k``, ``exclude_seen`` or ``max_sessions`` out of range (checked before any
@@ -213,8 +225,17 @@ def run_replay(cfg: Any) -> dict[str, Any]:
     sessions = sessions_from_frame(pd.read_parquet(sessions_path))
     keep = subsample(len(sessions), cfg.get("max_sessions"), int(cfg.seed))
     sessions = [sessions[i] for i in keep]
-    recommender = SessionRecommender.from_dir(cfg.export_dir, num_threads=int(cfg.num_threads))
-    runs = [replay(recommender, sessions, int(cfg.k), bool(flag)) for flag in cfg.exclude_seen]
+    recommender = SessionRecommender.from_dir(
+        cfg.export_dir,
+        num_threads=int(cfg.num_threads),
+        state_cache_mb=float(cfg.get("state_cache_mb", 256.0)),
+    )
+    runs = []
+    for flag in cfg.exclude_seen:
+        recommender.clear_state_cache()  # each run starts cold, as a fresh server would
+        run = replay(recommender, sessions, int(cfg.k), bool(flag))
+        run["state_cache"] = recommender.state_cache_info()  # None: not an incremental export
+        runs.append(run)
     machine = machine_info()
     report = {
         "dataset": str(cfg.data.name),
