@@ -122,14 +122,18 @@ def _top_k(
     return top_scores, top + (PAD_IDX + 1)  # (B, k) float, (B, k) int64 item indices
 
 
-class PrefillModel(nn.Module):
-    """Whole sessions in, top-k and every position's states out (see the module docstring)."""
+class _IncrementalGraph(nn.Module):
+    """Holds the wrapped model; refuses models without the standard SASRec blocks."""
 
     def __init__(self, model: SASRec) -> None:
         super().__init__()
         if not supports_incremental(model):
             raise ValueError("incremental graphs need seqrec.models.sasrec.SASRec blocks")
         self.model = model
+
+
+class PrefillModel(_IncrementalGraph):
+    """Whole sessions in, top-k and every position's states out (see the module docstring)."""
 
     def forward(self, item_ids: Tensor, score_mask: Tensor, k: Tensor) -> tuple[Tensor, ...]:
         """Args:
@@ -155,24 +159,14 @@ class PrefillModel(nn.Module):
             kv += [k_new, v_new]
         states = model.ln_out(hidden) * is_real.unsqueeze(-1).to(hidden.dtype)  # (B, L, D)
         last = states[:, -1]  # (B, D)
-        outputs: list[Tensor] = []
-        if cfg.copy_mechanism:
-            copy_keys = model.copy_key(states)  # (B, L, D)
-            top_scores, top_idx = _top_k(model, last, copy_keys, item_ids, score_mask, k)
-            outputs = [copy_keys]
-        else:
-            top_scores, top_idx = _top_k(model, last, None, item_ids, score_mask, k)
+        copy_keys = model.copy_key(states) if cfg.copy_mechanism else None  # (B, L, D)
+        top_scores, top_idx = _top_k(model, last, copy_keys, item_ids, score_mask, k)
+        outputs = [] if copy_keys is None else [copy_keys]
         return (top_scores, top_idx, torch.cat([t.unsqueeze(0) for t in kv]), *outputs)
 
 
-class StepModel(nn.Module):
+class StepModel(_IncrementalGraph):
     """One new item per session on top of cached states (see the module docstring)."""
-
-    def __init__(self, model: SASRec) -> None:
-        super().__init__()
-        if not supports_incremental(model):
-            raise ValueError("incremental graphs need seqrec.models.sasrec.SASRec blocks")
-        self.model = model
 
     def forward(
         self,
@@ -214,14 +208,10 @@ class StepModel(nn.Module):
             kv += [k_new, v_new]
         state = model.ln_out(hidden) * is_real_new  # (B, 1, D)
         last = state[:, 0]  # (B, D)
-        outputs: list[Tensor] = []
-        if cfg.copy_mechanism:
-            new_key = model.copy_key(state)  # (B, 1, D)
-            keys = torch.cat([past_copy_keys, new_key], dim=1)  # (B, P + 1, D)
-            top_scores, top_idx = _top_k(model, last, keys, item_ids, score_mask, k)
-            outputs = [new_key]
-        else:
-            top_scores, top_idx = _top_k(model, last, None, item_ids, score_mask, k)
+        new_key = model.copy_key(state) if cfg.copy_mechanism else None  # (B, 1, D)
+        keys = None if new_key is None else torch.cat([past_copy_keys, new_key], dim=1)
+        top_scores, top_idx = _top_k(model, last, keys, item_ids, score_mask, k)  # keys (B, P+1, D)
+        outputs = [] if new_key is None else [new_key]
         return (top_scores, top_idx, torch.cat([t.unsqueeze(0) for t in kv]), *outputs)
 
 

@@ -102,7 +102,7 @@ def stack_past(states: Sequence[SessionState]) -> tuple[np.ndarray, np.ndarray |
         row b's positions in the last n_b slots (zeros before them; the step graph masks them
         through the PAD items of its ``item_ids``), and (B, P, D) float32 or None.
     """
-    if len(states) == 1:  # no copy: a view with a batch axis of 1
+    if len(states) == 1:  # views with a batch axis of 1, no data copied
         state = states[0]
         return state.kv[:, None], None if state.copy_keys is None else state.copy_keys[None]
     first = states[0]
