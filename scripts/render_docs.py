@@ -125,7 +125,7 @@ def latency_summary(results: Path) -> str:
     )
     eager = pick("single", "pytorch eager")
     lines = [
-        "| one session, k = 20, 1 thread | p50 ms | p99 ms | p50 / floor | p99 / floor "
+        "| one session, k = 20, 1 thread | p50 ms | p99 ms | p50 / floor p50 | p99 / floor p50 "
         "| eager / this |",
         "|---|---:|---:|---:|---:|---:|",
     ]

@@ -109,12 +109,13 @@ def test_extended_leaves_the_cached_state_unchanged() -> None:
 def test_state_cache_is_lru_bounded_in_bytes_and_counts() -> None:
     one = _state(2, 1.0)  # 4*2*2*3*4 + 2*6*4 = 240 bytes
     cache = StateCache(max_bytes=2 * one.nbytes)
-    cache.put(("a",), one)
-    cache.put(("b",), _state(2, 2.0))
-    assert cache.get(("a",)) is one  # a is now the most recent
-    cache.put(("c",), _state(2, 3.0))  # evicts b
-    assert cache.get(("b",)) is None and cache.get(("c",)) is not None
-    cache.put(("big",), _state(20, 0.0))  # larger than the cache: not stored, nothing evicted
+    cache.store((1, 2), one)
+    cache.store((5, 6), _state(2, 2.0))
+    assert cache.lookup((1, 2, 3)) is one  # the state of (1, 2); now the most recent
+    cache.store((7, 8), _state(2, 3.0))  # evicts (5, 6)
+    assert cache.lookup((5, 6, 9)) is None and cache.lookup((7, 8, 9)) is not None
+    assert cache.lookup((4,)) is None  # one item: nothing earlier, not counted
+    cache.store((9, 9), _state(20, 0.0))  # larger than the cache: not stored, nothing evicted
     info = cache.info()
     assert info == {
         "hits": 2,
@@ -125,6 +126,21 @@ def test_state_cache_is_lru_bounded_in_bytes_and_counts() -> None:
     }
     with pytest.raises(ValueError, match="max_bytes"):
         StateCache(0)
+
+
+def test_state_cache_keeps_one_state_per_visit_and_serves_reloads() -> None:
+    cache = StateCache(max_bytes=10_000)
+    cache.store((1, 2), _state(2, 1.0))
+    grown = _state(3, 2.0)
+    cache.store((1, 2, 3), grown)  # the parent (1, 2) is dropped: it is inside (1, 2, 3)
+    assert cache.info()["entries"] == 1 and cache.info()["bytes"] == grown.nbytes
+    again = cache.lookup((1, 2, 3))  # the same request again (a reload): positions 1..2 of it
+    assert again is not None and again.length == 2
+    np.testing.assert_array_equal(again.kv, grown.kv[:, :, :2])
+    past_kv, past_keys = stack_past([again])  # views are made contiguous for onnxruntime
+    assert past_kv.flags.c_contiguous and past_keys.flags.c_contiguous
+    cache.store((1, 2, 3, 4), None)  # nothing to keep, but the parent goes
+    assert cache.info()["entries"] == 0
 
 
 # ------------------------------------------------------------------------------------ export
@@ -177,6 +193,22 @@ def test_growing_session_matches_the_whole_session_model(inc_export) -> None:
     # n = 2..MAX_LEN extend the previous window; past MAX_LEN the window slides (whole runs)
     assert info["hits"] == MAX_LEN - 1
     assert info["misses"] == len(session) - MAX_LEN
+    # one state per visit, and none for windows of max_len items (the next click slides them)
+    assert info["entries"] == 0 and info["bytes"] == 0
+
+
+def test_reload_and_going_back_reuse_states(inc_export) -> None:
+    model, out = inc_export
+    rec = SessionRecommender.from_dir(out)
+    session = _random_session(np.random.default_rng(4), 6)
+    for n in range(1, 6):
+        rec.recommend(session[:n], k=5)
+    first = rec.recommend(session[:5], k=5)  # a reload of the same page
+    assert [r.item_id for r in first] == _eager(model, session[:5], 5)[0]
+    info = rec.state_cache_info()
+    assert info["hits"] == 5 and info["misses"] == 0 and info["entries"] == 1
+    other = [*session[:4], session[5]]  # back one page, then another product
+    assert [r.item_id for r in rec.recommend(other, k=5)] == _eager(model, other, 5)[0]
 
 
 def test_batches_mixing_cached_and_new_sessions(inc_export) -> None:
@@ -248,13 +280,32 @@ def test_tampered_step_graph_is_refused(inc_export, tmp_path: Path) -> None:
     shutil.copytree(out, copy)
     with open(copy / STEP_FILE, "ab") as handle:
         handle.write(b"\0")
-    with pytest.raises(ArtifactIntegrityError, match=STEP_FILE):
+    with pytest.raises(
+        ArtifactIntegrityError, match=f"Copy model.onnx, item_vocab.json, {STEP_FILE}"
+    ):
         SessionRecommender.from_dir(copy)
+    assert not SessionRecommender.from_dir(copy, state_cache_mb=0).incremental  # step not used
     (copy / STEP_FILE).unlink()
-    with pytest.raises(FileNotFoundError, match=STEP_FILE):
-        SessionRecommender.from_dir(copy, verify_integrity=False)
-    with pytest.raises(ValueError, match="state_cache_mb"):
-        SessionRecommender.from_dir(out, state_cache_mb=-1)
+    for verify in (True, False):
+        with pytest.raises(FileNotFoundError, match=f"missing export file: .*{STEP_FILE}"):
+            SessionRecommender.from_dir(copy, verify_integrity=verify)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (-1, "finite number >= 0"),
+        (float("nan"), "finite number >= 0"),
+        (float("inf"), "finite number >= 0"),
+        ("64", "finite number >= 0"),
+        (True, "finite number >= 0"),
+        (1e-7, "cannot hold the state of a single item"),
+    ],
+)
+def test_bad_state_cache_sizes_are_refused(inc_export, value: object, message: str) -> None:
+    _, out = inc_export
+    with pytest.raises(ValueError, match=message):
+        SessionRecommender.from_dir(out, state_cache_mb=value)  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------------- copy mixture maths
@@ -335,5 +386,5 @@ def test_service_serves_a_growing_session_from_the_cache(inc_export) -> None:
     # create_app's warm-up request (one item) is neither a hit nor a miss
     assert metrics["seqrec_state_cache_hits_total"] == len(session) - 1
     assert metrics["seqrec_state_cache_misses_total"] == 0
-    assert metrics["seqrec_state_cache_entries"] == len(session) + 1
+    assert metrics["seqrec_state_cache_entries"] == 2  # this visit and the warm-up item
     assert metrics["seqrec_state_cache_bytes"] > 0

@@ -121,9 +121,9 @@ class ExportVariant:
             raise ValueError(f"min_top_k_overlap must be in [0, 1], got {self.min_top_k_overlap}")
         if self.incremental and (not self.top_k_in_graph or self.precision != "fp32"):
             raise ValueError(
-                "incremental=True needs top_k_in_graph=True and precision='fp32' (set "
-                "incremental=False, variant.incremental=false in conf/export.yaml, for others; got "
-                f"top_k_in_graph={self.top_k_in_graph}, precision={self.precision!r})"
+                "incremental=True needs top_k_in_graph=True and precision='fp32', got "
+                f"top_k_in_graph={self.top_k_in_graph}, precision={self.precision!r}; for other "
+                "layouts set incremental=False (scripts/export_onnx.py: variant.incremental=false)"
             )
 
 

@@ -54,6 +54,11 @@ class SessionState:
             copy_keys.flags.writeable = False
         return SessionState(kv, copy_keys)
 
+    def without_last(self) -> SessionState:
+        """The state of the first n - 1 positions (views; n >= 2)."""
+        copy_keys = None if self.copy_keys is None else self.copy_keys[:-1]
+        return SessionState(self.kv[:, :, :-1], copy_keys)
+
     def extended(self, kv_new: np.ndarray, copy_key_new: np.ndarray | None) -> SessionState:
         """This state plus one position (new arrays; ``self`` is unchanged and may stay cached).
 
@@ -102,9 +107,10 @@ def stack_past(states: Sequence[SessionState]) -> tuple[np.ndarray, np.ndarray |
         row b's positions in the last n_b slots (zeros before them; the step graph masks them
         through the PAD items of its ``item_ids``), and (B, P, D) float32 or None.
     """
-    if len(states) == 1:  # views with a batch axis of 1, no data copied
+    if len(states) == 1:  # a batch axis of 1 (no copy unless the state is a view)
         state = states[0]
-        return state.kv[:, None], None if state.copy_keys is None else state.copy_keys[None]
+        copy_keys = None if state.copy_keys is None else np.ascontiguousarray(state.copy_keys[None])
+        return np.ascontiguousarray(state.kv[:, None]), copy_keys
     first = states[0]
     width = max(s.length for s in states)
     layers2, heads, _, head_dim = first.kv.shape
@@ -120,10 +126,13 @@ def stack_past(states: Sequence[SessionState]) -> tuple[np.ndarray, np.ndarray |
 
 
 class StateCache:
-    """Thread-safe LRU cache of :class:`SessionState` by window key, bounded in bytes.
+    """Thread-safe LRU cache of :class:`SessionState` by model window, bounded in bytes.
 
     Built on ``cachetools.LRUCache`` (sizes from ``SessionState.nbytes``) behind a lock; states are
-    immutable, so a state handed out stays valid after eviction. Counts hits, misses and entries.
+    immutable, so a state handed out stays valid after eviction. A window is the tuple of item
+    indices the model read. :meth:`lookup` finds the state of a window minus its newest item;
+    :meth:`store` keeps a window's state and drops its parent's, so a visit holds one state (n
+    positions) rather than one per click.
     """
 
     def __init__(self, max_bytes: int) -> None:
@@ -143,22 +152,35 @@ class StateCache:
         self.hits = 0
         self.misses = 0
 
-    def get(self, key: Hashable) -> SessionState | None:
-        """The state stored under ``key`` (marked recently used), or None (counted as a miss)."""
+    def lookup(self, window: tuple[int, ...]) -> SessionState | None:
+        """The state of ``window[:-1]`` (counted as a hit), or None (a miss; windows of one item
+        are not counted: they have no earlier positions).
+
+        Found as stored for ``window[:-1]`` (the previous click), or as the first n - 1
+        positions of a state stored for ``window`` itself (the same request again, e.g. a page
+        reload, after :meth:`store` dropped the parent).
+        """
+        if len(window) < 2:
+            return None
         with self._lock:
-            state = self._cache.get(key)
+            state = self._cache.get(window[:-1])
+            if state is None:
+                whole = self._cache.get(window)
+                state = None if whole is None else whole.without_last()
             if state is None:
                 self.misses += 1
             else:
                 self.hits += 1
             return state
 
-    def put(self, key: Hashable, state: SessionState) -> None:
-        """Store ``state`` under ``key``; states larger than the whole cache are skipped."""
-        if state.nbytes > self._cache.maxsize:
-            return
+    def store(self, window: tuple[int, ...], state: SessionState | None) -> None:
+        """Keep ``state`` for ``window`` and drop the state of ``window[:-1]`` (its parent, now
+        contained in it). ``None`` only drops the parent (a window no later request can use);
+        states larger than the whole cache are skipped."""
         with self._lock:
-            self._cache[key] = state
+            self._cache.pop(window[:-1], None)
+            if state is not None and state.nbytes <= self._cache.maxsize:
+                self._cache[window] = state
 
     def info(self) -> dict[str, int]:
         """``{"hits", "misses", "entries", "bytes", "max_bytes"}``."""

@@ -132,12 +132,14 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def _verify_hashes(directory: Path, meta: dict[str, Any]) -> None:
-    """Refuse a model / vocabulary pair whose sha256 differs from ``export_meta.json``.
+def _verify_hashes(directory: Path, meta: dict[str, Any], with_step: bool = True) -> None:
+    """Refuse model / step graph / vocabulary files whose sha256 differs from ``export_meta.json``.
 
-    Exports of format 1 carry no hashes: they load with a warning.
+    Exports of format 1 carry no hashes: they load with a warning. ``with_step=False`` skips the
+    step graph of an incremental export (not loaded when the state cache is off).
 
     Raises:
+        FileNotFoundError: a hashed file is missing.
         ArtifactIntegrityError: a recorded hash does not match, or a format >= 2 export has none.
     """
     hashes = meta.get("sha256")
@@ -150,15 +152,18 @@ def _verify_hashes(directory: Path, meta: dict[str, Any]) -> None:
         logger.warning("%s: format 1 export without sha256; integrity not checked", directory)
         return
     step_file = (meta.get("incremental") or {}).get("step_file")
-    for name in (MODEL_FILE, VOCAB_FILE) + ((step_file,) if step_file else ()):
+    names = (MODEL_FILE, VOCAB_FILE) + ((step_file,) if step_file and with_step else ())
+    for name in names:
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"missing export file: {directory / name}")
         want = hashes.get(name)
         got = file_sha256(directory / name)
         if want != got:
             raise ArtifactIntegrityError(
                 f"artifact integrity check failed in {directory}: {name} has sha256 {got[:16]}..., "
-                f"but {META_FILE} records {str(want)[:16]}...; the model and vocabulary are not "
-                "from the same export. Copy model.onnx, item_vocab.json and export_meta.json "
-                "together from one export directory (or re-export)."
+                f"but {META_FILE} records {str(want)[:16]}...; the files are not from the same "
+                f"export. Copy {', '.join(names)} and {META_FILE} together from one export "
+                "directory (or re-export)."
             )
 
 
@@ -238,11 +243,11 @@ class SessionRecommender:
             verify_integrity: check the sha256 of ``model.onnx`` and ``item_vocab.json`` (and the
                 step graph) against the metadata (a few ms per 10 MB).
             state_cache_mb: memory bound of the session-state cache of an incremental export, in
-                MiB (0 = no cache: every session runs whole). The state of an n-item session
-                holds n * (2 * n_layers + 1) * d_model float32 values (without the copy
-                mechanism n * 2 * n_layers * d_model), e.g. 62.5 KiB for 25 items at d_model 128
-                with 2 layers; states of a visit's earlier clicks stay until the least recently
-                used ones are evicted. Ignored for other exports.
+                MiB (finite, >= 0; 0 = no cache: every session runs whole and the step graph is
+                not loaded). One state is kept per visit: n * (2 * n_layers + 1) * d_model
+                float32 values for n items (without the copy mechanism n * 2 * n_layers *
+                d_model), e.g. 62.5 KiB for 25 items at d_model 128 with 2 layers; the least
+                recently used are evicted. Ignored for other exports.
 
         Raises:
             FileNotFoundError: the directory or one of the three files is missing.
@@ -250,12 +255,17 @@ class SessionRecommender:
                 the metadata was written for.
             ValueError: a file is malformed: missing keys, PAD index not 0, vocab size differs
                 from ``num_items`` in the metadata, fallback items outside the vocab, or graph
-                input/output names that do not match the metadata; bad thread count or level.
+                input/output names that do not match the metadata; bad thread count or level;
+                ``state_cache_mb`` not a finite number >= 0 or too small for one item's state.
         """
         if num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {num_threads}")
-        if not state_cache_mb >= 0:
-            raise ValueError(f"state_cache_mb must be >= 0, got {state_cache_mb}")
+        if (
+            isinstance(state_cache_mb, bool)
+            or not isinstance(state_cache_mb, int | float)
+            or not 0 <= state_cache_mb < float("inf")
+        ):
+            raise ValueError(f"state_cache_mb must be a finite number >= 0, got {state_cache_mb!r}")
         directory = Path(path)
         if not directory.is_dir():
             raise FileNotFoundError(f"export directory not found: {directory}")
@@ -277,7 +287,7 @@ class SessionRecommender:
         if not vocab_path.is_file():
             raise FileNotFoundError(f"missing export file: {vocab_path}")
         if verify_integrity:
-            _verify_hashes(directory, meta)
+            _verify_hashes(directory, meta, with_step=state_cache_mb > 0)
 
         vocab = _read_json(vocab_path)
         if not isinstance(vocab, dict) or not isinstance(vocab.get("item_ids"), list):
@@ -318,7 +328,14 @@ class SessionRecommender:
             )
         step_session, state_cache = None, None
         incremental = meta.get("incremental")
-        if incremental:
+        if incremental and state_cache_mb > 0:
+            copy_dim = int(meta["d_model"]) if "present_copy_keys" in meta["output_names"] else 0
+            one_item_bytes = 4 * (2 * int(meta["n_layers"]) * int(meta["d_model"]) + copy_dim)
+            if state_cache_mb * 2**20 < one_item_bytes:
+                raise ValueError(
+                    f"state_cache_mb={state_cache_mb!r} cannot hold the state of a single item "
+                    f"({one_item_bytes} bytes for this model); use 0 to turn the cache off"
+                )
             step_path = directory / str(incremental.get("step_file", ""))
             if not step_path.is_file():
                 raise FileNotFoundError(f"missing export file: {step_path}")
@@ -331,8 +348,7 @@ class SessionRecommender:
                     f"{step_path}: graph has inputs {step_inputs}, but {meta_path} names "
                     f"{incremental.get('step_input_names')}"
                 )
-            if state_cache_mb > 0:
-                state_cache = StateCache(int(state_cache_mb * 2**20))
+            state_cache = StateCache(int(state_cache_mb * 2**20))
         logger.info(
             "loaded %s: %d items, max_len %d, exporter %s, variant %s, %d thread(s), level %s, "
             "state cache %s",
@@ -600,7 +616,7 @@ class SessionRecommender:
         cache = self._state_cache
         assert cache is not None and self._step_session is not None
         windows = [tuple(p[-self._max_len :]) for p in prefixes]
-        states = [cache.get(w[:-1]) if len(w) > 1 else None for w in windows]
+        states = [cache.lookup(w) for w in windows]
         step_rows = [row for row, state in enumerate(states) if state is not None]
         full_rows = [row for row, state in enumerate(states) if state is None]
         top_scores = np.empty((len(windows), int(k_arr[0])), dtype=np.float32)
@@ -627,7 +643,7 @@ class SessionRecommender:
                 [len(windows[r]) for r in full_rows],
             )
             for row, state in zip(full_rows, new_states, strict=True):
-                cache.put(windows[row], state)
+                self._keep(windows[row], state)
         if step_rows:
             past: list[SessionState] = [states[r] for r in step_rows]  # type: ignore[misc]
             past_kv, past_copy_keys = stack_past(past)
@@ -643,8 +659,15 @@ class SessionRecommender:
             top_scores[step_rows], top_idx[step_rows] = outputs[0], outputs[1]
             for j, row in enumerate(step_rows):
                 copy_key = outputs[3][j] if self._is_copy else None
-                cache.put(windows[row], past[j].extended(outputs[2][:, j], copy_key))
+                self._keep(windows[row], past[j].extended(outputs[2][:, j], copy_key))
         return top_scores, top_idx
+
+    def _keep(self, window: tuple[int, ...], state: SessionState) -> None:
+        """Cache ``state`` for the next click, unless the window is already ``max_len`` long:
+        then the next click slides the window, every position changes, and no request can
+        use it (only the parent state is dropped)."""
+        assert self._state_cache is not None
+        self._state_cache.store(window, state if len(window) < self._max_len else None)
 
     def _recommendations(self, idxs: np.ndarray, scores: np.ndarray) -> list[Recommendation]:
         """Recommendations for (K,) int64 item indices ``idxs`` (best first) with their (K,)
