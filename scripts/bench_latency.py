@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import itertools
 import json
 import logging
 import os
@@ -71,17 +72,27 @@ def _stats_ms(samples_s: list[float]) -> dict[str, float]:
 
 
 def time_calls(
-    fn: Callable[[int], Any], budget_s: float, min_calls: int, max_calls: int, warmup: int
+    fn: Callable[[int], Any],
+    budget_s: float,
+    min_calls: int,
+    max_calls: int,
+    warmup: int,
+    setup: Callable[[int], Any] | None = None,
 ) -> dict[str, float]:
     """Time ``fn(i)`` for i = 0, 1, ...: ``warmup`` untimed calls, then as many timed calls as fit
-    in ``budget_s`` (between ``min_calls`` and ``max_calls``)."""
+    in ``budget_s`` (between ``min_calls`` and ``max_calls``); ``setup(i)``, when given, runs
+    untimed before each call (e.g. the previous click of the session)."""
     for i in range(warmup):
+        if setup is not None:
+            setup(i)
         fn(i)
     gc.collect()
     samples: list[float] = []
     deadline = time.perf_counter() + budget_s
     i = 0
     while i < max_calls and (i < min_calls or time.perf_counter() < deadline):
+        if setup is not None:
+            setup(i)
         start = time.perf_counter()
         fn(i)
         samples.append(time.perf_counter() - start)
@@ -249,15 +260,20 @@ def measure_size(
             impls: dict[str, tuple[Callable, Callable]] = {
                 "pytorch eager": (single_eager, batch_eager)
             }
+            setups: dict[str, tuple[Callable, Callable]] = {}
             for name, rec in recommenders.items():
                 if threads > 1 and ("int8" in name or "fp16" in name):
                     continue  # precision variants: one thread only
                 if name == INCREMENTAL:
-                    # the widget's case: the session minus its newest item was served before
-                    rec.recommend_batch([s[:-1] for s in sessions], k=k)
+                    # the widget's case: the session minus its newest item was served just before
+                    # (untimed setup call), so the timed call computes one position
                     impls[NEXT_CLICK] = (
                         (lambda s, r=rec: r.recommend(s, k=k)),
                         (lambda b, r=rec: r.recommend_batch(b, k=k)),
+                    )
+                    setups[NEXT_CLICK] = (
+                        (lambda s, r=rec: r.recommend(s[:-1], k=k)),
+                        (lambda b, r=rec: r.recommend_batch([s[:-1] for s in b], k=k)),
                     )
                     # a session never seen before (cache emptied before each call)
                     impls[NEW_SESSION] = (
@@ -270,10 +286,16 @@ def measure_size(
                     (lambda b, r=rec: r.recommend_batch(b, k=k)),
                 )
             for impl, (single_fn, batch_fn) in impls.items():
-                if impl == NEXT_CLICK:  # re-warm: the new-session rows empty the shared cache
-                    recommenders[INCREMENTAL].recommend_batch([s[:-1] for s in sessions], k=k)
+                single_setup, batch_setup = setups.get(impl, (None, None))
                 single = time_calls(
-                    lambda i, f=single_fn, s=sessions: f(s[i % 256]), budget_s, 200, 20_000, 30
+                    lambda i, f=single_fn, s=sessions: f(s[i % 256]),
+                    budget_s,
+                    200,
+                    20_000,
+                    30,
+                    None
+                    if single_setup is None
+                    else (lambda i, g=single_setup, s=sessions: g(s[i % 256])),
                 )
                 row = {**base, "case": "single", "session_len": length, "impl": impl, **single}
                 row["x_floor_p50"] = single["p50_ms"] / floor["p50_ms"]
@@ -287,7 +309,14 @@ def measure_size(
                 if "fp16" in impl or "int8" in impl:
                     continue
                 batch = time_calls(
-                    lambda i, f=batch_fn, b=batches: f(b[i % 4]), budget_s, 10, 2_000, 3
+                    lambda i, f=batch_fn, b=batches: f(b[i % 4]),
+                    budget_s,
+                    10,
+                    2_000,
+                    3,
+                    None
+                    if batch_setup is None
+                    else (lambda i, g=batch_setup, b=batches: g(b[i % 4])),
                 )
                 row = {**base, "case": "batch64", "session_len": length, "impl": impl, **batch}
                 row["sessions_per_s"] = 64e3 / batch["p50_ms"]
@@ -337,7 +366,7 @@ class _HttpConnection:
 
 async def _load(
     port: int,
-    bodies: list[bytes],
+    next_body: Callable[[], bytes],
     concurrency: int,
     duration_s: float,
     rate_per_s: float | None,
@@ -345,7 +374,8 @@ async def _load(
 ) -> dict[str, Any]:
     """Send requests for ``duration_s`` (and at most ``max_requests``) over ``concurrency``
     connections: as fast as possible (``rate_per_s`` None), or on a fixed schedule. With a schedule,
-    latency counts from the scheduled send time, so queueing in the client is not hidden."""
+    latency counts from the scheduled send time, so queueing in the client is not hidden. Bodies
+    come from ``next_body`` (shared across phases, so a phase continues where the last stopped)."""
     latencies: list[float] = []
     errors: dict[str, int] = {}
     counter = iter(range(max_requests))
@@ -363,7 +393,7 @@ async def _load(
                 if delay > 0:
                     await asyncio.sleep(delay)
                 try:
-                    status = await asyncio.wait_for(conn.request(bodies[i % len(bodies)]), 5.0)
+                    status = await asyncio.wait_for(conn.request(next_body()), 5.0)
                     if status != 200:
                         errors[str(status)] = errors.get(str(status), 0) + 1
                 except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError) as exc:
@@ -427,6 +457,19 @@ def widget_bodies(num_items: int, shoppers: int, count: int, seed: int = 0) -> l
     return bodies
 
 
+def random_bodies(num_items: int, count: int, seed: int = 0) -> list[bytes]:
+    """Independent sessions of 1 to 10 random items (k = 20, seen items excluded): every
+    request is a visit the server has not seen, so no state can be reused."""
+    rng = random.Random(seed)
+    ids = [str(100_000 + i) for i in range(1, num_items + 1)]
+    return [
+        json.dumps(
+            {"session": rng.sample(ids, rng.randint(1, 10)), "k": 20, "exclude_seen": True}
+        ).encode()
+        for _ in range(count)
+    ]
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -457,17 +500,21 @@ def measure_http(export_dir: Path, args: argparse.Namespace, log_path: Path) -> 
                 raise RuntimeError(f"seqrec-serve did not start; see {log_path}")
             time.sleep(0.2)
         meta = json.loads((export_dir / "export_meta.json").read_text())
-        bodies = widget_bodies(int(meta["num_items"]), args.http_shoppers, args.http_bodies)
+        if args.http_workload == "widget":
+            bodies = widget_bodies(int(meta["num_items"]), args.http_shoppers, args.http_bodies)
+        else:
+            bodies = random_bodies(int(meta["num_items"]), args.http_bodies)
         run = asyncio.run
         out: dict[str, Any] = {"server_request_logs": args.http_request_logs}
-        run(_load(port, bodies, 4, 1.0, None, 10_000))  # warm-up
+        next_body = itertools.cycle(bodies).__next__
+        run(_load(port, next_body, 4, 1.0, None, 10_000))  # warm-up
         out["closed_loop"] = run(
-            _load(port, bodies, args.http_concurrency, args.http_closed_s, None, 200_000)
+            _load(port, next_body, args.http_concurrency, args.http_closed_s, None, 200_000)
         )
         out["fixed_rate"] = run(
             _load(
                 port,
-                bodies,
+                next_body,
                 args.http_rate_concurrency,
                 args.http_duration_s,
                 args.http_rate,
@@ -479,7 +526,7 @@ def measure_http(export_dir: Path, args: argparse.Namespace, log_path: Path) -> 
             step = run(
                 _load(
                     port,
-                    bodies,
+                    next_body,
                     args.http_rate_concurrency,
                     args.http_ladder_s,
                     rate,
@@ -504,7 +551,8 @@ def measure_http(export_dir: Path, args: argparse.Namespace, log_path: Path) -> 
         held = [s["target_rate_per_s"] for s in ladder if s["holds"]]
         out["highest_rate_held"] = max(held) if held else None
         out["incremental"] = bool(meta.get("incremental"))
-        out["shoppers"] = args.http_shoppers
+        out["workload"] = args.http_workload
+        out["shoppers"] = args.http_shoppers if args.http_workload == "widget" else None
         out["state_cache"] = _scrape_cache(port)
         return out
     finally:
@@ -597,8 +645,14 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
             "loopback, load generator on the same cores)",
             "",
             f"Export: {'incremental (states cached per session)' if http.get('incremental') else 'top-k in graph'}"
-            f". Requests: {http.get('shoppers', '?')} shoppers browsing at once, each request one "
-            "shopper's session after one more click (1 to 10 clicks), k = 20, seen items excluded."
+            + (
+                f". Requests: {http.get('shoppers', '?')} shoppers browsing at once, each request "
+                "one shopper's session after one more click (1 to 10 clicks), k = 20, seen items "
+                "excluded."
+                if http.get("workload", "widget") == "widget"
+                else ". Requests: independent random sessions of 1 to 10 items (none seen before), "
+                "k = 20, seen items excluded."
+            )
             + (
                 f" State cache after the run: {http['state_cache']['hits']} hits, "
                 f"{http['state_cache']['misses']} misses."
@@ -802,7 +856,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve an incremental export (the conf/export.yaml default) rather than top-k only",
     )
     parser.add_argument(
-        "--http-shoppers", type=int, default=64, help="shoppers browsing at once (HTTP bodies)"
+        "--http-workload",
+        choices=["widget", "random"],
+        default="widget",
+        help="widget: each request one more click of a browsing shopper's session; random: "
+        "independent random sessions (no state can be reused)",
+    )
+    parser.add_argument(
+        "--http-shoppers", type=int, default=64, help="shoppers browsing at once (widget workload)"
     )
     parser.add_argument(
         "--http-bodies", type=int, default=20_000, help="distinct requests, sent in a cycle"

@@ -35,6 +35,7 @@ SOURCES = {
     "retailrocket_benchmark_throughput.json": "retailrocket_benchmark/throughput.json",
     "retailrocket_benchmark_replay.json": "retailrocket_benchmark/replay.json",
     "latency.json": "latency/latency.json",
+    "latency_http_random.json": "latency_http_random/latency.json",
     "retailrocket_benchmark_quality.png": "retailrocket_benchmark/quality.png",
     "retailrocket_benchmark_stats.json": "../../data/processed/retailrocket_benchmark/stats.json",
 }
@@ -170,8 +171,8 @@ def latency_summary(results: Path) -> str:
         flow = (
             f"incremental export, {http.get('shoppers')} shoppers browsing at once, each request "
             "one more click of a session"
-            if http.get("incremental")
-            else "random sessions"
+            if http.get("workload", "widget") == "widget"
+            else "independent random sessions of 1 to 10 items"
         )
         lines.append(
             f"HTTP (`seqrec-serve`, loopback, load generator on the same cores; {flow}): "
@@ -180,6 +181,19 @@ def latency_summary(results: Path) -> str:
             f"{fixed['errors']} errors; highest rate holding p99 < "
             f"{args.get('http_p99_target_ms', 20):.0f} ms with zero errors: "
             f"{http.get('highest_rate_held') or 'none of the ladder'} req/s."
+        )
+    if (results / "latency_http_random.json").is_file():
+        cold = _load(results, "latency_http_random.json")["http"]
+        cold_fixed = cold["fixed_rate"]
+        lines.append(
+            f"Same service, independent random sessions of 1 to 10 items (no cached state "
+            f"usable: {cold['state_cache']['hits']:.0f} hits, "
+            f"{cold['state_cache']['misses']:.0f} misses): {cold_fixed['target_rate_per_s']:.0f} "
+            f"req/s offered for {cold_fixed['duration_s']:.0f} s -> "
+            f"{cold_fixed['requests_per_s']:.0f} req/s served, p99 {cold_fixed['p99_ms']:.1f} ms, "
+            f"{cold_fixed['errors']} errors; highest rate held {cold['highest_rate_held']} req/s "
+            "(`docs/results/latency_http_random.json`, `python scripts/bench_latency.py --sizes "
+            "--d-model 128 --copy-mechanism --http-workload random --http-bodies 80000`)."
         )
     machine = rep["machine"]
     lines.append(
