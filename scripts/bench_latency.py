@@ -483,6 +483,7 @@ def measure_http(export_dir: Path, args: argparse.Namespace, log_path: Path) -> 
     port = _free_port()
     script = shutil.which("seqrec-serve") or str(Path(sys.executable).parent / "seqrec-serve")
     cmd = [script, str(export_dir), "--port", str(port), "--num-threads", "1"]
+    cmd += ["--workers", str(args.http_workers)]
     if not args.http_request_logs:
         cmd.append("--no-request-logs")
     with open(log_path, "w") as log_file:
@@ -552,6 +553,7 @@ def measure_http(export_dir: Path, args: argparse.Namespace, log_path: Path) -> 
         out["highest_rate_held"] = max(held) if held else None
         out["incremental"] = bool(meta.get("incremental"))
         out["workload"] = args.http_workload
+        out["workers"] = args.http_workers
         out["shoppers"] = args.http_shoppers if args.http_workload == "widget" else None
         out["state_cache"] = _scrape_cache(port)
         return out
@@ -641,7 +643,8 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
     if http:
         lines += [
             "",
-            f"## HTTP (seqrec-serve, 1 worker, 1 onnxruntime thread, {http['num_items']} items, "
+            f"## HTTP (seqrec-serve, {http.get('workers', 1)} worker(s), 1 onnxruntime thread each, "
+            f"{http['num_items']} items, "
             "loopback, load generator on the same cores)",
             "",
             f"Export: {'incremental (states cached per session)' if http.get('incremental') else 'top-k in graph'}"
@@ -855,6 +858,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="serve an incremental export (the conf/export.yaml default) rather than top-k only",
     )
+    parser.add_argument("--http-workers", type=int, default=1, help="seqrec-serve worker processes")
     parser.add_argument(
         "--http-workload",
         choices=["widget", "random"],

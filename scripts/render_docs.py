@@ -36,6 +36,7 @@ SOURCES = {
     "retailrocket_benchmark_replay.json": "retailrocket_benchmark/replay.json",
     "latency.json": "latency/latency.json",
     "latency_http_random.json": "latency_http_random/latency.json",
+    "latency_http_2workers.json": "latency_http_2workers/latency.json",
     "retailrocket_benchmark_quality.png": "retailrocket_benchmark/quality.png",
     "retailrocket_benchmark_stats.json": "../../data/processed/retailrocket_benchmark/stats.json",
 }
@@ -194,6 +195,17 @@ def latency_summary(results: Path) -> str:
             f"{cold_fixed['errors']} errors; highest rate held {cold['highest_rate_held']} req/s "
             "(`docs/results/latency_http_random.json`, `python scripts/bench_latency.py --sizes "
             "--d-model 128 --copy-mechanism --http-workload random --http-bodies 80000`)."
+        )
+    if (results / "latency_http_2workers.json").is_file():
+        two = _load(results, "latency_http_2workers.json")["http"]
+        two_fixed = two["fixed_rate"]
+        lines.append(
+            f"With `seqrec-serve --workers 2` (widget workload): "
+            f"{two_fixed['target_rate_per_s']:.0f} req/s for {two_fixed['duration_s']:.0f} s -> "
+            f"{two_fixed['requests_per_s']:.0f} req/s served, p99 {two_fixed['p99_ms']:.1f} ms, "
+            f"{two_fixed['errors']} errors; highest rate held {two['highest_rate_held']} req/s "
+            "(`docs/results/latency_http_2workers.json`, `python scripts/bench_latency.py --sizes "
+            "--d-model 128 --copy-mechanism --http-workers 2`)."
         )
     machine = rep["machine"]
     lines.append(

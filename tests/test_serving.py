@@ -247,3 +247,53 @@ def test_service_module_loads_no_torch() -> None:
         "if m in sys.modules]; assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_console_script_with_two_workers(exported: TinyExport, tmp_path: Path) -> None:
+    script = shutil.which("seqrec-serve") or str(Path(sys.executable).parent / "seqrec-serve")
+    bad = subprocess.run(
+        [script, str(exported.export_dir), "--workers", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 2 and "--workers must be >= 1" in bad.stderr
+
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen(
+        [script, str(exported.export_dir), "--port", str(port), "--workers", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
+            time.sleep(0.2)
+        want = SessionRecommender.from_dir(exported.export_dir).recommend(["1001", "1002"], k=3)
+        for _ in range(8):  # new connections: spread over both workers
+            reply = httpx.post(
+                f"http://127.0.0.1:{port}/recommendations",
+                json={"session": ["1001", "1002"], "k": 3},
+            )
+            assert reply.status_code == 200
+            assert [i["item_id"] for i in reply.json()["items"]] == [r.item_id for r in want]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=30)
+    loads = [
+        line
+        for line in (json.loads(x) for x in stderr.splitlines() if x.startswith("{"))
+        if line["message"].startswith("loaded ")
+    ]
+    assert len(loads) == 3  # the main process checks the export, then each worker loads it

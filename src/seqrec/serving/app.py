@@ -11,6 +11,7 @@ No model logic lives here: everything goes through the predictor, torch is never
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 import uuid
@@ -416,6 +417,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="MiB of session states kept so a session's next click computes only the new item "
         "(incremental exports; 0 = off)",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes (default 1); each loads the model and keeps its own state cache",
+    )
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument(
         "--no-request-logs", action="store_true", help="no log line per request (load tests)"
@@ -435,6 +442,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     configure_json_logging(args.log_level)
+    if args.workers < 1:
+        print(f"error: --workers must be >= 1, got {args.workers}", file=sys.stderr)
+        return 2
     settings = ServeSettings(
         num_threads=args.num_threads,
         max_k=args.max_k,
@@ -465,15 +475,48 @@ def main(argv: list[str] | None = None) -> int:
             **asdict(settings),
         },
     )
+    if args.workers == 1:
+        uvicorn.run(app, host=args.host, port=args.port, log_config=None, access_log=False)
+        return 0
+    # several processes: uvicorn starts each from an import string; they rebuild the same app
+    os.environ[_WORKER_ENV] = json.dumps(
+        {
+            "export_dir": str(args.export_dir),
+            "graph_optimization_level": args.graph_optimization_level,
+            "log_level": args.log_level,
+            "settings": asdict(settings),
+        }
+    )
     uvicorn.run(
-        app,
+        "seqrec.serving.app:app_from_env",
+        factory=True,
         host=args.host,
         port=args.port,
         log_config=None,
         access_log=False,
-        workers=1,
+        workers=args.workers,
     )
     return 0
+
+
+_WORKER_ENV = "SEQREC_SERVE_WORKER_CONFIG"
+
+
+def app_from_env() -> FastAPI:
+    """The app of one ``seqrec-serve --workers N`` worker process, from the JSON that
+    :func:`main` puts in ``$SEQREC_SERVE_WORKER_CONFIG`` (export dir, settings, log level)."""
+    from seqrec.serving.logs import configure_json_logging
+
+    config = json.loads(os.environ[_WORKER_ENV])
+    configure_json_logging(config["log_level"])
+    settings = ServeSettings(**config["settings"])
+    recommender = SessionRecommender.from_dir(
+        config["export_dir"],
+        num_threads=settings.num_threads,
+        graph_optimization_level=config["graph_optimization_level"],
+        state_cache_mb=settings.state_cache_mb,
+    )
+    return create_app(recommender, settings)
 
 
 if __name__ == "__main__":
