@@ -183,29 +183,30 @@ def latency_summary(results: Path) -> str:
             f"{args.get('http_p99_target_ms', 20):.0f} ms with zero errors: "
             f"{http.get('highest_rate_held') or 'none of the ladder'} req/s."
         )
-    if (results / "latency_http_random.json").is_file():
-        cold = _load(results, "latency_http_random.json")["http"]
-        cold_fixed = cold["fixed_rate"]
+    extra_runs = [
+        (
+            "latency_http_random.json",
+            "Same service, independent random sessions of 1 to 10 items (no cached state usable: "
+            "{hits:.0f} hits, {misses:.0f} misses)",
+            "--http-workload random --http-bodies 80000",
+        ),
+        (
+            "latency_http_2workers.json",
+            "With `seqrec-serve --workers 2` (widget workload)",
+            "--http-workers 2",
+        ),
+    ]
+    for name, label, flags in extra_runs:
+        if not (results / name).is_file():
+            continue
+        run = _load(results, name)["http"]
+        fixed_run = run["fixed_rate"]
         lines.append(
-            f"Same service, independent random sessions of 1 to 10 items (no cached state "
-            f"usable: {cold['state_cache']['hits']:.0f} hits, "
-            f"{cold['state_cache']['misses']:.0f} misses): {cold_fixed['target_rate_per_s']:.0f} "
-            f"req/s offered for {cold_fixed['duration_s']:.0f} s -> "
-            f"{cold_fixed['requests_per_s']:.0f} req/s served, p99 {cold_fixed['p99_ms']:.1f} ms, "
-            f"{cold_fixed['errors']} errors; highest rate held {cold['highest_rate_held']} req/s "
-            "(`docs/results/latency_http_random.json`, `python scripts/bench_latency.py --sizes "
-            "--d-model 128 --copy-mechanism --http-workload random --http-bodies 80000`)."
-        )
-    if (results / "latency_http_2workers.json").is_file():
-        two = _load(results, "latency_http_2workers.json")["http"]
-        two_fixed = two["fixed_rate"]
-        lines.append(
-            f"With `seqrec-serve --workers 2` (widget workload): "
-            f"{two_fixed['target_rate_per_s']:.0f} req/s for {two_fixed['duration_s']:.0f} s -> "
-            f"{two_fixed['requests_per_s']:.0f} req/s served, p99 {two_fixed['p99_ms']:.1f} ms, "
-            f"{two_fixed['errors']} errors; highest rate held {two['highest_rate_held']} req/s "
-            "(`docs/results/latency_http_2workers.json`, `python scripts/bench_latency.py --sizes "
-            "--d-model 128 --copy-mechanism --http-workers 2`)."
+            f"{label.format(**run['state_cache'])}: {fixed_run['target_rate_per_s']:.0f} req/s "
+            f"offered for {fixed_run['duration_s']:.0f} s -> {fixed_run['requests_per_s']:.0f} "
+            f"req/s served, p99 {fixed_run['p99_ms']:.1f} ms, {fixed_run['errors']} errors; "
+            f"highest rate held {run['highest_rate_held']} req/s (`docs/results/{name}`, "
+            f"`python scripts/bench_latency.py --sizes --d-model 128 --copy-mechanism {flags}`)."
         )
     machine = rep["machine"]
     lines.append(

@@ -198,6 +198,34 @@ def test_concurrent_requests_match_sequential(client: httpx.Client) -> None:
     assert got == expected
 
 
+def _start_serve(args: list[str]) -> tuple[subprocess.Popen, int]:
+    """Start ``seqrec-serve ARGS --port P`` on a free loopback port; wait until /readyz is 200."""
+    import socket
+
+    script = shutil.which("seqrec-serve") or str(Path(sys.executable).parent / "seqrec-serve")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen(
+        [script, *args, "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                return proc, port
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"server did not start: {proc.communicate()[1][-2000:]}")
+        time.sleep(0.2)
+
+
 @pytest.mark.slow
 def test_console_script_serves_and_refuses_bad_dirs(exported: TinyExport, tmp_path: Path) -> None:
     script = shutil.which("seqrec-serve") or str(Path(sys.executable).parent / "seqrec-serve")
@@ -206,28 +234,8 @@ def test_console_script_serves_and_refuses_bad_dirs(exported: TinyExport, tmp_pa
     )
     assert bad.returncode == 2 and "export directory not found" in bad.stderr
 
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    proc = subprocess.Popen(
-        [script, str(exported.export_dir), "--port", str(port), "--num-threads", "1"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    proc, port = _start_serve([str(exported.export_dir), "--num-threads", "1"])
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
-            time.sleep(0.2)
         response = httpx.post(
             f"http://127.0.0.1:{port}/recommendations", json={"session": ["1001"], "k": 2}
         )
@@ -249,6 +257,7 @@ def test_service_module_loads_no_torch() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+@pytest.mark.slow
 def test_console_script_with_two_workers(exported: TinyExport, tmp_path: Path) -> None:
     script = shutil.which("seqrec-serve") or str(Path(sys.executable).parent / "seqrec-serve")
     bad = subprocess.run(
@@ -259,27 +268,8 @@ def test_console_script_with_two_workers(exported: TinyExport, tmp_path: Path) -
     )
     assert bad.returncode == 2 and "--workers must be >= 1" in bad.stderr
 
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    proc = subprocess.Popen(
-        [script, str(exported.export_dir), "--port", str(port), "--workers", "2"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc, port = _start_serve([str(exported.export_dir), "--workers", "2"])
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
-            time.sleep(0.2)
         want = SessionRecommender.from_dir(exported.export_dir).recommend(["1001", "1002"], k=3)
         for _ in range(8):  # new connections: spread over both workers
             reply = httpx.post(
