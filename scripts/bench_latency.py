@@ -423,14 +423,15 @@ def _scrape_cache(port: int) -> dict[str, float] | None:
     """The server's ``seqrec_state_cache_*`` metrics (None when it has no cache)."""
     import urllib.request
 
+    from prometheus_client.parser import text_string_to_metric_families
+
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         text = response.read().decode()
     values = {
-        line.split(" ")[0].removeprefix("seqrec_state_cache_").removesuffix("_total"): float(
-            line.split(" ")[1]
-        )
-        for line in text.splitlines()
-        if line.startswith("seqrec_state_cache_")
+        sample.name.removeprefix("seqrec_state_cache_").removesuffix("_total"): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name.startswith("seqrec_state_cache_")
     }
     return values or None
 

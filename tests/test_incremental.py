@@ -363,6 +363,7 @@ def test_copy_mixture_stays_finite_for_extreme_gates() -> None:
 
 def test_service_serves_a_growing_session_from_the_cache(inc_export) -> None:
     import httpx
+    from prometheus_client.parser import text_string_to_metric_families
 
     from _serving_helpers import running_server
     from seqrec.serving.app import create_app
@@ -379,9 +380,9 @@ def test_service_serves_a_growing_session_from_the_cache(inc_export) -> None:
             items = http.post("/recommendations", json=body).json()["items"]
             assert [i["item_id"] for i in items] == _eager(model, session[:n], 4, True)[0]
         metrics = {
-            line.split(" ")[0]: float(line.split(" ")[1])
-            for line in http.get("/metrics").text.splitlines()
-            if line[:1] != "#"
+            sample.name: sample.value
+            for family in text_string_to_metric_families(http.get("/metrics").text)
+            for sample in family.samples
         }
     # create_app's warm-up request (one item) is neither a hit nor a miss
     assert metrics["seqrec_state_cache_hits_total"] == len(session) - 1

@@ -73,6 +73,12 @@ class SessionState:
         return SessionState.frozen(kv, copy_keys)
 
 
+def state_bytes_per_item(n_layers: int, d_model: int, copy_mechanism: bool) -> int:
+    """Bytes one position adds to a :class:`SessionState`: float32 keys and values of every
+    block (2 * n_layers * d_model values) plus the pointer key (d_model) for copy models."""
+    return 4 * (2 * n_layers * d_model + (d_model if copy_mechanism else 0))
+
+
 def states_from_prefill(
     kv: np.ndarray, copy_keys: np.ndarray | None, lengths: Sequence[int]
 ) -> list[SessionState]:

@@ -35,7 +35,13 @@ import onnxruntime as ort
 
 from seqrec.constants import PAD_IDX
 from seqrec.filters import mask_scores
-from seqrec.kv_cache import SessionState, StateCache, stack_past, states_from_prefill
+from seqrec.kv_cache import (
+    SessionState,
+    StateCache,
+    stack_past,
+    state_bytes_per_item,
+    states_from_prefill,
+)
 from seqrec.sequence import encode_prefixes
 
 logger = logging.getLogger(__name__)
@@ -329,8 +335,11 @@ class SessionRecommender:
         step_session, state_cache = None, None
         incremental = meta.get("incremental")
         if incremental and state_cache_mb > 0:
-            copy_dim = int(meta["d_model"]) if "present_copy_keys" in meta["output_names"] else 0
-            one_item_bytes = 4 * (2 * int(meta["n_layers"]) * int(meta["d_model"]) + copy_dim)
+            one_item_bytes = state_bytes_per_item(
+                int(meta["n_layers"]),
+                int(meta["d_model"]),
+                "present_copy_keys" in meta["output_names"],
+            )
             if state_cache_mb * 2**20 < one_item_bytes:
                 raise ValueError(
                     f"state_cache_mb={state_cache_mb!r} cannot hold the state of a single item "
@@ -570,7 +579,6 @@ class SessionRecommender:
         """
         if not prefixes:
             return []
-        item_ids = encode_prefixes(prefixes, self._max_len)  # (B, L') int64, left-padded
         has_filter = exclude_seen or allow_idxs is not None or deny_idxs is not None
         if self._top_k_in_graph:
             if has_filter:  # (B, C): 0 keeps an item, -inf excludes it; same rule as offline
@@ -582,6 +590,7 @@ class SessionRecommender:
             if self._state_cache is not None:
                 top_scores, top_idx = self._run_incremental(prefixes, mask, k_arr)
             else:
+                item_ids = encode_prefixes(prefixes, self._max_len)  # (B, L') int64, left-padded
                 top_scores, top_idx = self._session.run(
                     ["top_scores", "top_idx"],
                     {self._input_name: item_ids, "score_mask": mask, "k": k_arr},
@@ -591,6 +600,7 @@ class SessionRecommender:
                 for row_scores, row_idx in zip(top_scores, top_idx, strict=True)
                 for is_kept in [row_scores > -np.inf]
             ]
+        item_ids = encode_prefixes(prefixes, self._max_len)  # (B, L') int64, left-padded
         scores = self._session.run([self._output_name], {self._input_name: item_ids})[0]  # (B, C)
         masked = mask_scores(scores, prefixes, exclude_seen, allow_idxs, deny_idxs)  # (B, C)
         tops = [_top_k(row_masked, k) for row_masked in masked]  # B x (K,) int64

@@ -454,12 +454,7 @@ def main(argv: list[str] | None = None) -> int:
         state_cache_mb=args.state_cache_mb,
     )
     try:
-        recommender = SessionRecommender.from_dir(
-            args.export_dir,
-            num_threads=settings.num_threads,
-            graph_optimization_level=args.graph_optimization_level,
-            state_cache_mb=settings.state_cache_mb,
-        )
+        recommender = _load(args.export_dir, args.graph_optimization_level, settings)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -510,13 +505,18 @@ def app_from_env() -> FastAPI:
     config = json.loads(os.environ[_WORKER_ENV])
     configure_json_logging(config["log_level"])
     settings = ServeSettings(**config["settings"])
-    recommender = SessionRecommender.from_dir(
-        config["export_dir"],
+    recommender = _load(config["export_dir"], config["graph_optimization_level"], settings)
+    return create_app(recommender, settings)
+
+
+def _load(export_dir: str, level: str | None, settings: ServeSettings) -> SessionRecommender:
+    """The recommender of one server process (raises as ``SessionRecommender.from_dir``)."""
+    return SessionRecommender.from_dir(
+        export_dir,
         num_threads=settings.num_threads,
-        graph_optimization_level=config["graph_optimization_level"],
+        graph_optimization_level=level,
         state_cache_mb=settings.state_cache_mb,
     )
-    return create_app(recommender, settings)
 
 
 if __name__ == "__main__":
