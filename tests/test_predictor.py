@@ -94,7 +94,7 @@ def test_k_is_respected(rec: SessionRecommender) -> None:
     assert len(everything) == NUM_ITEMS
     assert len(set(_ids(everything))) == NUM_ITEMS
     for bad_k in (0, -3):
-        with pytest.raises(ValueError, match="k must be >= 1"):
+        with pytest.raises(ValueError, match="k must be an integer >= 1"):
             rec.recommend(["1001"], k=bad_k)
 
 
@@ -446,3 +446,15 @@ def test_cli_filters(exported: TinyExport, capsys: pytest.CaptureFixture[str]) -
         payload["model_version"]
         == json.loads((exported.export_dir / "export_meta.json").read_text())["model_version"]
     )
+
+
+def test_argument_types_are_named(rec: SessionRecommender, exported: TinyExport) -> None:
+    with pytest.raises(TypeError, match="exclude_seen must be a bool"):
+        rec.recommend(["1001"], exclude_seen="no")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="a session must be a sequence of item ids, got None"):
+        rec.recommend(None)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="sessions must be a sequence of sessions, got None"):
+        rec.recommend_batch(None)  # type: ignore[arg-type]
+    assert rec.recommend(["1001"], exclude_seen=np.bool_(True))
+    # numpy numbers are numbers
+    assert SessionRecommender.from_dir(exported.export_dir, state_cache_mb=np.int64(4))

@@ -287,3 +287,36 @@ def test_console_script_with_two_workers(exported: TinyExport, tmp_path: Path) -
         if line["message"].startswith("loaded ")
     ]
     assert len(loads) == 3  # the main process checks the export, then each worker loads it
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"max_k": 0}, "default_k"),
+        ({"max_k": 5}, "default_k"),
+        ({"max_session_len": 0}, "max_session_len"),
+        ({"max_filter_items": -1}, "max_filter_items"),
+        ({"num_threads": 0}, "num_threads"),
+    ],
+)
+def test_settings_that_break_every_request_are_refused(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ServeSettings(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--port", "99999"], "--port must be in 0..65535"),
+        (["--max-filter-items", "-1"], "max_filter_items must be >= 0"),
+        (["--max-k", "5"], "default_k"),
+    ],
+)
+def test_console_script_refuses_bad_limits(
+    exported: TinyExport, flags: list[str], message: str
+) -> None:
+    script = shutil.which("seqrec-serve") or str(Path(sys.executable).parent / "seqrec-serve")
+    bad = subprocess.run(
+        [script, str(exported.export_dir), *flags], capture_output=True, text=True, timeout=60
+    )
+    assert bad.returncode == 2 and message in bad.stderr

@@ -25,6 +25,7 @@ import copy
 import hashlib
 import json
 import logging
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -268,7 +269,7 @@ class SessionRecommender:
             raise ValueError(f"num_threads must be >= 1, got {num_threads}")
         if (
             isinstance(state_cache_mb, bool)
-            or not isinstance(state_cache_mb, int | float)
+            or not isinstance(state_cache_mb, numbers.Real)
             or not 0 <= state_cache_mb < float("inf")
         ):
             raise ValueError(f"state_cache_mb must be a finite number >= 0, got {state_cache_mb!r}")
@@ -524,16 +525,18 @@ class SessionRecommender:
             TypeError: if a session is a single string instead of a sequence of ids.
         """
         if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
-            raise ValueError(f"k must be >= 1, got {k!r}")
+            raise ValueError(f"k must be an integer >= 1, got {k!r}")
         k = int(k)
-        if isinstance(sessions, str):
-            raise TypeError("sessions must be a sequence of sessions, not a string")
+        if not isinstance(exclude_seen, bool | np.bool_):
+            raise TypeError(f"exclude_seen must be a bool, got {exclude_seen!r}")
+        if isinstance(sessions, str) or not hasattr(sessions, "__iter__"):
+            raise TypeError(f"sessions must be a sequence of sessions, got {sessions!r:.80}")
         allow_idxs, deny_idxs = self._idxs(allow_items), self._idxs(deny_items)
         encoded: list[list[int]] = []
         infos: list[RecommendInfo] = []
         for session in sessions:
-            if isinstance(session, str | bytes):
-                raise TypeError("a session must be a sequence of item ids, not a single string")
+            if isinstance(session, str | bytes) or not hasattr(session, "__iter__"):
+                raise TypeError(f"a session must be a sequence of item ids, got {session!r:.80}")
             idxs = [self._index.get(str(item), PAD_IDX) for item in session]
             known = [i for i in idxs if i != PAD_IDX]
             encoded.append(known)

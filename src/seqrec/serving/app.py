@@ -90,6 +90,20 @@ class ServeSettings:
     log_requests: bool = True
     state_cache_mb: float = 256.0
 
+    def __post_init__(self) -> None:
+        """Refuse limits that would break every request (clear ValueError, before startup)."""
+        if self.num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
+        if self.max_k < 1 or not 1 <= self.default_k <= self.max_k:
+            raise ValueError(
+                f"need 1 <= default_k ({self.default_k}) <= max_k ({self.max_k}); "
+                "set --max-k to at least 1 and at least the default k"
+            )
+        if self.max_session_len < 1:
+            raise ValueError(f"max_session_len must be >= 1, got {self.max_session_len}")
+        if self.max_filter_items < 0:
+            raise ValueError(f"max_filter_items must be >= 0, got {self.max_filter_items}")
+
 
 _UNION_BRANCHES = {"constrained-str", "int", "str"}
 _ITEM_ID_MESSAGE = "item ids must be strings of 1 to 64 characters or integers"
@@ -445,14 +459,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers < 1:
         print(f"error: --workers must be >= 1, got {args.workers}", file=sys.stderr)
         return 2
-    settings = ServeSettings(
-        num_threads=args.num_threads,
-        max_k=args.max_k,
-        max_session_len=args.max_session_len,
-        max_filter_items=args.max_filter_items,
-        log_requests=not args.no_request_logs,
-        state_cache_mb=args.state_cache_mb,
-    )
+    if not 0 <= args.port <= 65535:
+        print(f"error: --port must be in 0..65535, got {args.port}", file=sys.stderr)
+        return 2
+    try:
+        settings = ServeSettings(
+            num_threads=args.num_threads,
+            max_k=args.max_k,
+            max_session_len=args.max_session_len,
+            max_filter_items=args.max_filter_items,
+            log_requests=not args.no_request_logs,
+            state_cache_mb=args.state_cache_mb,
+        )
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         recommender = _load(args.export_dir, args.graph_optimization_level, settings)
     except (FileNotFoundError, ValueError) as exc:
