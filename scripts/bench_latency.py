@@ -55,6 +55,8 @@ NEXT_CLICK = "onnx incremental, next click (cached states)"
 NEW_SESSION = "onnx incremental, new session (no cached state)"
 INCREMENTAL_IMPLS = (NEXT_CLICK, NEW_SESSION)
 SERVED_IMPLS = ("onnx full scores + numpy top-k", "onnx top-k in graph", *INCREMENTAL_IMPLS)
+MATMUL_ALONE = "onnxruntime: catalog matmul alone"
+STEP_ALONE = "onnxruntime: step graph alone (inputs prepared, no Python around it)"
 
 
 # ------------------------------------------------------------------------------------ timing
@@ -170,6 +172,61 @@ def _eager_fns(model: Any, max_len: int, k: int) -> tuple[Callable, Callable]:
     return (lambda session: run([session])), run
 
 
+def catalog_matmul_session(table: np.ndarray, threads: int) -> Any:
+    """An onnxruntime session of one MatMul node, (B, D) x (D, C - 1), holding the real items'
+    rows of ``table`` (C, D) transposed, as the exported graphs hold it: the cost of the catalog
+    step alone, without the transformer, log-softmax, filters or top-k."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    weights = np.ascontiguousarray(table[1:].T)  # (D, C - 1): PAD row 0 is not scored
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["hidden", "table"], ["scores"])],
+        "catalog_matmul",
+        [helper.make_tensor_value_info("hidden", TensorProto.FLOAT, ["B", weights.shape[0]])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["B", weights.shape[1]])],
+        [numpy_helper.from_array(weights, "table")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.checker.check_model(model)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    return ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+
+
+def step_graph_feeds(
+    session: Any, num_items: int, batch: int, past_len: int, k: int, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Inputs for an incremental export's step graph (``seqrec.incremental``): ``batch``
+    sessions with ``past_len`` cached positions each (random finite states; timing does not
+    depend on the values), the model's unfiltered score mask (PAD excluded) and k."""
+    rng = np.random.default_rng(seed)
+    feeds: dict[str, np.ndarray] = {}
+    for arg in session.get_inputs():
+        if arg.name == "item_ids":
+            feeds[arg.name] = rng.integers(1, num_items + 1, size=(batch, past_len + 1))
+        elif arg.name == "past_kv":  # (2 * n_layers, B, H, P, Dh)
+            layers2, _, heads, _, head_dim = arg.shape
+            shape = (layers2, batch, heads, past_len, head_dim)
+            feeds[arg.name] = rng.standard_normal(shape).astype(np.float32)
+        elif arg.name == "past_copy_keys":  # (B, P, D)
+            shape = (batch, past_len, arg.shape[2])
+            feeds[arg.name] = rng.standard_normal(shape).astype(np.float32)
+        elif arg.name == "score_mask":
+            mask = np.zeros((1, num_items + 1), dtype=np.float32)
+            mask[0, 0] = -np.inf
+            feeds[arg.name] = mask
+        elif arg.name == "k":
+            feeds[arg.name] = np.array([k], dtype=np.int64)
+        else:
+            raise ValueError(f"unexpected step graph input {arg.name!r}")
+    feeds["item_ids"] = feeds["item_ids"].astype(np.int64)
+    return feeds
+
+
 def measure_size(
     num_items: int, args: argparse.Namespace, work_dir: Path, results: list[dict[str, Any]]
 ) -> None:
@@ -238,6 +295,23 @@ def measure_size(
                 3,
             )
         floor = min(floor_dot, floor_max, key=lambda s: s["p50_ms"])
+        # where the time of a next click goes: the catalog matmul alone in onnxruntime, then the
+        # whole step graph without the predictor's Python around it (same threads, same run)
+        matmul = catalog_matmul_session(table, threads)
+        step = recommenders[INCREMENTAL]._step_session
+        parts: dict[str, dict[str, dict[str, float]]] = {}
+        for case, rows_in, calls in (
+            ("single", 1, (200, 20_000, 30)),
+            ("batch64", 64, (10, 2_000, 3)),
+        ):
+            hidden_in = hidden[None] if rows_in == 1 else hidden_b
+            feeds = step_graph_feeds(step, num_items, rows_in, args.max_len - 1, k)
+            parts[case] = {
+                MATMUL_ALONE: time_calls(
+                    lambda i, h=hidden_in, m=matmul: m.run(None, {"hidden": h}), budget_s, *calls
+                ),
+                STEP_ALONE: time_calls(lambda i, f=feeds, g=step: g.run(None, f), budget_s, *calls),
+            }
         base = {"num_items": num_items, "threads": threads, "d_model": args.d_model}
         results.append(
             {**base, "case": "single", "impl": "memory floor: numpy table @ h", **floor_dot}
@@ -254,6 +328,16 @@ def measure_size(
                 "sessions_per_s": 64e3 / floor_b64["p50_ms"],
             }
         )
+        for case, timings in parts.items():
+            for impl, stats in timings.items():
+                row = {**base, "case": case, "session_len": args.max_len, "impl": impl, **stats}
+                if case == "single":
+                    row["x_floor_p50"] = stats["p50_ms"] / floor["p50_ms"]
+                    row["x_floor_p99"] = stats["p99_ms"] / floor["p50_ms"]
+                else:
+                    row["sessions_per_s"] = 64e3 / stats["p50_ms"]
+                    row["x_floor_p50"] = stats["p50_ms"] / floor_b64["p50_ms"]
+                results.append(row)
         for length_name, length in lengths.items():
             sessions = _sessions(num_items, 256, length, seed=length)
             batches = [sessions[i : i + 64] for i in range(0, 256, 64)]
@@ -733,6 +817,7 @@ def targets(report: dict[str, Any]) -> list[str]:
             f"{r['x_floor_p50']:.2f}x the matmul floor ({floor_b['p50_ms']:.2f} ms; target <= "
             f"1.5x: {'met' if r['x_floor_p50'] <= 1.5 else 'NOT met'})"
         )
+    out += time_breakdown(report)
     http = report.get("http")
     if http:
         fixed = http["fixed_rate"]
@@ -748,6 +833,39 @@ def targets(report: dict[str, Any]) -> list[str]:
     return out
 
 
+def time_breakdown(report: dict[str, Any]) -> list[str]:
+    """Where a next click's time goes at the reference size, 1 thread: the memory floor, the
+    catalog matmul alone in onnxruntime, the whole step graph alone, and the predictor."""
+    size, max_len = report["args"]["reference_size"], report["args"]["max_len"]
+    rows = [r for r in report["results"] if r["num_items"] == size and r["threads"] == 1]
+
+    def p50(case: str, impl: str) -> float | None:
+        for r in rows:
+            if r["case"] == case and r["impl"] == impl and r.get("session_len", max_len) == max_len:
+                return float(r["p50_ms"])
+        return None
+
+    floors = [r["p50_ms"] for r in rows if r["impl"].startswith("memory floor")]
+    out = []
+    for case, floor, label in (
+        ("single", min(floors, default=None), "one session"),
+        ("batch64", p50("batch64", "floor: numpy (64, D) x (D, C) matmul"), "batch 64"),
+    ):
+        matmul, step, served = p50(case, MATMUL_ALONE), p50(case, STEP_ALONE), p50(case, NEXT_CLICK)
+        if None in (floor, matmul, step, served):
+            continue
+        assert floor is not None and matmul is not None and step is not None and served is not None
+        out.append(
+            f"where a next click's time goes ({label}, {max_len} items): memory floor "
+            f"{floor:.3f} ms; onnxruntime catalog matmul alone {matmul:.3f} ms "
+            f"({matmul / floor:.2f}x floor); whole step graph {step:.3f} ms ({step / floor:.2f}x: "
+            f"the transformer step, log-softmax, copy mixture and top-k add {step - matmul:.3f} "
+            f"ms); predictor {served:.3f} ms ({served / floor:.2f}x: id mapping, state cache and "
+            f"result objects add {served - step:.3f} ms)"
+        )
+    return out
+
+
 _COLORS = {
     "table @ h": "black",
     "table.max": "dimgrey",
@@ -759,6 +877,8 @@ _COLORS = {
     "fp16": "tab:orange",
     "next click": "tab:cyan",
     "new session": "tab:olive",
+    "matmul alone": "tab:brown",
+    "step graph alone": "tab:pink",
 }
 """Line colour per implementation (substring of its name); line style per thread count."""
 

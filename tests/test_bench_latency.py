@@ -36,6 +36,8 @@ def test_quick_benchmark_writes_reports(tmp_path: Path) -> None:
         "onnx full scores + numpy top-k",
         "onnx incremental, next click (cached states)",
         "onnx incremental, new session (no cached state)",
+        "onnxruntime: catalog matmul alone",
+        "onnxruntime: step graph alone (inputs prepared, no Python around it)",
     } <= impls
     assert any(i.startswith("memory floor") for i in impls)
     assert all(r["p50_ms"] > 0 for r in report["results"])
@@ -46,5 +48,7 @@ def test_quick_benchmark_writes_reports(tmp_path: Path) -> None:
     cache = report["http"]["state_cache"]
     assert cache["hits"] > 0 and cache["hits"] >= cache["misses"]
     assert report["targets"]
+    breakdown = [t for t in report["targets"] if t.startswith("where a next click's time goes")]
+    assert len(breakdown) == 2  # one session and batch 64
     assert "| items | threads |" in (out / "latency.md").read_text()
     assert (out / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -389,3 +389,27 @@ def test_service_serves_a_growing_session_from_the_cache(inc_export) -> None:
     assert metrics["seqrec_state_cache_misses_total"] == 0
     assert metrics["seqrec_state_cache_entries"] == 2  # this visit and the warm-up item
     assert metrics["seqrec_state_cache_bytes"] > 0
+
+
+def test_latency_benchmark_times_the_real_step_graph_and_catalog_matmul(inc_export) -> None:
+    """The breakdown rows of scripts/bench_latency.py: its step-graph inputs fit the exported step
+    graph, and its one-node matmul computes the graph's catalog scores (h @ E[1:]^T)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import bench_latency
+
+    model, out = inc_export
+    step = SessionRecommender.from_dir(out)._step_session
+    feeds = bench_latency.step_graph_feeds(step, NUM_ITEMS, 3, MAX_LEN - 1, 5)
+    assert set(feeds) == {arg.name for arg in step.get_inputs()}
+    assert feeds["item_ids"].shape == (3, MAX_LEN) and feeds["item_ids"].min() >= 1
+    top_scores, top_idx = step.run(None, feeds)[:2]
+    assert top_scores.shape == (3, 5) and np.isfinite(top_scores).all()
+    assert ((top_idx >= 1) & (top_idx <= NUM_ITEMS)).all()  # PAD is masked out
+
+    table = model.item_emb.weight.detach().numpy()
+    matmul = bench_latency.catalog_matmul_session(table, threads=1)
+    hidden = np.random.default_rng(0).standard_normal((2, table.shape[1])).astype(np.float32)
+    (scores,) = matmul.run(None, {"hidden": hidden})
+    np.testing.assert_allclose(scores, hidden @ table[1:].T, rtol=1e-5, atol=1e-5)

@@ -632,11 +632,12 @@ class SessionRecommender:
         states = [cache.lookup(w) for w in windows]
         step_rows = [row for row, state in enumerate(states) if state is not None]
         full_rows = [row for row, state in enumerate(states) if state is None]
+        is_mixed = bool(step_rows) and bool(full_rows)  # else one graph call gives every row
         top_scores = np.empty((len(windows), int(k_arr[0])), dtype=np.float32)
-        top_idx = np.empty((len(windows), int(k_arr[0])), dtype=np.int64)
+        top_idx = np.empty_like(top_scores, dtype=np.int64)
 
         def rows_mask(rows: list[int]) -> np.ndarray:
-            return mask if len(mask) == 1 or len(rows) == len(windows) else mask[rows]
+            return mask if len(mask) == 1 or not is_mixed else mask[rows]
 
         if full_rows:
             outputs = self._session.run(
@@ -649,7 +650,10 @@ class SessionRecommender:
                     "k": k_arr,
                 },
             )  # top_scores, top_idx, present_kv (2 * layers, B', H, L', Dh)[, copy keys]
-            top_scores[full_rows], top_idx[full_rows] = outputs[0], outputs[1]
+            if is_mixed:
+                top_scores[full_rows], top_idx[full_rows] = outputs[0], outputs[1]
+            else:
+                top_scores, top_idx = outputs[0], outputs[1]
             new_states = states_from_prefill(
                 outputs[2],
                 outputs[3] if self._is_copy else None,
@@ -669,7 +673,10 @@ class SessionRecommender:
             if self._is_copy:
                 feed["past_copy_keys"] = past_copy_keys
             outputs = self._step_session.run(None, feed)  # present: (2 * layers, B', H, 1, Dh)
-            top_scores[step_rows], top_idx[step_rows] = outputs[0], outputs[1]
+            if is_mixed:
+                top_scores[step_rows], top_idx[step_rows] = outputs[0], outputs[1]
+            else:
+                top_scores, top_idx = outputs[0], outputs[1]
             for j, row in enumerate(step_rows):
                 copy_key = outputs[3][j] if self._is_copy else None
                 self._keep(windows[row], past[j].extended(outputs[2][:, j], copy_key))
