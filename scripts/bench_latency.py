@@ -860,8 +860,9 @@ def time_breakdown(report: dict[str, Any]) -> list[str]:
             f"{floor:.3f} ms; onnxruntime catalog matmul alone {matmul:.3f} ms "
             f"({matmul / floor:.2f}x floor); whole step graph {step:.3f} ms ({step / floor:.2f}x: "
             f"the transformer step, log-softmax, copy mixture and top-k add {step - matmul:.3f} "
-            f"ms); predictor {served:.3f} ms ({served / floor:.2f}x: id mapping, state cache and "
-            f"result objects add {served - step:.3f} ms)"
+            f"ms); predictor next click {served:.3f} ms ({served / floor:.2f}x: the predictor "
+            f"around the graph (id mapping, state lookup, stacking and storing, result objects; "
+            f"fresh inputs every call) adds {served - step:.3f} ms)"
         )
     return out
 

@@ -24,6 +24,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_latency import NEW_SESSION, NEXT_CLICK, time_breakdown  # noqa: E402
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS = REPO_ROOT / "docs" / "results"
 DOCS = [REPO_ROOT / "README.md", REPO_ROOT / "PROPOSAL.md"]
@@ -101,10 +104,6 @@ def quality_table(results: Path, dataset: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-NEXT_CLICK = "onnx incremental, next click (cached states)"
-NEW_SESSION = "onnx incremental, new session (no cached state)"
-
-
 def _latency_rows(rep: dict[str, Any], size: int, threads: int = 1) -> list[dict[str, Any]]:
     return [r for r in rep["results"] if r["num_items"] == size and r["threads"] == threads]
 
@@ -165,6 +164,11 @@ def latency_summary(results: Path) -> str:
                 f"{r['sessions_per_s'] / b_eager['sessions_per_s']:.2f}x | "
                 f"{r['p50_ms'] / b_floor['p50_ms']:.2f}x |"
             )
+    breakdown = time_breakdown(rep)
+    if breakdown:
+        prefix = "where a next click's time goes ("
+        lines += ["", "Where a next click's time goes (1 thread, same run):", ""]
+        lines += ["- " + line.removeprefix(prefix).replace("): ", ": ", 1) for line in breakdown]
     http = rep.get("http") or {}
     fixed = http.get("fixed_rate")
     lines.append("")

@@ -39,6 +39,20 @@ from seqrec.sequence import encode_prefixes
 
 logger = logging.getLogger(__name__)
 
+
+class _DropTorchvisionNotice(logging.Filter):
+    """Drops the dynamo exporter's "torchvision is not installed. Skipping torchvision::nms"
+    notices (four per process): seqrec models use no torchvision operator, so they only alarm
+    users reading ``make demo`` or export logs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "torchvision is not installed" not in record.getMessage()
+
+
+# the logger of torch.onnx._internal.exporter._registration (torch 2.5+); this import is used by
+# both exports (seqrec.export imports this module)
+logging.getLogger("torch.onnx._internal.exporter._registration").addFilter(_DropTorchvisionNotice())
+
 STEP_FILE = "model_step.onnx"
 PAST_KV_NAME = "past_kv"
 PAST_COPY_KEYS_NAME = "past_copy_keys"
