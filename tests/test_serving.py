@@ -134,6 +134,34 @@ def test_malformed_json_and_wrong_method(client: httpx.Client) -> None:
     assert client.get("/nope").status_code == 404
 
 
+@pytest.mark.parametrize(
+    ("content", "headers", "status", "error_type", "message"),
+    [
+        (b'{"session": ["1001"]}', {}, 415, "content_type", "no Content-Type"),
+        (b'{"session": ["1001"]}', {"content-type": "text/plain"}, 415, "content_type", "text/plain"),
+        (b'{"session": ["\xff\xfe"]}', {"content-type": "application/json"}, 400,
+         "body_unreadable", "UTF-8"),
+    ],
+    ids=["no-content-type", "text-plain", "not-utf8"],
+)  # fmt: skip
+def test_bodies_that_are_not_json_get_clear_errors(
+    client: httpx.Client, content: bytes, headers: dict, status: int, error_type: str, message: str
+) -> None:
+    response = client.post("/recommendations", content=content, headers=headers)
+    assert response.status_code == status, response.text
+    (error,) = response.json()["detail"]
+    assert error["field"] == "body" and error["type"] == error_type
+    assert message in error["message"]
+    # a JSON media type with parameters, or a +json type, is JSON
+    for media_type in ("application/json; charset=utf-8", "application/vnd.api+json"):
+        ok = client.post(
+            "/recommendations",
+            content=b'{"session": ["1001"]}',
+            headers={"content-type": media_type},
+        )
+        assert ok.status_code == 200, ok.text
+
+
 def test_health_readiness_docs(client: httpx.Client, rec: SessionRecommender) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
@@ -169,6 +197,25 @@ def test_prometheus_metrics(client: httpx.Client) -> None:
     count = 'seqrec_http_request_duration_seconds_count{method="POST",path="/recommendations"}'
     assert lines[count] >= 4
     assert 'seqrec_http_request_duration_seconds_bucket{le="0.02",method="POST"' in text
+
+
+def test_metrics_label_docs_and_widget_by_route(client: httpx.Client) -> None:
+    """Routes FastAPI does not label itself (docs, the mounted widget) get their path template;
+    unknown paths share one label, so scanners cannot blow up the metric's label set."""
+    assert client.get("/docs").status_code == 200
+    assert client.get("/widget/").status_code == 200
+    assert client.get("/widget/widget.js").status_code == 200
+    for path in ("/nope-1", "/nope-2"):
+        assert client.get(path).status_code == 404
+    labels = {
+        line.split("{")[1].split("}")[0]
+        for line in client.get("/metrics").text.splitlines()
+        if line.startswith("seqrec_http_requests_total{")
+    }
+    assert 'method="GET",path="/docs",status="200"' in labels
+    assert 'method="GET",path="/widget",status="200"' in labels
+    unmatched = [label for label in labels if 'path="unmatched"' in label]
+    assert unmatched == ['method="GET",path="unmatched",status="404"']
 
 
 def test_request_log_lines_are_json(client: httpx.Client, caplog: pytest.LogCaptureFixture) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Query, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -33,6 +34,8 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StringConstraints
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute, Match
 
 from seqrec import __version__
 from seqrec.predictor import SessionRecommender
@@ -175,12 +178,27 @@ class _MetricsAndLogs:
     and an ``X-Request-ID`` header (echoed from the request or generated)."""
 
     def __init__(
-        self, app: ASGIApp, requests: Counter, latency: Histogram, log_requests: bool
+        self,
+        app: ASGIApp,
+        requests: Counter,
+        latency: Histogram,
+        log_requests: bool,
+        routes: list[BaseRoute],
     ) -> None:
         self.app = app
         self.requests = requests
         self.latency = latency
         self.log_requests = log_requests
+        self.routes = routes  # the app's routes, to label requests that FastAPI did not route
+
+    def _route_label(self, scope: Scope) -> str:
+        """The path template of the route ``scope`` matches (e.g. ``/docs``, ``/widget`` for
+        the static files), or ``unmatched`` (404s: one label, however many paths are tried)."""
+        for route in self.routes:
+            match, _ = route.matches(scope)
+            if match == Match.FULL:
+                return str(getattr(route, "path", "unmatched"))
+        return "unmatched"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -205,12 +223,15 @@ class _MetricsAndLogs:
                 ]
             await send(message)
 
+        # routing rewrites root_path (mounts); keep what the request came with for the label
+        original = {"type": "http", "path": scope["path"], "root_path": scope.get("root_path", "")}
+        original["method"] = scope.get("method", "")
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
             elapsed_s = time.perf_counter() - start
-            route = scope.get("route")
-            path = getattr(route, "path", None) or "unmatched"
+            route = scope.get("route")  # FastAPI's own routes set it
+            path = getattr(route, "path", None) or self._route_label(original)
             method = scope.get("method", "")
             self.requests.labels(method=method, path=path, status=str(status)).inc()
             self.latency.labels(method=method, path=path).observe(elapsed_s)
@@ -298,8 +319,46 @@ def create_app(recommender: SessionRecommender, settings: ServeSettings | None =
     )
     state: dict[str, Any] = {"ready": False}
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 400 and request.method == "POST":  # the body could not be decoded
+            return JSONResponse(
+                status_code=400,
+                content={
+                    "error": "invalid request",
+                    "detail": [
+                        {
+                            "field": "body",
+                            "message": "the body could not be read as JSON text (UTF-8 "
+                            f"expected): {exc.detail}",
+                            "type": "body_unreadable",
+                        }
+                    ],
+                },
+            )
+        return await http_exception_handler(request, exc)
+
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        content_type = request.headers.get("content-type", "")
+        media_type = content_type.split(";")[0].strip().lower()
+        if request.method == "POST" and not (
+            media_type == "application/json" or media_type.endswith("+json")
+        ):
+            return JSONResponse(
+                status_code=415,
+                content={
+                    "error": "unsupported media type",
+                    "detail": [
+                        {
+                            "field": "body",
+                            "message": "send the body as JSON with the header Content-Type: "
+                            f"application/json (got {content_type or 'no Content-Type'!r})",
+                            "type": "content_type",
+                        }
+                    ],
+                },
+            )
         errors: dict[str, dict[str, str]] = {}
         for err in exc.errors():
             loc = [str(part) for part in err.get("loc", ())]
@@ -321,7 +380,11 @@ def create_app(recommender: SessionRecommender, settings: ServeSettings | None =
         "/recommendations",
         response_model=RecommendationResponse,
         summary="Recommend the next items for a session",
-        responses={422: {"description": "invalid request: the body names the field and why"}},
+        responses={
+            400: {"description": "the body is not UTF-8 JSON text"},
+            415: {"description": "the body is not sent as application/json"},
+            422: {"description": "invalid request: the body names the field and why"},
+        },
     )
     async def recommendations(body: request_model) -> Response:  # type: ignore[valid-type]
         # `async def` on purpose: the model call (about a millisecond, one intra-op thread) runs
@@ -391,6 +454,7 @@ def create_app(recommender: SessionRecommender, settings: ServeSettings | None =
         requests=requests,
         latency=latency,
         log_requests=settings.log_requests,
+        routes=app.routes,
     )
 
     # Warm-up: the first onnxruntime run allocates; readiness waits for it.
