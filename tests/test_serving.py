@@ -128,10 +128,25 @@ def test_malformed_json_and_wrong_method(client: httpx.Client) -> None:
     response = client.post(
         "/recommendations", content=b"{not json", headers={"content-type": "application/json"}
     )
-    assert response.status_code == 422
-    assert "JSON" in response.json()["detail"][0]["message"]
-    assert client.get("/recommendations").status_code == 405
-    assert client.get("/nope").status_code == 404
+    assert response.status_code == 400
+    (error,) = response.json()["detail"]
+    assert error["field"] == "body" and error["type"] == "json_invalid"
+    assert "not valid JSON" in error["message"] and "at character 1" in error["message"]
+    wrong_method = client.get("/recommendations")
+    assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"
+    assert wrong_method.json() == {
+        "error": "method not allowed",
+        "detail": [
+            {
+                "field": "method",
+                "message": "Method Not Allowed: GET /recommendations",
+                "type": "method_not_allowed",
+            }
+        ],
+    }
+    missing = client.get("/nope")
+    assert missing.status_code == 404 and missing.json()["error"] == "not found"
+    assert missing.json()["detail"][0]["message"] == "Not Found: GET /nope"
 
 
 @pytest.mark.parametrize(
@@ -140,9 +155,11 @@ def test_malformed_json_and_wrong_method(client: httpx.Client) -> None:
         (b'{"session": ["1001"]}', {}, 415, "content_type", "no Content-Type"),
         (b'{"session": ["1001"]}', {"content-type": "text/plain"}, 415, "content_type", "text/plain"),
         (b'{"session": ["\xff\xfe"]}', {"content-type": "application/json"}, 400,
-         "body_unreadable", "UTF-8"),
+         "body_unreadable", "invalid UTF-8"),
+        (b"[" * 100_000, {"content-type": "application/json"}, 400, "body_unreadable",
+         "nested too deeply"),
     ],
-    ids=["no-content-type", "text-plain", "not-utf8"],
+    ids=["no-content-type", "text-plain", "not-utf8", "nested-too-deeply"],
 )  # fmt: skip
 def test_bodies_that_are_not_json_get_clear_errors(
     client: httpx.Client, content: bytes, headers: dict, status: int, error_type: str, message: str
@@ -228,6 +245,13 @@ def test_request_log_lines_are_json(client: httpx.Client, caplog: pytest.LogCapt
     assert line["message"] == "request"
     assert (line["method"], line["route"], line["status"]) == ("POST", "/recommendations", 200)
     assert line["latency_ms"] > 0 and line["level"] == "INFO" and "ts" in line
+    # uvicorn passes an ANSI-coloured copy of its messages; JSON lines leave it out
+    uvicorn_record = logging.makeLogRecord(
+        {"name": "uvicorn.error", "msg": "Started", "color_message": "\x1b[32mStarted\x1b[0m"}
+    )
+    assert json.loads(JsonFormatter().format(uvicorn_record)).keys() == {
+        "ts", "level", "logger", "message"
+    }  # fmt: skip
 
 
 def test_concurrent_requests_match_sequential(client: httpx.Client) -> None:

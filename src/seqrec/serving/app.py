@@ -17,11 +17,11 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from dataclasses import asdict, dataclass, replace
+from http import HTTPStatus
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Query, Request
-from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -277,6 +277,21 @@ class _StateCacheCollector:
         )
 
 
+def _error_response(
+    status: int,
+    error: str,
+    field: str,
+    message: str,
+    kind: str,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    """The service's error body, ``{"error", "detail": [{"field", "message", "type"}]}``."""
+    detail = [{"field": field, "message": message, "type": kind}]
+    return JSONResponse(
+        status_code=status, content={"error": error, "detail": detail}, headers=headers
+    )
+
+
 def create_app(recommender: SessionRecommender, settings: ServeSettings | None = None) -> FastAPI:
     """Build the service around a loaded recommender.
 
@@ -322,21 +337,17 @@ def create_app(recommender: SessionRecommender, settings: ServeSettings | None =
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         if exc.status_code == 400 and request.method == "POST":  # the body could not be decoded
-            return JSONResponse(
-                status_code=400,
-                content={
-                    "error": "invalid request",
-                    "detail": [
-                        {
-                            "field": "body",
-                            "message": "the body could not be read as JSON text (UTF-8 "
-                            f"expected): {exc.detail}",
-                            "type": "body_unreadable",
-                        }
-                    ],
-                },
+            message = (
+                "the body could not be parsed as JSON text (invalid UTF-8, or nested too deeply)"
             )
-        return await http_exception_handler(request, exc)
+            return _error_response(400, "invalid request", "body", message, "body_unreadable")
+        phrase = HTTPStatus(exc.status_code).phrase
+        field = {404: "path", 405: "method"}.get(exc.status_code, "request")
+        message = f"{exc.detail}: {request.method} {request.url.path}"
+        kind = phrase.lower().replace(" ", "_")
+        return _error_response(
+            exc.status_code, phrase.lower(), field, message, kind, headers=exc.headers
+        )
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -345,20 +356,18 @@ def create_app(recommender: SessionRecommender, settings: ServeSettings | None =
         if request.method == "POST" and not (
             media_type == "application/json" or media_type.endswith("+json")
         ):
-            return JSONResponse(
-                status_code=415,
-                content={
-                    "error": "unsupported media type",
-                    "detail": [
-                        {
-                            "field": "body",
-                            "message": "send the body as JSON with the header Content-Type: "
-                            f"application/json (got {content_type or 'no Content-Type'!r})",
-                            "type": "content_type",
-                        }
-                    ],
-                },
+            message = (
+                "send the body as JSON with the header Content-Type: application/json "
+                f"(got {content_type or 'no Content-Type'!r})"
             )
+            return _error_response(415, "unsupported media type", "body", message, "content_type")
+        for err in exc.errors():
+            if err.get("type") == "json_invalid":  # loc is ("body", character offset)
+                loc = err.get("loc", ())
+                reason = (err.get("ctx") or {}).get("error", err.get("msg", ""))
+                where = f" at character {loc[1]}" if len(loc) > 1 else ""
+                message = f"the body is not valid JSON: {reason}{where}"
+                return _error_response(400, "invalid request", "body", message, "json_invalid")
         errors: dict[str, dict[str, str]] = {}
         for err in exc.errors():
             loc = [str(part) for part in err.get("loc", ())]
@@ -381,7 +390,7 @@ def create_app(recommender: SessionRecommender, settings: ServeSettings | None =
         response_model=RecommendationResponse,
         summary="Recommend the next items for a session",
         responses={
-            400: {"description": "the body is not UTF-8 JSON text"},
+            400: {"description": "the body is not valid UTF-8 JSON text"},
             415: {"description": "the body is not sent as application/json"},
             422: {"description": "invalid request: the body names the field and why"},
         },
