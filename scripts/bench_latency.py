@@ -684,11 +684,18 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         "# Latency benchmark",
         "",
         f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores; load average "
-        f"before {report['machine']['load_avg_1_5_15']}, after {report['load_avg_after']}. "
+        f"before {', '.join(f'{x:.2f}' for x in report['machine']['load_avg_1_5_15'])}, after "
+        f"{', '.join(f'{x:.2f}' for x in report['load_avg_after'])}. "
         f"Model: random SASRec, d_model {report['args']['d_model']}, "
         f"{report['args']['n_layers']} layers, max_len {report['args']['max_len']}, copy "
         f"mechanism {'on' if report['args'].get('copy_mechanism') else 'off'}, k = "
-        f"{report['args']['k']}. Mode: {'quick' if report['args']['quick'] else 'full'}.",
+        f"{report['args']['k']}. Mode: "
+        + (
+            "quick (a smoke test: tiny catalog and short phases, so the ratios and targets below "
+            "say nothing about speed; run without --quick for real figures)."
+            if report["args"]["quick"]
+            else "full."
+        ),
         "",
         "## One session",
         "",
@@ -742,8 +749,8 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
                 "k = 20, seen items excluded."
             )
             + (
-                f" State cache after the run: {http['state_cache']['hits']} hits, "
-                f"{http['state_cache']['misses']} misses."
+                f" State cache after the run: {http['state_cache']['hits']:.0f} hits, "
+                f"{http['state_cache']['misses']:.0f} misses."
                 if http.get("state_cache")
                 else ""
             ),
@@ -846,21 +853,28 @@ def time_breakdown(report: dict[str, Any]) -> list[str]:
         return None
 
     floors = [r["p50_ms"] for r in rows if r["impl"].startswith("memory floor")]
+    rest = "the transformer step, log-softmax, copy mixture and top-k"
+    if not report["args"].get("copy_mechanism"):
+        rest = "the transformer step and top-k"
     out = []
-    for case, floor, label in (
-        ("single", min(floors, default=None), "one session"),
-        ("batch64", p50("batch64", "floor: numpy (64, D) x (D, C) matmul"), "batch 64"),
+    for case, floor, label, floor_name in (
+        ("single", min(floors, default=None), "one session", "memory floor"),
+        (
+            "batch64",
+            p50("batch64", "floor: numpy (64, D) x (D, C) matmul"),
+            "batch 64",
+            "numpy matmul floor",
+        ),
     ):
         matmul, step, served = p50(case, MATMUL_ALONE), p50(case, STEP_ALONE), p50(case, NEXT_CLICK)
         if None in (floor, matmul, step, served):
             continue
         assert floor is not None and matmul is not None and step is not None and served is not None
         out.append(
-            f"where a next click's time goes ({label}, {max_len} items): memory floor "
+            f"where a next click's time goes ({label}, {max_len} items): {floor_name} "
             f"{floor:.3f} ms; onnxruntime catalog matmul alone {matmul:.3f} ms "
             f"({matmul / floor:.2f}x floor); whole step graph {step:.3f} ms ({step / floor:.2f}x: "
-            f"the transformer step, log-softmax, copy mixture and top-k add {step - matmul:.3f} "
-            f"ms); predictor next click {served:.3f} ms ({served / floor:.2f}x: the predictor "
+            f"{rest} add {step - matmul:.3f} ms); predictor next click {served:.3f} ms ({served / floor:.2f}x: the predictor "
             f"around the graph (id mapping, state lookup, stacking and storing, result objects; "
             f"fresh inputs every call) adds {served - step:.3f} ms)"
         )

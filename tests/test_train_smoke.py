@@ -52,6 +52,7 @@ def test_demo_pipeline_end_to_end(compose_cfg: Callable[..., DictConfig], tmp_pa
         result["last_val"]
     )
     assert result["best_val_mrr@20"] > 0
+    assert result["weight_averaging"] is None  # callbacks.ema is off unless asked for
 
     report = pipeline.evaluate(compose_cfg("eval", common))
     assert set(report["results"]) == {"SASRec", "Pop", "RepeatPop"}

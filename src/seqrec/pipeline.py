@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -508,8 +509,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
+    averaging = (cfg.get("callbacks") or {}).get("ema")
+    averaging = OmegaConf.to_container(averaging, resolve=True) if averaging is not None else None
+    if averaging:
+        log.info(
+            "weight averaging on (%s): validation and saved checkpoints use the averaged weights",
+            averaging,
+        )
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    with warnings.catch_warnings():
+        # Lightning's own pytree helper calls an API newer torch deprecates (noise, not ours)
+        warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     train_time_s = time.perf_counter() - start
 
     # The best-model checkpoint is the one that monitors a metric (others are periodic snapshots).
@@ -528,6 +539,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "epochs": int(trainer.current_epoch),
         "global_step": int(trainer.global_step),
         "num_items": datamodule.num_items,
+        "weight_averaging": averaging,  # callbacks.ema, or None
         "output_dir": str(Path(cfg.paths.output_dir).resolve()),
     }
     if trainer.is_global_zero:  # one writer under DDP
