@@ -456,5 +456,16 @@ def test_argument_types_are_named(rec: SessionRecommender, exported: TinyExport)
     with pytest.raises(TypeError, match="sessions must be a sequence of sessions, got None"):
         rec.recommend_batch(None)  # type: ignore[arg-type]
     assert rec.recommend(["1001"], exclude_seen=np.bool_(True))
+    # ids are strings or integers: a float id (e.g. a pandas column with NaN) is refused, not
+    # silently turned into the unknown id "1001.0"
+    bad_ids = [(1001.0, "float 1001.0"), (b"1001", "bytes b'1001'"), (None, "NoneType None"),
+               (True, "bool True"), (np.float64(1002.0), "float64")]  # fmt: skip
+    for bad, named in bad_ids:
+        with pytest.raises(TypeError, match=rf"session: .*got {named}.* at position 1"):
+            rec.recommend(["1001", bad])  # type: ignore[list-item]
+        with pytest.raises(TypeError, match=r"allow_items / deny_items: .* at position 0"):
+            rec.recommend(["1001"], deny_items=[bad])  # type: ignore[list-item]
+    ok = rec.recommend_with_info([1001, np.int64(1002), np.str_("1003")], k=3)
+    assert ok[1].num_known == 3 and ok[1].num_unknown == 0
     # numpy numbers are numbers
     assert SessionRecommender.from_dir(exported.export_dir, state_cache_mb=np.int64(4))

@@ -174,6 +174,23 @@ def _verify_hashes(directory: Path, meta: dict[str, Any], with_step: bool = True
             )
 
 
+def _check_item_ids(items: Sequence[Any], what: str) -> None:
+    """Refuse ids that are neither strings nor integers (a float id such as 1001.0, e.g. from a
+    pandas column with missing values, would otherwise become the unknown id "1001.0").
+
+    Raises:
+        TypeError: naming ``what``, the position and the value.
+    """
+    for position, item in enumerate(items):
+        if type(item) is str:  # the common case, checked first
+            continue
+        if isinstance(item, bool | np.bool_) or not isinstance(item, str | int | np.integer):
+            raise TypeError(
+                f"{what}: item ids must be strings or integers, got {type(item).__name__} "
+                f"{item!r:.40} at position {position}"
+            )
+
+
 def _graph_optimization_level(name: str) -> ort.GraphOptimizationLevel:
     levels = {
         "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -434,7 +451,8 @@ class SessionRecommender:
         """Recommend the next items for one session.
 
         Args:
-            session: raw item ids, oldest first (ints are converted with ``str``). Unknown ids are
+            session: raw item ids (str or int), oldest first (ints are converted with ``str``;
+                floats, bytes, bools and None are refused with a TypeError). Unknown ids are
                 skipped; the most recent ``max_len`` known items are used.
             k: number of items wanted (>= 1); fewer come back if the catalog (after exclusions)
                 is smaller.
@@ -452,7 +470,8 @@ class SessionRecommender:
 
         Raises:
             ValueError: if k < 1.
-            TypeError: if a session is a single string instead of a sequence of ids.
+            TypeError: if a session is a single string instead of a sequence of ids, or an id
+                is not a string or an integer (the message names its position).
         """
         return self.recommend_with_info(session, k, exclude_seen, allow_items, deny_items)[0]
 
@@ -503,6 +522,7 @@ class SessionRecommender:
             return None
         if isinstance(items, str | bytes):
             raise TypeError("allow_items / deny_items must be sequences of item ids, not a string")
+        _check_item_ids(items, "allow_items / deny_items")
         idxs = [self._index.get(str(item), PAD_IDX) for item in items]
         return np.array([i for i in idxs if i != PAD_IDX], dtype=np.int64)
 
@@ -537,6 +557,7 @@ class SessionRecommender:
         for session in sessions:
             if isinstance(session, str | bytes) or not hasattr(session, "__iter__"):
                 raise TypeError(f"a session must be a sequence of item ids, got {session!r:.80}")
+            _check_item_ids(session, "session")
             idxs = [self._index.get(str(item), PAD_IDX) for item in session]
             known = [i for i in idxs if i != PAD_IDX]
             encoded.append(known)
