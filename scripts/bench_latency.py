@@ -1020,7 +1020,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--from-json",
         type=Path,
         default=None,
-        help="only rewrite latency.md / latency.png of --out-dir from this latency.json",
+        help="no measuring: recompute the targets of this latency.json and write latency.json "
+        "(measurements unchanged), latency.md and latency.png to --out-dir",
     )
     return parser
 
@@ -1035,6 +1036,7 @@ def main(argv: list[str] | None = None) -> int:
         report = json.loads(args.from_json.read_text())
         report["targets"] = targets(report)
         args.out_dir.mkdir(parents=True, exist_ok=True)
+        (args.out_dir / "latency.json").write_text(json.dumps(report, indent=2) + "\n")
         write_markdown(report, args.out_dir / "latency.md")
         plot(report, args.out_dir / "latency.png")
         return 0

@@ -52,3 +52,33 @@ def test_quick_benchmark_writes_reports(tmp_path: Path) -> None:
     assert len(breakdown) == 2  # one session and batch 64
     assert "| items | threads |" in (out / "latency.md").read_text()
     assert (out / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_from_json_recomputes_targets_without_measuring(tmp_path: Path) -> None:
+    """--from-json rewrites the targets, markdown and plot of a committed report; the
+    measurements themselves are copied unchanged."""
+    source = REPO_ROOT / "docs" / "results" / "latency.json"
+    stale = json.loads(source.read_text())
+    stale["targets"] = ["stale wording"]
+    (tmp_path / "in.json").write_text(json.dumps(stale))
+    out = tmp_path / "out"
+    subprocess.run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "scripts" / "bench_latency.py"),
+            "--from-json",
+            str(tmp_path / "in.json"),
+            "--out-dir",
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    rewritten = json.loads((out / "latency.json").read_text())
+    assert rewritten["results"] == stale["results"] and rewritten["http"] == stale["http"]
+    assert "stale wording" not in rewritten["targets"]
+    assert any(t.startswith("where a next click's time goes") for t in rewritten["targets"])
+    assert "## Targets" in (out / "latency.md").read_text()
+    assert (out / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
