@@ -207,7 +207,8 @@ def step_graph_feeds(
     feeds: dict[str, np.ndarray] = {}
     for arg in session.get_inputs():
         if arg.name == "item_ids":
-            feeds[arg.name] = rng.integers(1, num_items + 1, size=(batch, past_len + 1))
+            shape = (batch, past_len + 1)
+            feeds[arg.name] = rng.integers(1, num_items + 1, size=shape, dtype=np.int64)
         elif arg.name == "past_kv":  # (2 * n_layers, B, H, P, Dh)
             layers2, _, heads, _, head_dim = arg.shape
             shape = (layers2, batch, heads, past_len, head_dim)
@@ -223,7 +224,6 @@ def step_graph_feeds(
             feeds[arg.name] = np.array([k], dtype=np.int64)
         else:
             raise ValueError(f"unexpected step graph input {arg.name!r}")
-    feeds["item_ids"] = feeds["item_ids"].astype(np.int64)
     return feeds
 
 
@@ -778,17 +778,26 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def _reference_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Result rows at the reference catalog size, 1 thread."""
+    size = report["args"]["reference_size"]
+    return [r for r in report["results"] if r["num_items"] == size and r["threads"] == 1]
+
+
+def _pick(
+    rows: list[dict[str, Any]], case: str, impl: str, length: int | None = None
+) -> dict[str, Any] | None:
+    """The first row of ``case`` / ``impl`` (and session length, when given), or None."""
+    for r in rows:
+        same_length = length is None or r.get("session_len") == length
+        if r["case"] == case and r["impl"] == impl and same_length:
+            return r
+    return None
+
+
 def targets(report: dict[str, Any]) -> list[str]:
     """The issue's done-when checks, worded with the measured numbers."""
-    size = report["args"]["reference_size"]
-    rows = [r for r in report["results"] if r["num_items"] == size and r["threads"] == 1]
-
-    def pick(case: str, impl: str, length: int | None = None) -> dict[str, Any] | None:
-        for r in rows:
-            same_length = length is None or r.get("session_len") == length
-            if r["case"] == case and r["impl"] == impl and same_length:
-                return r
-        return None
+    rows = _reference_rows(report)
 
     out = []
     floor = min(
@@ -797,9 +806,9 @@ def targets(report: dict[str, Any]) -> list[str]:
         default=None,
     )
     for length in sorted({r.get("session_len") for r in rows if r.get("session_len")}):
-        eager = pick("single", "pytorch eager", length)
+        eager = _pick(rows, "single", "pytorch eager", length)
         for impl in SERVED_IMPLS:
-            r = pick("single", impl, length)
+            r = _pick(rows, "single", impl, length)
             if not (r and eager and floor):
                 continue
             out.append(
@@ -811,10 +820,10 @@ def targets(report: dict[str, Any]) -> list[str]:
                 f" ms = {eager['p50_ms'] / r['p50_ms']:.2f}x slower (target >= 1.5x: "
                 f"{'met' if eager['p50_ms'] / r['p50_ms'] >= 1.5 else 'NOT met'})"
             )
-    eager_b = pick("batch64", "pytorch eager", report["args"]["max_len"])
-    floor_b = pick("batch64", "floor: numpy (64, D) x (D, C) matmul")
+    eager_b = _pick(rows, "batch64", "pytorch eager", report["args"]["max_len"])
+    floor_b = _pick(rows, "batch64", "floor: numpy (64, D) x (D, C) matmul")
     for impl in SERVED_IMPLS:
-        r = pick("batch64", impl, report["args"]["max_len"])
+        r = _pick(rows, "batch64", impl, report["args"]["max_len"])
         if not (r and eager_b and floor_b):
             continue
         out.append(
@@ -824,7 +833,10 @@ def targets(report: dict[str, Any]) -> list[str]:
             f"{r['x_floor_p50']:.2f}x the matmul floor ({floor_b['p50_ms']:.2f} ms; target <= "
             f"1.5x: {'met' if r['x_floor_p50'] <= 1.5 else 'NOT met'})"
         )
-    out += time_breakdown(report)
+    out += [
+        f"where a next click's time goes ({label}): {detail}"
+        for label, detail in time_breakdown(report)
+    ]
     http = report.get("http")
     if http:
         fixed = http["fixed_rate"]
@@ -840,17 +852,19 @@ def targets(report: dict[str, Any]) -> list[str]:
     return out
 
 
-def time_breakdown(report: dict[str, Any]) -> list[str]:
-    """Where a next click's time goes at the reference size, 1 thread: the memory floor, the
-    catalog matmul alone in onnxruntime, the whole step graph alone, and the predictor."""
-    size, max_len = report["args"]["reference_size"], report["args"]["max_len"]
-    rows = [r for r in report["results"] if r["num_items"] == size and r["threads"] == 1]
+def time_breakdown(report: dict[str, Any]) -> list[tuple[str, str]]:
+    """Where a next click's time goes at the reference size, 1 thread: the floor, the catalog
+    matmul alone in onnxruntime, the whole step graph alone, and the predictor.
 
-    def p50(case: str, impl: str) -> float | None:
-        for r in rows:
-            if r["case"] == case and r["impl"] == impl and r.get("session_len", max_len) == max_len:
-                return float(r["p50_ms"])
-        return None
+    Returns:
+        ``(case label, figures)`` for one session and for batch 64 (cases not measured are
+        left out).
+    """
+    rows, max_len = _reference_rows(report), report["args"]["max_len"]
+
+    def p50(case: str, impl: str, length: int | None = max_len) -> float | None:
+        row = _pick(rows, case, impl, length)
+        return None if row is None else float(row["p50_ms"])
 
     floors = [r["p50_ms"] for r in rows if r["impl"].startswith("memory floor")]
     rest = "the transformer step, log-softmax, copy mixture and top-k"
@@ -861,22 +875,24 @@ def time_breakdown(report: dict[str, Any]) -> list[str]:
         ("single", min(floors, default=None), "one session", "memory floor"),
         (
             "batch64",
-            p50("batch64", "floor: numpy (64, D) x (D, C) matmul"),
+            p50("batch64", "floor: numpy (64, D) x (D, C) matmul", None),  # no session length
             "batch 64",
             "numpy matmul floor",
         ),
     ):
         matmul, step, served = p50(case, MATMUL_ALONE), p50(case, STEP_ALONE), p50(case, NEXT_CLICK)
-        if None in (floor, matmul, step, served):
+        if floor is None or matmul is None or step is None or served is None:
             continue
-        assert floor is not None and matmul is not None and step is not None and served is not None
         out.append(
-            f"where a next click's time goes ({label}, {max_len} items): {floor_name} "
-            f"{floor:.3f} ms; onnxruntime catalog matmul alone {matmul:.3f} ms "
-            f"({matmul / floor:.2f}x floor); whole step graph {step:.3f} ms ({step / floor:.2f}x: "
-            f"{rest} add {step - matmul:.3f} ms); predictor next click {served:.3f} ms ({served / floor:.2f}x: the predictor "
-            f"around the graph (id mapping, state lookup, stacking and storing, result objects; "
-            f"fresh inputs every call) adds {served - step:.3f} ms)"
+            (
+                f"{label}, {max_len} items",
+                f"{floor_name} {floor:.3f} ms; onnxruntime catalog matmul alone {matmul:.3f} ms "
+                f"({matmul / floor:.2f}x floor); whole step graph {step:.3f} ms "
+                f"({step / floor:.2f}x: {rest} add {step - matmul:.3f} ms); predictor next click "
+                f"{served:.3f} ms ({served / floor:.2f}x: the predictor around the graph (id "
+                "mapping, state lookup, stacking and storing, result objects; fresh inputs every "
+                f"call) adds {served - step:.3f} ms)",
+            )
         )
     return out
 

@@ -166,9 +166,8 @@ def latency_summary(results: Path) -> str:
             )
     breakdown = time_breakdown(rep)
     if breakdown:
-        prefix = "where a next click's time goes ("
         lines += ["", "Where a next click's time goes (1 thread, same run):", ""]
-        lines += ["- " + line.removeprefix(prefix).replace("): ", ": ", 1) for line in breakdown]
+        lines += [f"- {label}: {detail}" for label, detail in breakdown]
     http = rep.get("http") or {}
     fixed = http.get("fixed_rate")
     lines.append("")

@@ -12,22 +12,18 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+def _bench(*args: str) -> None:
+    """Run scripts/bench_latency.py with ``args`` in a subprocess (fails on a non-zero exit)."""
+    script = str(REPO_ROOT / "scripts" / "bench_latency.py")
+    subprocess.run(
+        [sys.executable, script, *args], check=True, capture_output=True, text=True, timeout=600
+    )
+
+
 @pytest.mark.slow
 def test_quick_benchmark_writes_reports(tmp_path: Path) -> None:
     out = tmp_path / "reports"
-    subprocess.run(
-        [
-            sys.executable,
-            str(REPO_ROOT / "scripts" / "bench_latency.py"),
-            "--quick",
-            "--out-dir",
-            str(out),
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    _bench("--quick", "--out-dir", str(out))
     report = json.loads((out / "latency.json").read_text())
     impls = {r["impl"] for r in report["results"]}
     assert {
@@ -62,20 +58,7 @@ def test_from_json_recomputes_targets_without_measuring(tmp_path: Path) -> None:
     stale["targets"] = ["stale wording"]
     (tmp_path / "in.json").write_text(json.dumps(stale))
     out = tmp_path / "out"
-    subprocess.run(
-        [
-            sys.executable,
-            str(REPO_ROOT / "scripts" / "bench_latency.py"),
-            "--from-json",
-            str(tmp_path / "in.json"),
-            "--out-dir",
-            str(out),
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    _bench("--from-json", str(tmp_path / "in.json"), "--out-dir", str(out))
     rewritten = json.loads((out / "latency.json").read_text())
     assert rewritten["results"] == stale["results"] and rewritten["http"] == stale["http"]
     assert "stale wording" not in rewritten["targets"]

@@ -120,19 +120,14 @@ def stack_past(states: Sequence[SessionState]) -> tuple[np.ndarray, np.ndarray |
     first = states[0]
     width = max(s.length for s in states)
     layers2, heads, _, head_dim = first.kv.shape
-    # np.empty and zeroing only the padded slots: a batch of 64 is megabytes, and np.zeros of that
-    # size costs page faults on every call
-    past_kv = np.empty((layers2, len(states), heads, width, head_dim), dtype=np.float32)
+    past_kv = np.zeros((layers2, len(states), heads, width, head_dim), dtype=np.float32)
     past_copy = None
     if first.copy_keys is not None:
-        past_copy = np.empty((len(states), width, first.copy_keys.shape[1]), dtype=np.float32)
+        past_copy = np.zeros((len(states), width, first.copy_keys.shape[1]), dtype=np.float32)
     for row, state in enumerate(states):
-        pad = width - state.length
-        past_kv[:, row, :, :pad] = 0.0
-        past_kv[:, row, :, pad:] = state.kv
+        past_kv[:, row, :, width - state.length :, :] = state.kv
         if past_copy is not None and state.copy_keys is not None:
-            past_copy[row, :pad] = 0.0
-            past_copy[row, pad:] = state.copy_keys
+            past_copy[row, width - state.length :] = state.copy_keys
     return past_kv, past_copy
 
 

@@ -176,7 +176,8 @@ def _verify_hashes(directory: Path, meta: dict[str, Any], with_step: bool = True
 
 def _check_item_ids(items: Sequence[Any], what: str) -> None:
     """Refuse ids that are neither strings nor integers (a float id such as 1001.0, e.g. from a
-    pandas column with missing values, would otherwise become the unknown id "1001.0").
+    pandas column with missing values, would otherwise become the unknown id "1001.0"). Called
+    only when some id of ``items`` is not in the catalog, so the all-known path pays nothing.
 
     Raises:
         TypeError: naming ``what``, the position and the value.
@@ -522,9 +523,11 @@ class SessionRecommender:
             return None
         if isinstance(items, str | bytes):
             raise TypeError("allow_items / deny_items must be sequences of item ids, not a string")
-        _check_item_ids(items, "allow_items / deny_items")
         idxs = [self._index.get(str(item), PAD_IDX) for item in items]
-        return np.array([i for i in idxs if i != PAD_IDX], dtype=np.int64)
+        known = [i for i in idxs if i != PAD_IDX]
+        if len(known) < len(idxs):
+            _check_item_ids(items, "allow_items / deny_items")
+        return np.array(known, dtype=np.int64)
 
     def recommend_batch_with_info(
         self,
@@ -557,9 +560,10 @@ class SessionRecommender:
         for session in sessions:
             if isinstance(session, str | bytes) or not hasattr(session, "__iter__"):
                 raise TypeError(f"a session must be a sequence of item ids, got {session!r:.80}")
-            _check_item_ids(session, "session")
             idxs = [self._index.get(str(item), PAD_IDX) for item in session]
             known = [i for i in idxs if i != PAD_IDX]
+            if len(known) < len(idxs):
+                _check_item_ids(session, "session")
             encoded.append(known)
             infos.append(
                 RecommendInfo(
@@ -653,12 +657,11 @@ class SessionRecommender:
         states = [cache.lookup(w) for w in windows]
         step_rows = [row for row, state in enumerate(states) if state is not None]
         full_rows = [row for row, state in enumerate(states) if state is None]
-        is_mixed = bool(step_rows) and bool(full_rows)  # else one graph call gives every row
         top_scores = np.empty((len(windows), int(k_arr[0])), dtype=np.float32)
-        top_idx = np.empty_like(top_scores, dtype=np.int64)
+        top_idx = np.empty((len(windows), int(k_arr[0])), dtype=np.int64)
 
         def rows_mask(rows: list[int]) -> np.ndarray:
-            return mask if len(mask) == 1 or not is_mixed else mask[rows]
+            return mask if len(mask) == 1 or len(rows) == len(windows) else mask[rows]
 
         if full_rows:
             outputs = self._session.run(
@@ -671,10 +674,7 @@ class SessionRecommender:
                     "k": k_arr,
                 },
             )  # top_scores, top_idx, present_kv (2 * layers, B', H, L', Dh)[, copy keys]
-            if is_mixed:
-                top_scores[full_rows], top_idx[full_rows] = outputs[0], outputs[1]
-            else:
-                top_scores, top_idx = outputs[0], outputs[1]
+            top_scores[full_rows], top_idx[full_rows] = outputs[0], outputs[1]
             new_states = states_from_prefill(
                 outputs[2],
                 outputs[3] if self._is_copy else None,
@@ -694,10 +694,7 @@ class SessionRecommender:
             if self._is_copy:
                 feed["past_copy_keys"] = past_copy_keys
             outputs = self._step_session.run(None, feed)  # present: (2 * layers, B', H, 1, Dh)
-            if is_mixed:
-                top_scores[step_rows], top_idx[step_rows] = outputs[0], outputs[1]
-            else:
-                top_scores, top_idx = outputs[0], outputs[1]
+            top_scores[step_rows], top_idx[step_rows] = outputs[0], outputs[1]
             for j, row in enumerate(step_rows):
                 copy_key = outputs[3][j] if self._is_copy else None
                 self._keep(windows[row], past[j].extended(outputs[2][:, j], copy_key))
