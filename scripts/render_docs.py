@@ -212,14 +212,15 @@ def latency_summary(results: Path) -> str:
             f"`python scripts/bench_latency.py --sizes --d-model 128 --copy-mechanism {flags}`)."
         )
     machine = rep["machine"]
+    flags = f"{' --d-model ' + str(args['d_model']) if args['d_model'] != 64 else ''}"
+    flags += " --copy-mechanism" if args.get("copy_mechanism") else ""
     lines.append(
         f"{size:,} items, d_model {args['d_model']}, {args['n_layers']} layers, session of "
         f"{length} items, copy mechanism {'on' if args.get('copy_mechanism') else 'off'}; "
         f"{machine['cpu']}, {machine['cores']} cores, load average "
         f"{machine['load_avg_1_5_15'][0]:.2f} at start. Source: `docs/results/latency.json`, "
-        f"written by `python scripts/bench_latency.py"
-        f"{' --d-model ' + str(args['d_model']) if args['d_model'] != 64 else ''}"
-        f"{' --copy-mechanism' if args.get('copy_mechanism') else ''}` (`make bench`: the defaults)."
+        f"written by `python scripts/bench_latency.py{flags}`"
+        + (f" (`make bench BENCH_ARGS='{flags.strip()}'`)." if flags else " (`make bench`).")
     )
     return "\n".join(lines) + "\n"
 

@@ -467,5 +467,28 @@ def test_argument_types_are_named(rec: SessionRecommender, exported: TinyExport)
             rec.recommend(["1001"], deny_items=[bad])  # type: ignore[list-item]
     ok = rec.recommend_with_info([1001, np.int64(1002), np.str_("1003")], k=3)
     assert ok[1].num_known == 3 and ok[1].num_unknown == 0
+    # a set or dict has no "oldest first": refused rather than ranked in hash order
+    for unordered in ({"1001", "1002"}, {"1001": 1, "1002": 2}):
+        with pytest.raises(
+            TypeError, match=r"a session must be a sequence of item ids, got .* no order"
+        ):
+            rec.recommend(unordered)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="sessions must be a sequence of sessions"):
+        rec.recommend_batch({("1001",)})  # type: ignore[arg-type]
+    # generators are read once: the same answers as lists (fallback rows and filters included)
+    lists = rec.recommend_batch(
+        [["1001", "1002"], ["zz"]], k=3, exclude_seen=True, deny_items=["1003"]
+    )
+    generated = rec.recommend_batch(
+        (iter(s) for s in [["1001", "1002"], ["zz"]]), k=3, exclude_seen=True,
+        deny_items=(i for i in ["1003"]),
+    )  # fmt: skip
+    assert generated == lists
+    with pytest.raises(TypeError, match="allow_items / deny_items must be collections of item ids"):
+        rec.recommend(["1001"], deny_items=1003)  # type: ignore[arg-type]
+    for bad_threads in ("2", None, 2.5, True):
+        with pytest.raises(ValueError, match="num_threads must be an integer >= 1"):
+            SessionRecommender.from_dir(exported.export_dir, num_threads=bad_threads)  # type: ignore[arg-type]
+    assert SessionRecommender.from_dir(exported.export_dir, num_threads=np.int64(1))
     # numpy numbers are numbers
     assert SessionRecommender.from_dir(exported.export_dir, state_cache_mb=np.int64(4))

@@ -181,6 +181,9 @@ def test_bodies_that_are_not_json_get_clear_errors(
 
 def test_health_readiness_docs(client: httpx.Client, rec: SessionRecommender) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
+    for probe in ("/healthz", "/readyz"):  # load balancers may probe with HEAD
+        head = client.head(probe)
+        assert head.status_code == 200 and head.content == b""
     ready = client.get("/readyz")
     assert ready.status_code == 200
     assert ready.json()["status"] == "ready"

@@ -26,7 +26,8 @@ import hashlib
 import json
 import logging
 import numbers
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -192,6 +193,24 @@ def _check_item_ids(items: Sequence[Any], what: str) -> None:
             )
 
 
+def _filter_list(items: Any) -> list[Any] | None:
+    """``allow_items`` / ``deny_items`` as a list (read once, even from a generator); None stays
+    None.
+
+    Raises:
+        TypeError: a single string, or not a collection of ids (e.g. a bare id).
+    """
+    if items is None:
+        return None
+    if isinstance(items, str | bytes):
+        raise TypeError("allow_items / deny_items must be sequences of item ids, not a string")
+    if not hasattr(items, "__iter__"):
+        raise TypeError(
+            f"allow_items / deny_items must be collections of item ids, got {items!r:.80}"
+        )
+    return list(items)
+
+
 def _graph_optimization_level(name: str) -> ort.GraphOptimizationLevel:
     levels = {
         "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -283,6 +302,8 @@ class SessionRecommender:
                 input/output names that do not match the metadata; bad thread count or level;
                 ``state_cache_mb`` not a finite number >= 0 or too small for one item's state.
         """
+        if isinstance(num_threads, bool) or not isinstance(num_threads, int | np.integer):
+            raise ValueError(f"num_threads must be an integer >= 1, got {num_threads!r}")
         if num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {num_threads}")
         if (
@@ -521,8 +542,6 @@ class SessionRecommender:
         """(N,) int64 indices of the known raw ids in ``items``; None stays None."""
         if items is None:
             return None
-        if isinstance(items, str | bytes):
-            raise TypeError("allow_items / deny_items must be sequences of item ids, not a string")
         idxs = [self._index.get(str(item), PAD_IDX) for item in items]
         known = [i for i in idxs if i != PAD_IDX]
         if len(known) < len(idxs):
@@ -552,14 +571,24 @@ class SessionRecommender:
         k = int(k)
         if not isinstance(exclude_seen, bool | np.bool_):
             raise TypeError(f"exclude_seen must be a bool, got {exclude_seen!r}")
-        if isinstance(sessions, str) or not hasattr(sessions, "__iter__"):
+        if isinstance(sessions, str | bytes | AbstractSet | Mapping) or not hasattr(
+            sessions, "__iter__"
+        ):
             raise TypeError(f"sessions must be a sequence of sessions, got {sessions!r:.80}")
+        sessions = list(sessions)  # read once, even from a generator
+        allow_items, deny_items = _filter_list(allow_items), _filter_list(deny_items)
         allow_idxs, deny_idxs = self._idxs(allow_items), self._idxs(deny_items)
         encoded: list[list[int]] = []
         infos: list[RecommendInfo] = []
-        for session in sessions:
-            if isinstance(session, str | bytes) or not hasattr(session, "__iter__"):
-                raise TypeError(f"a session must be a sequence of item ids, got {session!r:.80}")
+        for row, session in enumerate(sessions):
+            if isinstance(session, str | bytes | AbstractSet | Mapping) or not hasattr(
+                session, "__iter__"
+            ):  # an unordered set or dict has no "oldest first"
+                raise TypeError(
+                    f"a session must be a sequence of item ids, got {session!r:.80} (ids oldest "
+                    "first: a set or dict has no order)"
+                )
+            session = sessions[row] = list(session)  # iterators are read once
             idxs = [self._index.get(str(item), PAD_IDX) for item in session]
             known = [i for i in idxs if i != PAD_IDX]
             if len(known) < len(idxs):

@@ -419,12 +419,15 @@ def create_app(recommender: SessionRecommender, settings: ServeSettings | None =
         # response-model validation would cost about as much as the top-k.
         return Response(json.dumps(payload, separators=(",", ":")), media_type="application/json")
 
-    @app.get("/healthz", summary="Liveness: the process answers")
+    @app.api_route(
+        "/healthz", methods=["GET", "HEAD"], summary="Liveness: the process answers"
+    )  # HEAD too: some load balancers probe with it
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get(
+    @app.api_route(
         "/readyz",
+        methods=["GET", "HEAD"],
         summary="Readiness: the model is loaded and answered a warm-up request",
         responses={503: {"description": "not ready"}},
     )
