@@ -12,6 +12,9 @@ count it measures, in one process and one run:
   (``score_last`` + ``torch.topk``, same id mapping), and the memory floor: numpy streaming the item
   table once (``table @ hidden`` and ``table.max()``; the faster counts);
 * batch 64: ``recommend_batch`` vs eager vs a numpy (64, D) x (D, C) matmul of the same shape;
+* every size: the incremental export in float32 and with an int8 catalog (``int8_catalog``: the
+  item table read as int8, ``seqrec.incremental.quantize_catalog``), and the time to stream that
+  int8 table with numpy (reported beside the float32 floor, which the targets use);
 * at the RetailRocket size: also short sessions (5 items) and the fp16 / int8 variants;
 * HTTP (``seqrec-serve`` in a subprocess, loopback only): closed loop at fixed concurrency, a fixed
   rate (default 500 req/s for 60 s), and a rate ladder for the highest rate that holds p99 < 20 ms
@@ -51,12 +54,26 @@ log = logging.getLogger("bench_latency")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RETAILROCKET_ITEMS = 37_000
 INCREMENTAL = "onnx incremental"
+INCREMENTAL_INT8 = "onnx incremental int8 catalog"
 NEXT_CLICK = "onnx incremental, next click (cached states)"
 NEW_SESSION = "onnx incremental, new session (no cached state)"
-INCREMENTAL_IMPLS = (NEXT_CLICK, NEW_SESSION)
+NEXT_CLICK_INT8 = "onnx incremental int8 catalog, next click (cached states)"
+NEW_SESSION_INT8 = "onnx incremental int8 catalog, new session (no cached state)"
+INCREMENTAL_CASES = {
+    INCREMENTAL: (NEXT_CLICK, NEW_SESSION),
+    INCREMENTAL_INT8: (NEXT_CLICK_INT8, NEW_SESSION_INT8),
+}
+"""Export layout -> its (next click, new session) rows."""
+INCREMENTAL_IMPLS = (NEXT_CLICK, NEW_SESSION, NEXT_CLICK_INT8, NEW_SESSION_INT8)
 SERVED_IMPLS = ("onnx full scores + numpy top-k", "onnx top-k in graph", *INCREMENTAL_IMPLS)
 MATMUL_ALONE = "onnxruntime: catalog matmul alone"
 STEP_ALONE = "onnxruntime: step graph alone (inputs prepared, no Python around it)"
+STEP_ALONE_INT8 = "onnxruntime: int8-catalog step graph alone (inputs prepared)"
+INT8_DYNAMIC = "onnx int8 (dynamic), full scores"
+FP16 = "onnx fp16, full scores"
+INT8_FLOOR = "int8 table floor: numpy int8 table.max()"
+"""Streaming the int8 copy of the table that int8-catalog exports read (not the floor the targets
+use: that is the float32 table of the model)."""
 
 
 # ------------------------------------------------------------------------------------ timing
@@ -241,11 +258,17 @@ def measure_size(
         "onnx full scores + numpy top-k": {"top_k_in_graph": False},
         "onnx top-k in graph": {"top_k_in_graph": True},
         INCREMENTAL: {"top_k_in_graph": True, "incremental": True},
+        INCREMENTAL_INT8: {
+            "top_k_in_graph": True,
+            "incremental": True,
+            "precision": "int8_catalog",
+            "min_top_k_overlap": 0,  # random weights: recorded per row, not enforced
+        },
     }
     is_reference_size = num_items == args.reference_size
     if is_reference_size:
-        layouts["onnx int8 (dynamic), full scores"] = {"precision": "int8", "min_top_k_overlap": 0}
-        layouts["onnx fp16, full scores"] = {"precision": "fp16", "min_top_k_overlap": 0}
+        layouts[INT8_DYNAMIC] = {"precision": "int8", "min_top_k_overlap": 0}
+        layouts[FP16] = {"precision": "fp16", "min_top_k_overlap": 0}
     model = None
     export_dirs: dict[str, Path] = {}
     quality: dict[str, Any] = {}
@@ -264,6 +287,9 @@ def measure_size(
         log.info("exported %s for %d items in %.1f s", name, num_items, time.perf_counter() - start)
 
     table = model.item_emb.weight.detach().numpy().copy()  # (C, D) float32, as the graph holds it
+    # the int8 copy an int8-catalog export streams: one byte per value (seqrec.incremental)
+    col_scale = np.maximum(np.abs(table[1:]).max(axis=1, keepdims=True), 1e-30) / 127.0
+    table_int8 = np.clip(np.rint(table[1:] / col_scale), -127, 127).astype(np.int8)
     lengths = {"full": args.max_len}
     if is_reference_size:
         lengths["short"] = args.short_session_len
@@ -287,6 +313,7 @@ def measure_size(
                 20,
             )
             floor_max = time_calls(lambda i: table.max(), budget_s, 200, 20_000, 20)
+            floor_int8 = time_calls(lambda i: table_int8.max(), budget_s, 200, 20_000, 20)
             floor_b64 = time_calls(
                 lambda i, h=hidden_b, out=scores_b: np.matmul(h, table.T, out=out),
                 budget_s,
@@ -298,20 +325,26 @@ def measure_size(
         # where the time of a next click goes: the catalog matmul alone in onnxruntime, then the
         # whole step graph without the predictor's Python around it (same threads, same run)
         matmul = catalog_matmul_session(table, threads)
-        step = recommenders[INCREMENTAL]._step_session
+        steps = {
+            STEP_ALONE: recommenders[INCREMENTAL]._step_session,
+            STEP_ALONE_INT8: recommenders[INCREMENTAL_INT8]._step_session,
+        }
         parts: dict[str, dict[str, dict[str, float]]] = {}
         for case, rows_in, calls in (
             ("single", 1, (200, 20_000, 30)),
             ("batch64", 64, (10, 2_000, 3)),
         ):
             hidden_in = hidden[None] if rows_in == 1 else hidden_b
-            feeds = step_graph_feeds(step, num_items, rows_in, args.max_len - 1, k)
             parts[case] = {
                 MATMUL_ALONE: time_calls(
                     lambda i, h=hidden_in, m=matmul: m.run(None, {"hidden": h}), budget_s, *calls
-                ),
-                STEP_ALONE: time_calls(lambda i, f=feeds, g=step: g.run(None, f), budget_s, *calls),
+                )
             }
+            for label, step in steps.items():
+                feeds = step_graph_feeds(step, num_items, rows_in, args.max_len - 1, k)
+                parts[case][label] = time_calls(
+                    lambda i, f=feeds, g=step: g.run(None, f), budget_s, *calls
+                )
         base = {"num_items": num_items, "threads": threads, "d_model": args.d_model}
         results.append(
             {**base, "case": "single", "impl": "memory floor: numpy table @ h", **floor_dot}
@@ -319,6 +352,7 @@ def measure_size(
         results.append(
             {**base, "case": "single", "impl": "memory floor: numpy table.max()", **floor_max}
         )
+        results.append({**base, "case": "single", "impl": INT8_FLOOR, **floor_int8})
         results.append(
             {
                 **base,
@@ -346,21 +380,22 @@ def measure_size(
             }
             setups: dict[str, tuple[Callable, Callable]] = {}
             for name, rec in recommenders.items():
-                if threads > 1 and ("int8" in name or "fp16" in name):
+                if threads > 1 and name in (INT8_DYNAMIC, FP16):
                     continue  # precision variants: one thread only
-                if name == INCREMENTAL:
+                if name in INCREMENTAL_CASES:
+                    next_click, new_session = INCREMENTAL_CASES[name]
                     # the widget's case: the session minus its newest item was served just before
                     # (untimed setup call), so the timed call computes one position
-                    impls[NEXT_CLICK] = (
+                    impls[next_click] = (
                         (lambda s, r=rec: r.recommend(s, k=k)),
                         (lambda b, r=rec: r.recommend_batch(b, k=k)),
                     )
-                    setups[NEXT_CLICK] = (
+                    setups[next_click] = (
                         (lambda s, r=rec: r.recommend(s[:-1], k=k)),
                         (lambda b, r=rec: r.recommend_batch([s[:-1] for s in b], k=k)),
                     )
                     # a session never seen before (cache emptied before each call)
-                    impls[NEW_SESSION] = (
+                    impls[new_session] = (
                         (lambda s, r=rec: (r.clear_state_cache(), r.recommend(s, k=k))),
                         (lambda b, r=rec: (r.clear_state_cache(), r.recommend_batch(b, k=k))),
                     )
@@ -384,13 +419,12 @@ def measure_size(
                 row = {**base, "case": "single", "session_len": length, "impl": impl, **single}
                 row["x_floor_p50"] = single["p50_ms"] / floor["p50_ms"]
                 row["x_floor_p99"] = single["p99_ms"] / floor["p50_ms"]
-                row["top_k_overlap"] = quality.get(
-                    INCREMENTAL if impl in INCREMENTAL_IMPLS else impl
-                )
+                layout = next((n for n, c in INCREMENTAL_CASES.items() if impl in c), impl)
+                row["top_k_overlap"] = quality.get(layout)
                 results.append(row)
                 if length_name == "short" and impl != "pytorch eager":
                     continue
-                if "fp16" in impl or "int8" in impl:
+                if impl in (INT8_DYNAMIC, FP16):
                     continue
                 batch = time_calls(
                     lambda i, f=batch_fn, b=batches: f(b[i % 4]),
@@ -637,6 +671,7 @@ def measure_http(export_dir: Path, args: argparse.Namespace, log_path: Path) -> 
         held = [s["target_rate_per_s"] for s in ladder if s["holds"]]
         out["highest_rate_held"] = max(held) if held else None
         out["incremental"] = bool(meta.get("incremental"))
+        out["precision"] = meta["variant"]["precision"]
         out["workload"] = args.http_workload
         out["workers"] = args.http_workers
         out["shoppers"] = args.http_shoppers if args.http_workload == "widget" else None
@@ -740,6 +775,7 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
             "loopback, load generator on the same cores)",
             "",
             f"Export: {'incremental (states cached per session)' if http.get('incremental') else 'top-k in graph'}"
+            f", {http.get('precision', 'fp32')}"
             + (
                 f". Requests: {http.get('shoppers', '?')} shoppers browsing at once, each request "
                 "one shopper's session after one more click (1 to 10 clicks), k = 20, seen items "
@@ -805,17 +841,24 @@ def targets(report: dict[str, Any]) -> list[str]:
         key=lambda r: r["p50_ms"],
         default=None,
     )
+    int8_floor = _pick(rows, "single", INT8_FLOOR)
     for length in sorted({r.get("session_len") for r in rows if r.get("session_len")}):
         eager = _pick(rows, "single", "pytorch eager", length)
         for impl in SERVED_IMPLS:
             r = _pick(rows, "single", impl, length)
             if not (r and eager and floor):
                 continue
+            own_table = (
+                f"; {r['p50_ms'] / int8_floor['p50_ms']:.2f}x the int8 table it reads "
+                f"({int8_floor['p50_ms']:.3f} ms)"
+                if int8_floor and impl in (NEXT_CLICK_INT8, NEW_SESSION_INT8)
+                else ""
+            )
             out.append(
                 f"one session of {length} items, {impl}: p50 {r['p50_ms']:.3f} ms = "
                 f"{r['x_floor_p50']:.2f}x floor ({floor['p50_ms']:.3f} ms; target <= 1.3x: "
-                f"{'met' if r['x_floor_p50'] <= 1.3 else 'NOT met'}), p99 {r['p99_ms']:.3f} ms = "
-                f"{r['x_floor_p99']:.2f}x (target <= 3x: "
+                f"{'met' if r['x_floor_p50'] <= 1.3 else 'NOT met'}{own_table}), p99 "
+                f"{r['p99_ms']:.3f} ms = {r['x_floor_p99']:.2f}x (target <= 3x: "
                 f"{'met' if r['x_floor_p99'] <= 3 else 'NOT met'}); eager p50 {eager['p50_ms']:.3f}"
                 f" ms = {eager['p50_ms'] / r['p50_ms']:.2f}x slower (target >= 1.5x: "
                 f"{'met' if eager['p50_ms'] / r['p50_ms'] >= 1.5 else 'NOT met'})"
@@ -870,6 +913,11 @@ def time_breakdown(report: dict[str, Any]) -> list[tuple[str, str]]:
     rest = "the transformer step, log-softmax, copy mixture and top-k"
     if not report["args"].get("copy_mechanism"):
         rest = "the transformer step and top-k"
+    around = (
+        "the predictor around the graph (id mapping, state lookup, stacking and storing, result "
+        "objects; fresh inputs every call)"
+    )
+    int8_floor = p50("single", INT8_FLOOR, None)
     out = []
     for case, floor, label, floor_name in (
         ("single", min(floors, default=None), "one session", "memory floor"),
@@ -889,15 +937,33 @@ def time_breakdown(report: dict[str, Any]) -> list[tuple[str, str]]:
                 f"{floor_name} {floor:.3f} ms; onnxruntime catalog matmul alone {matmul:.3f} ms "
                 f"({matmul / floor:.2f}x floor); whole step graph {step:.3f} ms "
                 f"({step / floor:.2f}x: {rest} add {step - matmul:.3f} ms); predictor next click "
-                f"{served:.3f} ms ({served / floor:.2f}x: the predictor around the graph (id "
-                "mapping, state lookup, stacking and storing, result objects; fresh inputs every "
-                f"call) adds {served - step:.3f} ms)",
+                f"{served:.3f} ms ({served / floor:.2f}x: {around} adds {served - step:.3f} ms)",
+            )
+        )
+        step8, served8 = p50(case, STEP_ALONE_INT8), p50(case, NEXT_CLICK_INT8)
+        if step8 is None or served8 is None:
+            continue
+        own = (
+            f"; streaming that int8 table alone takes {int8_floor:.3f} ms"
+            if case == "single" and int8_floor is not None
+            else ""
+        )
+        out.append(
+            (
+                f"{label}, {max_len} items, int8 catalog",
+                f"whole step graph {step8:.3f} ms ({step8 / floor:.2f}x the float32 {floor_name}"
+                f"{own}); predictor next click {served8:.3f} ms ({served8 / floor:.2f}x: {around}"
+                f" adds {served8 - step8:.3f} ms)",
             )
         )
     return out
 
 
 _COLORS = {
+    "int8 table": "silver",
+    "int8 catalog, next click": "navy",
+    "int8 catalog, new session": "teal",
+    "int8-catalog step": "magenta",
     "table @ h": "black",
     "table.max": "dimgrey",
     "floor:": "black",
@@ -1010,6 +1076,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="serve an incremental export (the conf/export.yaml default) rather than top-k only",
     )
+    parser.add_argument(
+        "--http-precision",
+        choices=["fp32", "int8_catalog"],
+        default="int8_catalog",
+        help="precision of the served incremental export (int8_catalog is the conf/export.yaml "
+        "default); top-k-only exports (--no-http-incremental) are float32",
+    )
     parser.add_argument("--http-workers", type=int, default=1, help="seqrec-serve worker processes")
     parser.add_argument(
         "--http-workload",
@@ -1075,6 +1148,8 @@ def main(argv: list[str] | None = None) -> int:
         http = None
         if not args.skip_http:
             variant = {"top_k_in_graph": True, "incremental": args.http_incremental}
+            if args.http_incremental:
+                variant["precision"] = args.http_precision
             _, http_dir = build_export(
                 args.reference_size,
                 args,

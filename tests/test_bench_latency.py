@@ -34,18 +34,23 @@ def test_quick_benchmark_writes_reports(tmp_path: Path) -> None:
         "onnx incremental, new session (no cached state)",
         "onnxruntime: catalog matmul alone",
         "onnxruntime: step graph alone (inputs prepared, no Python around it)",
+        "onnx incremental int8 catalog, next click (cached states)",
+        "onnx incremental int8 catalog, new session (no cached state)",
+        "onnxruntime: int8-catalog step graph alone (inputs prepared)",
+        "int8 table floor: numpy int8 table.max()",
     } <= impls
     assert any(i.startswith("memory floor") for i in impls)
     assert all(r["p50_ms"] > 0 for r in report["results"])
     assert report["http"]["fixed_rate"]["requests"] > 0
     assert report["http"]["fixed_rate"]["errors"] == 0
     # widget-like requests on an incremental export: most clicks extend a cached session
-    assert report["http"]["incremental"]
+    assert report["http"]["incremental"] and report["http"]["precision"] == "int8_catalog"
     cache = report["http"]["state_cache"]
     assert cache["hits"] > 0 and cache["hits"] >= cache["misses"]
     assert report["targets"]
     breakdown = [t for t in report["targets"] if t.startswith("where a next click's time goes")]
-    assert len(breakdown) == 2  # one session and batch 64
+    assert len(breakdown) == 4  # one session and batch 64, float32 and int8 catalog
+    assert sum("int8 catalog" in t for t in breakdown) == 2
     assert "| items | threads |" in (out / "latency.md").read_text()
     assert (out / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -15,7 +15,13 @@ import torch
 
 from _export_helpers import FALLBACK_ITEMS, MAX_LEN, NUM_ITEMS, tiny_vocab
 from seqrec.export import ExportValidationError, ExportVariant, export_onnx
-from seqrec.incremental import STEP_FILE, validate_incremental
+from seqrec.incremental import (
+    CATALOG_NAME,
+    INT8_SCORE_ATOL,
+    STEP_FILE,
+    quantize_catalog,
+    validate_incremental,
+)
 from seqrec.kv_cache import SessionState, StateCache, stack_past, states_from_prefill
 from seqrec.models.sasrec import SASRec, SASRecConfig
 from seqrec.predictor import ArtifactIntegrityError, SessionRecommender
@@ -413,3 +419,128 @@ def test_latency_benchmark_times_the_real_step_graph_and_catalog_matmul(inc_expo
     hidden = np.random.default_rng(0).standard_normal((2, table.shape[1])).astype(np.float32)
     (scores,) = matmul.run(None, {"hidden": hidden})
     np.testing.assert_allclose(scores, hidden @ table[1:].T, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------- int8 catalog
+
+
+def _catalog_graph(path: Path, weights: np.ndarray) -> None:
+    """An ONNX graph ``scores = hidden @ catalog`` with ``weights`` (D, N) as the initializer."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    dim, cols = weights.shape
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["hidden", CATALOG_NAME], ["scores"])],
+        "catalog",
+        [helper.make_tensor_value_info("hidden", TensorProto.FLOAT, ["B", dim])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["B", cols])],
+        [numpy_helper.from_array(weights, CATALOG_NAME)],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+
+
+def test_quantize_catalog_computes_the_int8_formula(tmp_path: Path) -> None:
+    """scores = (round(h / s) @ Wq) * s * col_scale with s = max|h| / 127 per row and Wq =
+    round(W / col_scale), col_scale = max|W[:, j]| / 127, written out in numpy."""
+    import onnx
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    weights = rng.standard_normal((8, 50)).astype(np.float32)
+    weights[:, 7] = 0.0  # an all-zero item column
+    path = tmp_path / "catalog.onnx"
+    _catalog_graph(path, weights)
+    report = quantize_catalog(path)
+    proto = onnx.load(str(path))
+    assert CATALOG_NAME not in {t.name for t in proto.graph.initializer}
+    assert "MatMulInteger" in {n.op_type for n in proto.graph.node}
+    col_scale = np.abs(weights).max(axis=0) / 127.0
+    col_scale[7] = 1.0
+    quantized = np.clip(np.rint(weights / col_scale), -127, 127)
+    assert report["catalog_shape"] == [8, 50]
+    assert report["max_abs_weight_error"] == pytest.approx(
+        float(np.abs(weights - quantized * col_scale).max()), rel=1e-6
+    )
+    assert report["max_abs_weight_error"] <= col_scale.max() / 2 + 1e-7
+
+    hidden = rng.standard_normal((4, 8)).astype(np.float32)
+    hidden[2] = 0.0  # an all-zero hidden row scores 0, not NaN
+    hidden[3] *= 1e-3  # a small row keeps its own scale
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {"hidden": hidden})
+    row_scale = np.maximum(np.abs(hidden).max(axis=1, keepdims=True), 1e-30) / 127.0
+    want = (np.rint(hidden / row_scale) @ quantized) * row_scale * col_scale
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-9)
+    assert (got[2] == 0).all() and (got[:, 7] == 0).all()
+    exact = hidden @ weights  # and it is close to the float32 product
+    assert np.abs(got - exact).max() <= 0.02 * np.abs(exact).max()
+
+
+def test_quantize_catalog_needs_the_catalog_initializer(tmp_path: Path) -> None:
+    path = tmp_path / "other.onnx"
+    _catalog_graph(path, np.ones((2, 3), dtype=np.float32))
+    text = path.read_bytes().replace(CATALOG_NAME.encode(), b"weights")
+    path.write_bytes(text)
+    with pytest.raises(ValueError, match="'catalog' feeding one MatMul"):
+        quantize_catalog(path)
+
+
+def test_int8_catalog_needs_an_incremental_export() -> None:
+    with pytest.raises(ValueError, match="incremental exports only"):
+        ExportVariant(top_k_in_graph=True, precision="int8_catalog")
+    assert ExportVariant(top_k_in_graph=True, precision="int8_catalog", incremental=True)
+
+
+@pytest.fixture(scope="module")
+def int8_export(tmp_path_factory: pytest.TempPathFactory):
+    model = _model(True)
+    out = export_onnx(
+        model,
+        tiny_vocab(),
+        tmp_path_factory.mktemp("incremental_int8") / "export",
+        fallback_items=FALLBACK_ITEMS,
+        variant=ExportVariant(top_k_in_graph=True, incremental=True, precision="int8_catalog"),
+    )
+    return model, out
+
+
+def test_int8_catalog_export_is_validated_and_recorded(int8_export) -> None:
+    import onnx
+
+    model, out = int8_export
+    meta = json.loads((out / "export_meta.json").read_text())
+    assert meta["variant"]["precision"] == "int8_catalog"
+    assert meta["validation"]["max_abs_diff"] <= 1e-4  # the float32 graphs, before quantising
+    int8 = meta["incremental"]["validation"]["int8_catalog"]
+    assert int8["catalog_shape"] == [model.cfg.d_model, NUM_ITEMS]
+    assert int8["validation"]["reference"] == "prefill"
+    assert int8["validation"]["max_state_diff"] <= 1e-4  # states stay float32
+    assert int8["validation"]["max_abs_diff"] <= int8["validation"]["score_atol"]
+    assert meta["quality"]["top_k_overlap_mean"] >= 0.9
+    for name in ("model.onnx", STEP_FILE):
+        proto = onnx.load(str(out / name))
+        assert sum(n.op_type == "MatMulInteger" for n in proto.graph.node) == 1, name
+        assert CATALOG_NAME not in {t.name for t in proto.graph.initializer}, name
+
+
+def test_int8_catalog_predictor_ranks_like_the_model(int8_export) -> None:
+    """Next clicks from cached states, whole sessions and eager PyTorch agree: same items, scores
+    within the quantisation error."""
+    model, out = int8_export
+    rec = SessionRecommender.from_dir(out)
+    plain = SessionRecommender.from_dir(out, state_cache_mb=0)
+    session = _random_session(np.random.default_rng(6), MAX_LEN)
+    overlaps = []
+    for n in range(1, len(session) + 1):
+        got = rec.recommend(session[:n], k=8)
+        whole = plain.recommend(session[:n], k=8)
+        assert [r.item_id for r in got] == [r.item_id for r in whole], n
+        np.testing.assert_allclose(
+            [r.score for r in got], [r.score for r in whole], atol=INT8_SCORE_ATOL
+        )
+        want_ids, want_scores = _eager(model, session[:n], 8)
+        overlaps.append(len(set(want_ids) & {r.item_id for r in got}) / 8)
+        np.testing.assert_allclose(sorted(r.score for r in got), sorted(want_scores), atol=0.03)
+    assert rec.state_cache_info()["hits"] == MAX_LEN - 1
+    assert np.mean(overlaps) >= 0.95

@@ -10,7 +10,9 @@ The export directory holds everything the torch-free predictor needs:
     -inf = excluded; built by ``seqrec.filters.mask_scores``) and ``k`` (1,) int64
     -> ``top_scores`` (batch, k) float32 and ``top_idx`` (batch, k) int64, best first;
 
-  in float32, float16 weights or dynamically quantised int8 weights;
+  in float32, float16 weights or dynamically quantised int8 weights; incremental exports
+  (``seqrec.incremental``) add ``model_step.onnx`` and may keep an int8 copy of the item table
+  for the catalog product (``int8_catalog``);
 * ``item_vocab.json``: ``{"pad_idx": 0, "item_ids": [...]}``, index i <-> ``item_ids[i - 1]``;
 * ``export_meta.json``: shapes, names, exporter, variant, validation and quality reports, sha256
   of the model and vocabulary files, fallback items (written last, so a directory without it is not
@@ -64,7 +66,7 @@ MASK_NAME = "score_mask"
 K_NAME = "k"
 TOP_SCORES_NAME = "top_scores"
 TOP_IDX_NAME = "top_idx"
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "int8", "int8_catalog")
 GRAPH_OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 SCORING_MODES = ("last_position", "dot", "score_last")
 """Graphs :class:`ScoringModel` can write, fastest first; the export tries them in this order."""
@@ -90,9 +92,12 @@ class ExportVariant:
     Attributes:
         top_k_in_graph: append ``Add(score_mask)`` + ``TopK(k)`` to the graph instead of returning
             the full (B, C) scores (the predictor then needs no numpy top-k).
-        precision: ``fp32``; ``fp16`` (float16 weights and compute, float32 inputs/outputs); or
+        precision: ``fp32``; ``fp16`` (float16 weights and compute, float32 inputs/outputs);
             ``int8`` (``onnxruntime.quantization.quantize_dynamic``: int8 weights, activations
-            quantised per call).
+            quantised per call); or ``int8_catalog`` (incremental exports only: float32
+            everywhere but the product of the hidden state with the item table, which reads an
+            int8 copy of the table with one scale per item,
+            :func:`seqrec.incremental.quantize_catalog`).
         graph_optimization_level: onnxruntime level the predictor should load the graph with
             (``disable``, ``basic``, ``extended``, ``all``); recorded in the metadata.
         min_top_k_overlap: smallest mean top-k overlap with PyTorch on the quality check that is
@@ -100,7 +105,7 @@ class ExportVariant:
         incremental: also write the step graph ``model_step.onnx`` and make ``model.onnx`` the
             prefill graph that returns every position's states (``seqrec.incremental``), so the
             predictor computes only the newest item of a session it has seen one click earlier.
-            Needs ``top_k_in_graph`` and ``fp32`` and the dynamo exporter.
+            Needs ``top_k_in_graph``, ``fp32`` or ``int8_catalog``, and the dynamo exporter.
     """
 
     top_k_in_graph: bool = False
@@ -119,11 +124,19 @@ class ExportVariant:
             )
         if not 0.0 <= self.min_top_k_overlap <= 1.0:
             raise ValueError(f"min_top_k_overlap must be in [0, 1], got {self.min_top_k_overlap}")
-        if self.incremental and (not self.top_k_in_graph or self.precision != "fp32"):
+        if self.incremental and (
+            not self.top_k_in_graph or self.precision not in ("fp32", "int8_catalog")
+        ):
             raise ValueError(
-                "incremental=True needs top_k_in_graph=True and precision='fp32', got "
-                f"top_k_in_graph={self.top_k_in_graph}, precision={self.precision!r}; for other "
-                "layouts set incremental=False (scripts/export_onnx.py: variant.incremental=false)"
+                "incremental=True needs top_k_in_graph=True and precision 'fp32' or "
+                f"'int8_catalog', got top_k_in_graph={self.top_k_in_graph}, precision="
+                f"{self.precision!r}; for other layouts set incremental=False "
+                "(scripts/export_onnx.py: variant.incremental=false)"
+            )
+        if self.precision == "int8_catalog" and not self.incremental:
+            raise ValueError(
+                "precision='int8_catalog' is written for incremental exports only (set "
+                "incremental=True and top_k_in_graph=True); for a plain graph use 'int8'"
             )
 
 
@@ -426,7 +439,11 @@ def export_onnx(
                     raise ValueError("incremental exports need the dynamo exporter")
                 start = time.perf_counter()
                 incremental = export_incremental(
-                    cpu_model, tmp_dir / MODEL_FILE, tmp_dir / STEP_FILE, opset
+                    cpu_model,
+                    tmp_dir / MODEL_FILE,
+                    tmp_dir / STEP_FILE,
+                    opset,
+                    int8_catalog=variant.precision == "int8_catalog",
                 )
                 export_time_s = time.perf_counter() - start
                 exporter, fallback_reason = "dynamo", None

@@ -286,13 +286,14 @@ class SASRec(nn.Module):
         same = item_ids.unsqueeze(2) == item_ids.unsqueeze(1)  # (B, L, L)
         mass = (alpha.unsqueeze(1) * same.to(alpha.dtype)).sum(-1)  # (B, L)
         log_gen = torch.log_softmax(logits, dim=-1)  # (B, C-1)
-        log_gate, log_not_gate = _log_sigmoid(gate_logit), _log_sigmoid(-gate_logit)  # (B, 1)
         # padded positions write the last item's value again (same column, same value)
         col = (torch.where(is_real, item_ids, item_ids[:, -1:]) - (PAD_IDX + 1)).clamp(min=0)
         mass = torch.where(is_real, mass, mass[:, -1:])  # (B, L)
+        # log(1 - gate) - log(gate) = log(sigmoid(-x) / sigmoid(x)) = -x for the gate logit x
         mixed = _log_add_exp(
-            log_gen.gather(1, col), log_not_gate - log_gate + torch.log(mass)
+            log_gen.gather(1, col), torch.log(mass) - gate_logit
         )  # (B, L) log p(item) - log(gate) of each position's item
+        log_gate = _log_sigmoid(gate_logit)  # (B, 1)
         ranked = log_gen.scatter(1, col, mixed)  # (B, C-1) log p - log(gate)
         if split_gate:
             return ranked, log_gate
