@@ -61,12 +61,12 @@ PRESENT_COPY_KEYS_NAME = "present_copy_keys"
 _INPUT, _MASK, _K = "item_ids", "score_mask", "k"
 _TOP_SCORES, _TOP_IDX = "top_scores", "top_idx"
 CATALOG_NAME = "catalog"
+"""Initializer of the (D, C-1) catalog matrix in graphs exported for :func:`quantize_catalog`."""
 INT8_SCORE_ATOL = 0.05
 """Step-versus-prefill score tolerance of int8 catalogs: a hidden state that differs in the last
 float32 bit between the two graphs may round one of its D values to the next int8 step, which
 moves scores by about one step of that row's scale (a few 1e-3); larger differences mean a wrong
 table, scale or column."""
-"""Initializer of the (D, C-1) catalog matrix in graphs exported for :func:`quantize_catalog`."""
 
 
 def supports_incremental(model: nn.Module) -> bool:
@@ -160,9 +160,11 @@ class _IncrementalGraph(nn.Module):
         if not supports_incremental(model):
             raise ValueError("incremental graphs need seqrec.models.sasrec.SASRec blocks")
         self.model = model
-        table = model.item_emb.weight.detach()[PAD_IDX + 1 :].t().contiguous()  # (D, C-1)
+        table = None
+        if catalog_constant:
+            table = model.item_emb.weight.detach()[PAD_IDX + 1 :].t().contiguous()  # (D, C-1)
         self.catalog: Tensor | None
-        self.register_buffer(CATALOG_NAME, table if catalog_constant else None)
+        self.register_buffer(CATALOG_NAME, table)
 
 
 class PrefillModel(_IncrementalGraph):

@@ -686,50 +686,67 @@ class SessionRecommender:
         states = [cache.lookup(w) for w in windows]
         step_rows = [row for row, state in enumerate(states) if state is not None]
         full_rows = [row for row, state in enumerate(states) if state is None]
+        if not full_rows or not step_rows:  # one graph answers every row, in order
+            return self._run_graph(windows, states, mask, k_arr, whole=bool(full_rows))
         top_scores = np.empty((len(windows), int(k_arr[0])), dtype=np.float32)
         top_idx = np.empty((len(windows), int(k_arr[0])), dtype=np.int64)
+        for rows, whole in ((full_rows, True), (step_rows, False)):
+            top_scores[rows], top_idx[rows] = self._run_graph(
+                [windows[r] for r in rows],
+                [states[r] for r in rows],
+                mask if len(mask) == 1 else mask[rows],
+                k_arr,
+                whole,
+            )
+        return top_scores, top_idx
 
-        def rows_mask(rows: list[int]) -> np.ndarray:
-            return mask if len(mask) == 1 or len(rows) == len(windows) else mask[rows]
-
-        if full_rows:
+    def _run_graph(
+        self,
+        windows: list[tuple[int, ...]],
+        states: list[SessionState | None],
+        mask: np.ndarray,
+        k_arr: np.ndarray,
+        whole: bool,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Run one graph for all of ``windows`` and keep each window's new state: the prefill
+        graph on the whole windows (``whole``), else the step graph on the cached ``states`` of
+        each window minus its newest item. Returns (B, K) float32 scores and (B, K) int64 item
+        indices."""
+        if whole:
             outputs = self._session.run(
                 None,
                 {
-                    self._input_name: encode_prefixes(
-                        [windows[r] for r in full_rows], self._max_len
-                    ),
-                    "score_mask": rows_mask(full_rows),
+                    self._input_name: encode_prefixes(windows, self._max_len),
+                    "score_mask": mask,
                     "k": k_arr,
                 },
-            )  # top_scores, top_idx, present_kv (2 * layers, B', H, L', Dh)[, copy keys]
-            top_scores[full_rows], top_idx[full_rows] = outputs[0], outputs[1]
+            )  # top_scores, top_idx, present_kv (2 * layers, B, H, L', Dh)[, copy keys]
             new_states = states_from_prefill(
-                outputs[2],
-                outputs[3] if self._is_copy else None,
-                [len(windows[r]) for r in full_rows],
+                outputs[2], outputs[3] if self._is_copy else None, [len(w) for w in windows]
             )
-            for row, state in zip(full_rows, new_states, strict=True):
-                self._keep(windows[row], state)
-        if step_rows:
-            past: list[SessionState] = [states[r] for r in step_rows]  # type: ignore[misc]
-            past_kv, past_copy_keys = stack_past(past)
-            feed = {
-                self._input_name: encode_prefixes([windows[r] for r in step_rows], self._max_len),
-                "past_kv": past_kv,
-                "score_mask": rows_mask(step_rows),
-                "k": k_arr,
-            }
-            if self._is_copy:
-                feed["past_copy_keys"] = past_copy_keys
-            outputs = self._step_session.run(None, feed)  # present: (2 * layers, B', H, 1, Dh)
-            top_scores[step_rows], top_idx[step_rows] = outputs[0], outputs[1]
-            for j, row in enumerate(step_rows):
-                copy_key = outputs[3][j] if self._is_copy else None
-                self._keep(windows[row], past[j].extended(outputs[2][:, j], copy_key))
-        return top_scores, top_idx
+            for window, state in zip(windows, new_states, strict=True):
+                self._keep(window, state)
+            return outputs[0], outputs[1]
+        past: list[SessionState] = states  # type: ignore[assignment]
+        past_kv, past_copy_keys = stack_past(past)
+        feed = {
+            self._input_name: encode_prefixes(windows, self._max_len),
+            "past_kv": past_kv,
+            "score_mask": mask,
+            "k": k_arr,
+        }
+        if self._is_copy:
+            feed["past_copy_keys"] = past_copy_keys
+        outputs = self._step_session.run(None, feed)  # present: (2 * layers, B, H, 1, Dh)
+        for j, window in enumerate(windows):
+            if len(window) >= self._max_len:  # no later click can extend it (see _keep)
+                self._keep(window, None)
+                continue
+            copy_key = outputs[3][j] if self._is_copy else None
+            self._keep(window, past[j].extended(outputs[2][:, j], copy_key))
+        return outputs[0], outputs[1]
 
-    def _keep(self, window: tuple[int, ...], state: SessionState) -> None:
+    def _keep(self, window: tuple[int, ...], state: SessionState | None) -> None:
         """Cache ``state`` for the next click, unless the window is already ``max_len`` long:
         then the next click slides the window, every position changes, and no request can
         use it (only the parent state is dropped)."""
