@@ -188,8 +188,8 @@ def latency_summary(results: Path) -> str:
     lines.append("")
     if fixed:
         flow = (
-            f"incremental export, {http.get('shoppers')} shoppers browsing at once, each request "
-            "one more click of a session"
+            f"incremental export ({http.get('precision', 'fp32')}), {http.get('shoppers')} "
+            "shoppers browsing at once, each request one more click of a session"
             if http.get("workload", "widget") == "widget"
             else "independent random sessions of 1 to 10 items"
         )
