@@ -69,10 +69,13 @@ def test_demo_pipeline_end_to_end(compose_cfg: Callable[..., DictConfig], tmp_pa
     export_dir = pipeline.export(compose_cfg("export", common))
     meta = json.loads((export_dir / "export_meta.json").read_text())
     assert meta["test_metrics"]["mrr@20"] == report["results"]["SASRec"]["mrr@20"]
-    # the variant was checked against PyTorch on (capped) validation examples
+    # the default variant (int8 catalog) was checked against PyTorch on (capped) validation
+    # examples: nearly the same top-20 lists, and the metrics it changes are recorded
+    assert meta["variant"]["precision"] == "int8_catalog"
     assert meta["quality"]["source"] == "validation examples"
-    assert meta["quality"]["top_k_overlap_mean"] == 1.0
+    assert 0.95 <= meta["quality"]["top_k_overlap_mean"] <= 1.0
     assert set(meta["quality"]["metric_change"]) >= {"recall@20", "mrr@20"}
+    assert abs(meta["quality"]["metric_change"]["mrr@20"]) <= 0.01
 
     from seqrec.predictor import SessionRecommender
 
