@@ -487,7 +487,7 @@ def test_quantize_catalog_needs_the_catalog_initializer(tmp_path: Path) -> None:
 
 
 def test_int8_catalog_needs_an_incremental_export() -> None:
-    with pytest.raises(ValueError, match="incremental exports only"):
+    with pytest.raises(ValueError, match=r"incremental exports only.*'fp32'.*precision=fp32"):
         ExportVariant(top_k_in_graph=True, precision="int8_catalog")
     assert ExportVariant(top_k_in_graph=True, precision="int8_catalog", incremental=True)
 
@@ -512,6 +512,7 @@ def test_int8_catalog_export_is_validated_and_recorded(int8_export) -> None:
     meta = json.loads((out / "export_meta.json").read_text())
     assert meta["variant"]["precision"] == "int8_catalog"
     assert meta["validation"]["max_abs_diff"] <= 1e-4  # the float32 graphs, before quantising
+    assert "before quantize_catalog" in meta["validation"]["graphs_checked"]
     int8 = meta["incremental"]["validation"]["int8_catalog"]
     assert int8["catalog_shape"] == [model.cfg.d_model, NUM_ITEMS]
     assert int8["validation"]["reference"] == "prefill"

@@ -122,6 +122,18 @@ def test_empty_or_unknown_session_gets_fallback(rec: SessionRecommender, session
     assert _ids(rec.recommend(session, k=50, exclude_seen=True)) == FALLBACK_ITEMS
 
 
+def test_fallback_with_an_allow_list_outside_the_popular_items(rec: SessionRecommender) -> None:
+    """An allow-list that the stored popularity list does not cover still fills the strip: its
+    known items follow the popular ones, in allow-list order, and pass the other filters."""
+    allow = ["1020", "1003", "zzz", "1021", "1022", "1023"]  # "1003" is a fallback item
+    got = rec.recommend(["nope"], k=4, allow_items=allow, deny_items=["1021"])
+    assert _ids(got) == ["1003", "1020", "1022", "1023"]
+    assert all(r.source == "fallback" for r in got)
+    assert _ids(rec.recommend([], k=2, allow_items=["1025", "1024"])) == ["1025", "1024"]
+    # without an allow-list the strip is the stored popularity list, filtered
+    assert _ids(rec.recommend([], k=50, deny_items=FALLBACK_ITEMS[:4])) == FALLBACK_ITEMS[4:]
+
+
 def test_long_session_uses_last_max_len_items(rec: SessionRecommender) -> None:
     rng = np.random.default_rng(0)
     session = [str(1000 + i) for i in rng.integers(1, NUM_ITEMS + 1, size=3 * MAX_LEN)]

@@ -130,13 +130,16 @@ class ExportVariant:
             raise ValueError(
                 "incremental=True needs top_k_in_graph=True and precision 'fp32' or "
                 f"'int8_catalog', got top_k_in_graph={self.top_k_in_graph}, precision="
-                f"{self.precision!r}; for other layouts set incremental=False "
-                "(scripts/export_onnx.py: variant.incremental=false)"
+                f"{self.precision!r}; for other layouts set incremental=False with precision "
+                "'fp32', 'fp16' or 'int8' (scripts/export_onnx.py: variant.incremental=false "
+                "variant.precision=fp32)"
             )
         if self.precision == "int8_catalog" and not self.incremental:
             raise ValueError(
                 "precision='int8_catalog' is written for incremental exports only (set "
-                "incremental=True and top_k_in_graph=True); for a plain graph use 'int8'"
+                "incremental=True and top_k_in_graph=True); for a plain graph use precision "
+                "'fp32', 'fp16' or 'int8' (scripts/export_onnx.py: variant.incremental=false "
+                "variant.precision=fp32)"
             )
 
 
@@ -451,6 +454,11 @@ def export_onnx(
                     key: incremental.pop(key) for key in ("max_abs_diff", "batches_checked", "atol")
                 }
                 validation["scoring_graph"] = "incremental prefill + step"
+                if variant.precision == "int8_catalog":
+                    validation["graphs_checked"] = (
+                        "float32, before quantize_catalog; the int8 graphs: "
+                        "incremental.validation.int8_catalog and quality"
+                    )
                 actual_opset = _onnx_opset(tmp_dir / MODEL_FILE)
             else:
                 exporter, validation, fallback_reason, export_time_s = _export_validated(

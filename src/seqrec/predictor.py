@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import json
 import logging
 import numbers
@@ -768,12 +769,21 @@ class SessionRecommender:
         allow_items: Sequence[str | int] | None,
         deny_items: Sequence[str | int] | None,
     ) -> list[Recommendation]:
-        """The first k popularity-fallback items that pass the same filters as model results."""
+        """The first k items that pass the same filters as model results: the stored
+        popularity fallback list (``num_fallback_items`` at export), then, with an allow-list,
+        its other known items in allow-list order, so an allow-list outside the popular items
+        does not empty the strip."""
         allowed = None if allow_items is None else {str(i) for i in allow_items}
         denied = exclude | {str(i) for i in deny_items or ()}
-        kept = [
-            item_id
-            for item_id in self._fallback_ids
-            if item_id not in denied and (allowed is None or item_id in allowed)
-        ]
-        return [Recommendation(item_id, FALLBACK_SCORE, "fallback") for item_id in kept[:k]]
+        kept: list[str] = []
+        seen: set[str] = set()
+        more = [] if allow_items is None else [str(i) for i in allow_items]
+        for item_id in itertools.chain(self._fallback_ids, more):
+            if len(kept) == k:
+                break
+            if item_id in seen or item_id in denied or item_id not in self._index:
+                continue
+            if allowed is None or item_id in allowed:
+                kept.append(item_id)
+                seen.add(item_id)
+        return [Recommendation(item_id, FALLBACK_SCORE, "fallback") for item_id in kept]
