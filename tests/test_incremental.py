@@ -390,11 +390,38 @@ def test_service_serves_a_growing_session_from_the_cache(inc_export) -> None:
             for family in text_string_to_metric_families(http.get("/metrics").text)
             for sample in family.samples
         }
-    # create_app's warm-up request (one item) is neither a hit nor a miss
+    # create_app's warm-up requests (both graphs) leave no state and no count behind
     assert metrics["seqrec_state_cache_hits_total"] == len(session) - 1
     assert metrics["seqrec_state_cache_misses_total"] == 0
-    assert metrics["seqrec_state_cache_entries"] == 2  # this visit and the warm-up item
+    assert metrics["seqrec_state_cache_entries"] == 1  # this visit only
     assert metrics["seqrec_state_cache_bytes"] > 0
+
+
+def test_service_warm_up_runs_both_graphs_and_leaves_the_cache_empty(inc_export) -> None:
+    from seqrec.serving.app import create_app
+
+    _, out = inc_export
+    rec = SessionRecommender.from_dir(out)
+    runs = {"prefill": 0, "step": 0}
+    for name, attr in (("prefill", "_session"), ("step", "_step_session")):
+        graph = getattr(rec, attr)
+
+        class Counting:  # the real onnxruntime session, its runs counted
+            def __init__(self, inner, key: str) -> None:
+                self.inner, self.key = inner, key
+
+            def run(self, *args, **kwargs):
+                runs[self.key] += 1
+                return self.inner.run(*args, **kwargs)
+
+            def __getattr__(self, item: str):
+                return getattr(self.inner, item)
+
+        setattr(rec, attr, Counting(graph, name))
+    create_app(rec)
+    assert runs == {"prefill": 1, "step": 1}
+    info = rec.state_cache_info()
+    assert (info["hits"], info["misses"], info["entries"], info["bytes"]) == (0, 0, 0, 0)
 
 
 def test_latency_benchmark_times_the_real_step_graph_and_catalog_matmul(inc_export) -> None:

@@ -469,8 +469,14 @@ def create_app(recommender: SessionRecommender, settings: ServeSettings | None =
         routes=app.routes,
     )
 
-    # Warm-up: the first onnxruntime run allocates; readiness waits for it.
-    recommender.recommend(recommender.fallback_items[:1], k=1)
+    # Warm-up: the first onnxruntime run of each graph allocates; readiness waits for it. Two
+    # items run the whole-session graph, then (incremental exports) the step graph; the states
+    # and counts they leave are not a visitor's, so the cache starts empty.
+    warm = recommender.fallback_items[:2]
+    recommender.recommend(warm[:1], k=1)
+    if len(warm) > 1:
+        recommender.recommend(warm, k=1)
+    recommender.clear_state_cache()
     state["ready"] = True
     return app
 
