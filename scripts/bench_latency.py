@@ -251,6 +251,7 @@ def measure_size(
     import torch
     from threadpoolctl import threadpool_limits
 
+    from seqrec.incremental import int8_columns
     from seqrec.predictor import SessionRecommender
 
     k, budget_s = args.k, args.budget_s
@@ -287,9 +288,8 @@ def measure_size(
         log.info("exported %s for %d items in %.1f s", name, num_items, time.perf_counter() - start)
 
     table = model.item_emb.weight.detach().numpy().copy()  # (C, D) float32, as the graph holds it
-    # the int8 copy an int8-catalog export streams: one byte per value (seqrec.incremental)
-    col_scale = np.maximum(np.abs(table[1:]).max(axis=1, keepdims=True), 1e-30) / 127.0
-    table_int8 = np.clip(np.rint(table[1:] / col_scale), -127, 127).astype(np.int8)
+    # the int8 copy an int8-catalog export streams: one byte per value
+    table_int8 = int8_columns(np.ascontiguousarray(table[1:].T))[0]  # (D, C - 1) int8
     lengths = {"full": args.max_len}
     if is_reference_size:
         lengths["short"] = args.short_session_len

@@ -264,6 +264,22 @@ class StepModelNoCopy(StepModel):
         return super().forward(item_ids, past_kv, past_kv, score_mask, k)
 
 
+def int8_columns(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 quantisation with one scale per column, as :func:`quantize_catalog`
+    stores the catalog.
+
+    Args:
+        weights: (D, N) float32.
+
+    Returns:
+        ``(quantized, scale)``: (D, N) int8 ``round(weights / scale)`` in [-127, 127] and (N,)
+        float32 ``scale = max|weights[:, j]| / 127`` (1 for an all-zero column, which stays 0).
+    """
+    scale = (np.abs(weights).max(axis=0) / 127.0).astype(np.float32)
+    scale[scale == 0] = 1.0
+    return np.clip(np.rint(weights / scale), -127, 127).astype(np.int8), scale
+
+
 def quantize_catalog(path: Path) -> dict[str, Any]:
     """Rewrite the catalog product of a graph exported with ``catalog_constant`` in int8.
 
@@ -301,9 +317,7 @@ def quantize_catalog(path: Path) -> dict[str, Any]:
             f"{'no initializer' if init is None else [n.op_type for n in users]}"
         )
     weights = numpy_helper.to_array(init).astype(np.float32)  # (D, C-1)
-    col_scale = np.abs(weights).max(axis=0) / 127.0  # (C-1,)
-    col_scale[col_scale == 0] = 1.0  # an all-zero column stays zero
-    quantized = np.clip(np.rint(weights / col_scale), -127, 127).astype(np.int8)
+    quantized, col_scale = int8_columns(weights)
     error = float(np.abs(weights - quantized * col_scale).max())
     node = users[0]
     hidden, out = node.input[0], node.output[0]

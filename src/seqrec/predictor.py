@@ -27,7 +27,7 @@ import itertools
 import json
 import logging
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
@@ -726,7 +726,7 @@ class SessionRecommender:
                 outputs[2], outputs[3] if self._is_copy else None, [len(w) for w in windows]
             )
             for window, state in zip(windows, new_states, strict=True):
-                self._keep(window, state)
+                self._keep(window, lambda state=state: state)
             return outputs[0], outputs[1]
         past: list[SessionState] = states  # type: ignore[assignment]
         past_kv, past_copy_keys = stack_past(past)
@@ -740,19 +740,17 @@ class SessionRecommender:
             feed["past_copy_keys"] = past_copy_keys
         outputs = self._step_session.run(None, feed)  # present: (2 * layers, B, H, 1, Dh)
         for j, window in enumerate(windows):
-            if len(window) >= self._max_len:  # no later click can extend it (see _keep)
-                self._keep(window, None)
-                continue
             copy_key = outputs[3][j] if self._is_copy else None
-            self._keep(window, past[j].extended(outputs[2][:, j], copy_key))
+            self._keep(window, lambda j=j, key=copy_key: past[j].extended(outputs[2][:, j], key))
         return outputs[0], outputs[1]
 
-    def _keep(self, window: tuple[int, ...], state: SessionState | None) -> None:
-        """Cache ``state`` for the next click, unless the window is already ``max_len`` long:
-        then the next click slides the window, every position changes, and no request can
-        use it (only the parent state is dropped)."""
+    def _keep(self, window: tuple[int, ...], state: Callable[[], SessionState]) -> None:
+        """Cache the window's state (built by ``state()``) for the next click, unless the
+        window is already ``max_len`` long: then the next click slides the window, every
+        position changes, and no request can use it (only the parent state is dropped, and the
+        state is never built)."""
         assert self._state_cache is not None
-        self._state_cache.store(window, state if len(window) < self._max_len else None)
+        self._state_cache.store(window, state() if len(window) < self._max_len else None)
 
     def _recommendations(self, idxs: np.ndarray, scores: np.ndarray) -> list[Recommendation]:
         """Recommendations for (K,) int64 item indices ``idxs`` (best first) with their (K,)
