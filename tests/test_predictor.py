@@ -498,6 +498,11 @@ def test_argument_types_are_named(rec: SessionRecommender, exported: TinyExport)
     assert generated == lists
     with pytest.raises(TypeError, match="allow_items / deny_items must be collections of item ids"):
         rec.recommend(["1001"], deny_items=1003)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="not a mapping"):  # its keys are not meant as ids
+        rec.recommend(["1001"], allow_items={"1002": 1})  # type: ignore[arg-type]
+    # a flat list of ids given as a batch: the message says what a batch is, not "no order"
+    with pytest.raises(TypeError, match=r"got 1001 \(recommend_batch takes a list of sessions"):
+        rec.recommend_batch([1001, 1002])  # type: ignore[list-item]
     for bad_threads in ("2", None, 2.5, True):
         with pytest.raises(ValueError, match="num_threads must be an integer >= 1"):
             SessionRecommender.from_dir(exported.export_dir, num_threads=bad_threads)  # type: ignore[arg-type]

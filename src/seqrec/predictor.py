@@ -205,6 +205,11 @@ def _filter_list(items: Any) -> list[Any] | None:
         return None
     if isinstance(items, str | bytes):
         raise TypeError("allow_items / deny_items must be sequences of item ids, not a string")
+    if isinstance(items, Mapping):
+        raise TypeError(
+            f"allow_items / deny_items must be collections of item ids, not a mapping: "
+            f"{items!r:.80}"
+        )
     if not hasattr(items, "__iter__"):
         raise TypeError(
             f"allow_items / deny_items must be collections of item ids, got {items!r:.80}"
@@ -585,9 +590,13 @@ class SessionRecommender:
             if isinstance(session, str | bytes | AbstractSet | Mapping) or not hasattr(
                 session, "__iter__"
             ):  # an unordered set or dict has no "oldest first"
+                hint = (
+                    " (ids oldest first: a set or dict has no order)"
+                    if isinstance(session, AbstractSet | Mapping)
+                    else " (recommend_batch takes a list of sessions, each a list of ids)"
+                )
                 raise TypeError(
-                    f"a session must be a sequence of item ids, got {session!r:.80} (ids oldest "
-                    "first: a set or dict has no order)"
+                    f"a session must be a sequence of item ids, got {session!r:.80}{hint}"
                 )
             session = sessions[row] = list(session)  # iterators are read once
             idxs = [self._index.get(str(item), PAD_IDX) for item in session]
