@@ -101,7 +101,8 @@ def quality_table(results: Path, dataset: str) -> str:
         "",
         f"{rep['num_examples']:,} {rep['split']} examples, {rep['num_items']:,} items, full-catalog "
         f"ranking, ties against the model. SASRec (d_model {hp.get('d_model')}, "
-        f"{hp.get('n_layers')} layers, copy mechanism {'on' if hp.get('copy_mechanism') else 'off'}, "
+        f"{hp.get('n_layers')} layers, copy mechanism {'on' if hp.get('copy_mechanism') else 'off'}"
+        f"{' with recency bias' if hp.get('copy_recency') else ''}, "
         f"lr schedule {hp.get('lr_schedule', 'constant')}) vs the best baseline: "
         + "; ".join(margins)
         + ".",

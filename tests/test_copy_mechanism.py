@@ -115,3 +115,86 @@ def test_copy_model_exports_in_reduced_precision(tmp_path: Path, precision: str)
     )
     recs = SessionRecommender.from_dir(out).recommend(["1003", "1004", "1003"], k=5)
     assert len(recs) == 5 and all(np.isfinite(r.score) for r in recs)
+
+
+def _recency_model() -> SASRec:
+    torch.manual_seed(1)
+    cfg = SASRecConfig(
+        num_items=25, max_len=10, d_model=16, n_heads=2, n_layers=1, dropout=0.0,
+        copy_mechanism=True, copy_recency=True,
+    )  # fmt: skip
+    model = SASRec(cfg).eval()
+    with torch.no_grad():  # distance 1 strongly favoured, distance 2 strongly avoided
+        model.copy_distance_bias.copy_(torch.linspace(0.5, -0.5, 10))
+        model.copy_distance_bias[1] = 4.0
+        model.copy_distance_bias[2] = -4.0
+    return model
+
+
+def test_copy_recency_adds_the_distance_bias_to_the_pointer_attention() -> None:
+    model = _recency_model().requires_grad_(False)
+    ids = torch.tensor([[0, 0, 3, 4, 7, 4, 9]])
+    hidden = model(ids)
+    _, alpha = model.copy_weights(hidden, ids)  # (1, L, L)
+    query, key = model.copy_query(hidden)[0], model.copy_key(hidden)[0]  # (L, D)
+    bias = model.copy_distance_bias
+    for t in range(2, 7):  # real positions 2..6; each attends to real positions 2..t
+        logits = torch.stack([query[t] @ key[j] / 4.0 + bias[t - j] for j in range(2, t + 1)])
+        want = torch.softmax(logits, dim=0)
+        torch.testing.assert_close(alpha[0, t, 2 : t + 1], want, atol=1e-6, rtol=1e-5)
+        assert float(alpha[0, t, :2].sum()) < 1e-6  # padding gets no attention
+    # the bias moves pointer mass: the item one click back gains, two clicks back loses
+    flat = model.score_last(ids)
+    model.copy_distance_bias.zero_()
+    unbiased = model.score_last(ids)
+    assert flat[0, 4] > unbiased[0, 4]  # item 4: distance 1 (and 3)
+    assert flat[0, 7] < unbiased[0, 7]  # item 7: distance 2 only
+
+
+def test_copy_recency_training_and_scoring_agree_at_every_position() -> None:
+    model = _recency_model()
+    ids = torch.tensor([[0, 0, 3, 5, 3, 7, 9, 5], [1, 2, 1, 2, 4, 4, 6, 2]])
+    targets = torch.tensor([[0, 0, 5, 3, 7, 9, 5, 2], [2, 1, 2, 4, 4, 6, 2, 8]])
+    is_target = targets != 0
+    with torch.no_grad():
+        log_p = model.log_prob_of(model(ids), ids, is_target, targets)  # (N,)
+        want = [
+            model.score_last(ids[b : b + 1, : t + 1])[0, targets[b, t]]
+            for b in range(2)
+            for t in range(8)
+            if is_target[b, t]
+        ]  # each prefix alone (no left padding): padding- and causality-invariant
+    torch.testing.assert_close(log_p, torch.stack(want), atol=1e-5, rtol=1e-5)
+
+
+def test_copy_recency_needs_the_copy_mechanism() -> None:
+    with pytest.raises(ValueError, match="copy_recency needs copy_mechanism"):
+        SASRecConfig(num_items=5, copy_recency=True)
+    with pytest.raises(ValueError, match="copy_recency needs copy_mechanism"):
+        SASRecModule(num_items=5, copy_recency=True)
+
+
+def test_copy_recency_incremental_export_serves_the_model(tmp_path: Path) -> None:
+    """The step graph applies the bias to the cached positions' distances: the export's own
+    validation (prefill and step against eager) passes, and a growing session served from cached
+    states ranks as the whole-session model does."""
+    from seqrec.export import ExportVariant
+    from seqrec.predictor import SessionRecommender
+    from seqrec.sequence import encode_prefixes
+
+    model = _recency_model()
+    vocab = ItemVocab([str(1000 + i) for i in range(1, 26)])
+    out = export_onnx(
+        model, vocab, tmp_path / "export", fallback_items=["1001"],
+        variant=ExportVariant(top_k_in_graph=True, incremental=True, precision="fp32"),
+    )  # fmt: skip
+    rec = SessionRecommender.from_dir(out)
+    session = [3, 5, 3, 7, 9, 5, 2, 2, 11, 3, 5, 8]  # longer than max_len: the window slides
+    for n in range(1, len(session) + 1):
+        got = rec.recommend([str(1000 + i) for i in session[:n]], k=5)
+        with torch.no_grad():
+            scores = model.score_last(torch.from_numpy(encode_prefixes([session[:n]], 10)))[0]
+        want = torch.topk(scores[1:], 5)
+        assert [r.item_id for r in got] == [str(1001 + int(i)) for i in want.indices], n
+        np.testing.assert_allclose([r.score for r in got], want.values.numpy(), atol=1e-4)
+    assert rec.state_cache_info()["hits"] == 9  # n = 2..10 were next clicks

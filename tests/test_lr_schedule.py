@@ -22,14 +22,20 @@ class _RecordLR(pl.Callback):
         self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
 
 
-def _fit(schedule: str, warmup: int, epochs: int = 2, batches: int = 5) -> list[float]:
+def _fit(
+    schedule: str,
+    warmup: int,
+    epochs: int = 2,
+    batches: int = 5,
+    schedule_epochs: int | None = None,
+) -> list[float]:
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     windows = [rng.integers(1, 21, size=int(rng.integers(2, 6))) for _ in range(40)]
     loader = DataLoader(TrainSessions(windows), batch_size=8, collate_fn=TrainSessions.collate)
     module = SASRecModule(
         num_items=20, max_len=8, d_model=8, n_heads=1, n_layers=1, lr=0.01,
-        warmup_steps=warmup, lr_schedule=schedule,
+        warmup_steps=warmup, lr_schedule=schedule, lr_schedule_epochs=schedule_epochs,
     )  # fmt: skip
     record = _RecordLR()
     trainer = pl.Trainer(
@@ -62,3 +68,16 @@ def test_cosine_without_warmup() -> None:
 def test_unknown_schedule_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown lr_schedule 'linear'"):
         SASRecModule(num_items=5, lr_schedule="linear")
+
+
+def test_cosine_schedule_longer_than_the_run_stops_part_way() -> None:
+    """lr_schedule_epochs=4 on a 2-epoch run: the first half of a 4-epoch cosine, as the refit
+    of a selection run stopped at its best epoch needs."""
+    lrs = _fit("cosine", warmup=0, epochs=2, batches=4, schedule_epochs=4)  # 8 of 16 steps
+    assert lrs == pytest.approx([0.005 * (1 + math.cos(math.pi * t / 16)) for t in range(8)])
+
+
+@pytest.mark.parametrize("value", [0, -2, 1.5, True, "8"])
+def test_bad_schedule_length_is_refused(value: object) -> None:
+    with pytest.raises(ValueError, match="lr_schedule_epochs must be an integer >= 1"):
+        SASRecModule(num_items=5, lr_schedule="cosine", lr_schedule_epochs=value)  # type: ignore[arg-type]

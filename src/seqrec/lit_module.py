@@ -31,6 +31,10 @@ class SASRecModule(pl.LightningModule):
         lr_schedule: after the warm-up, ``constant`` or ``cosine`` (cosine annealing to 0 at the
             run's last step, Loshchilov & Hutter, "SGDR", ICLR 2017; the run length is
             ``trainer.max_epochs``, so a run stopped early never reaches the low rates).
+        lr_schedule_epochs: length of the cosine schedule in epochs, when it should differ from
+            ``trainer.max_epochs``: a run of fewer epochs then stops part-way down the schedule,
+            which is how a final refit reproduces the epoch a longer selection run chose on
+            validation. None: the run's length.
         loss: one of ``ce`` (full softmax), ``sampled_softmax``, ``bce``, ``gbce``
             (see :mod:`seqrec.losses`).
         num_negatives: M negatives per batch for the sampled losses (shared by all positions).
@@ -39,6 +43,8 @@ class SASRecModule(pl.LightningModule):
         gbce_t: gBCE calibration parameter t in [0, 1].
         copy_mechanism: add the pointer (copy) distribution over the session's items (see
             :class:`SASRecConfig`); needs ``loss="ce"``.
+        copy_recency: learned pointer-attention bias by distance to the query position (see
+            :class:`SASRecConfig`); needs ``copy_mechanism``.
     """
 
     def __init__(
@@ -59,6 +65,8 @@ class SASRecModule(pl.LightningModule):
         gbce_t: float = 0.75,
         copy_mechanism: bool = False,
         lr_schedule: str = "constant",
+        copy_recency: bool = False,
+        lr_schedule_epochs: int | None = None,
     ) -> None:
         super().__init__()
         if loss not in losses.LOSSES:
@@ -68,6 +76,14 @@ class SASRecModule(pl.LightningModule):
         if lr_schedule not in ("constant", "cosine"):
             raise ValueError(
                 f"unknown lr_schedule {lr_schedule!r}; expected 'constant' or 'cosine'"
+            )
+        if lr_schedule_epochs is not None and (
+            isinstance(lr_schedule_epochs, bool)
+            or not isinstance(lr_schedule_epochs, int)
+            or lr_schedule_epochs < 1
+        ):
+            raise ValueError(
+                f"lr_schedule_epochs must be an integer >= 1, got {lr_schedule_epochs!r}"
             )
         if copy_mechanism and loss != "ce":
             raise ValueError("copy_mechanism needs loss='ce' (the mixture is a full distribution)")
@@ -82,6 +98,7 @@ class SASRecModule(pl.LightningModule):
                 dropout=dropout,
                 ffn_mult=ffn_mult,
                 copy_mechanism=copy_mechanism,
+                copy_recency=copy_recency,
             )
         )
         uniform = torch.ones(num_items + 1)
@@ -191,8 +208,12 @@ class SASRecModule(pl.LightningModule):
                 )
             )
         if self.hparams.lr_schedule == "cosine":
-            # decay to 0 at the last step of the run (max_epochs, limit_train_batches included)
+            # decay to 0 at the last step of the run (max_epochs, limit_train_batches included),
+            # or of lr_schedule_epochs epochs of the same length
             total = int(self.trainer.estimated_stepping_batches)
+            if self.hparams.lr_schedule_epochs is not None:
+                epochs = max(int(self.trainer.max_epochs or 1), 1)
+                total = round(total * self.hparams.lr_schedule_epochs / epochs)
             schedulers.append(
                 torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total - warmup, 1))
             )

@@ -38,6 +38,11 @@ class SASRecConfig:
             the session's own items, p = g * softmax(h E^T) + (1 - g) * sum_j alpha_j [item_j],
             as in RepeatNet (Ren et al., AAAI 2019) and pointer-generator networks (See et al.,
             ACL 2017). Scores are then log-probabilities.
+        copy_recency: with ``copy_mechanism``, add a learned bias b[t - j] to the pointer
+            attention of position t over each earlier position j (one scalar per distance
+            0..max_len-1, zero at initialisation), so the pointer can favour recently clicked items
+            directly, as recency-weighted neighbourhood methods do (STAN, Garg et al., SIGIR 2019)
+            and as relative position biases do in attention (Raffel et al., JMLR 2020).
     """
 
     num_items: int
@@ -48,12 +53,15 @@ class SASRecConfig:
     dropout: float = 0.2
     ffn_mult: int = 4
     copy_mechanism: bool = False
+    copy_recency: bool = False
 
     def __post_init__(self) -> None:
         if self.num_items < 1:
             raise ValueError(f"num_items must be >= 1, got {self.num_items}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} not divisible by n_heads={self.n_heads}")
+        if self.copy_recency and not self.copy_mechanism:
+            raise ValueError("copy_recency needs copy_mechanism=True (it biases the pointer)")
 
 
 def _log_sigmoid(x: Tensor) -> Tensor:
@@ -136,6 +144,8 @@ class SASRec(nn.Module):
             self.copy_query = nn.Linear(cfg.d_model, cfg.d_model)
             self.copy_key = nn.Linear(cfg.d_model, cfg.d_model)
             self.copy_gate = nn.Linear(cfg.d_model, 1)
+        if cfg.copy_recency:  # (max_len,) pointer attention bias by distance to the query
+            self.copy_distance_bias = nn.Parameter(torch.zeros(cfg.max_len))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -278,7 +288,10 @@ class SASRec(nn.Module):
         query = self.copy_query(last)  # (B, D)
         att = (keys @ query.unsqueeze(-1)).squeeze(-1) / (self.cfg.d_model**0.5)  # (B, L)
         length = item_ids.shape[1]
-        is_last = torch.arange(length, device=item_ids.device) == length - 1  # (L,)
+        idx = torch.arange(length, device=item_ids.device)  # (L,)
+        if self.cfg.copy_recency:  # distance of each position to the last one
+            att = att + self.copy_distance_bias[(length - 1 - idx).clamp(max=self.cfg.max_len - 1)]
+        is_last = idx == length - 1  # (L,)
         is_real = item_ids != PAD_IDX  # (B, L)
         is_allowed = is_real | is_last.unsqueeze(0)  # (B, L)
         alpha = torch.softmax(att.masked_fill(~is_allowed, torch.finfo(att.dtype).min), dim=-1)
@@ -315,6 +328,10 @@ class SASRec(nn.Module):
         query = self.copy_query(hidden)  # (B, L, D)
         key = self.copy_key(hidden)  # (B, L, D)
         att = query @ key.transpose(1, 2) / (self.cfg.d_model**0.5)  # (B, L, L)
+        if self.cfg.copy_recency:  # b[t - j] for query row t, key column j (clamped: masked)
+            idx = torch.arange(item_ids.shape[1], device=item_ids.device)
+            distance = (idx.unsqueeze(1) - idx.unsqueeze(0)).clamp(0, self.cfg.max_len - 1)
+            att = att + self.copy_distance_bias[distance]  # (L, L) broadcast over B
         att = att.masked_fill(~is_allowed, torch.finfo(att.dtype).min)
         return torch.sigmoid(self.copy_gate(hidden)), torch.softmax(att, dim=-1)
 
