@@ -22,3 +22,13 @@ def test_batch_pads_to_longest_or_max_len() -> None:
 def test_rejects_bad_max_len() -> None:
     with pytest.raises(ValueError, match="max_len"):
         encode_prefix([1], max_len=0)
+    with pytest.raises(ValueError, match="max_len must be >= 1, got 0"):
+        encode_prefixes([[1]], max_len=0)
+
+
+def test_batch_accepts_tuples_arrays_and_empty_sessions() -> None:
+    rows = [(7, 8, 9), np.array([1, 2, 3, 4, 5, 6], dtype=np.int64), [], [4]]
+    batch = encode_prefixes(rows, max_len=4)
+    assert batch.dtype == np.int64
+    assert batch.tolist() == [[0, 7, 8, 9], [3, 4, 5, 6], [0, 0, 0, 0], [0, 0, 0, 4]]
+    assert encode_prefixes([], max_len=3).shape == (0, 1)

@@ -64,8 +64,10 @@ _REQUIRED_META_KEYS = (
 FALLBACK_SCORE = 0.0
 """Score given to popularity-fallback recommendations; their order is their rank."""
 
+_MINUS_INF = float("-inf")
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, slots=True)
 class Recommendation:
     """One recommended item.
 
@@ -81,7 +83,7 @@ class Recommendation:
     source: Literal["model", "fallback"] = "model"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RecommendInfo:
     """How a session was handled.
 
@@ -586,9 +588,11 @@ class SessionRecommender:
         allow_idxs, deny_idxs = self._idxs(allow_items), self._idxs(deny_items)
         encoded: list[list[int]] = []
         infos: list[RecommendInfo] = []
+        index_get = self._index.get
         for row, session in enumerate(sessions):
-            if isinstance(session, str | bytes | AbstractSet | Mapping) or not hasattr(
-                session, "__iter__"
+            if type(session) not in (list, tuple) and (
+                isinstance(session, str | bytes | AbstractSet | Mapping)
+                or not hasattr(session, "__iter__")
             ):  # an unordered set or dict has no "oldest first"
                 hint = (
                     " (ids oldest first: a set or dict has no order)"
@@ -599,7 +603,7 @@ class SessionRecommender:
                     f"a session must be a sequence of item ids, got {session!r:.80}{hint}"
                 )
             session = sessions[row] = list(session)  # iterators are read once
-            idxs = [self._index.get(str(item), PAD_IDX) for item in session]
+            idxs = [index_get(str(item), PAD_IDX) for item in session]
             known = [i for i in idxs if i != PAD_IDX]
             if len(known) < len(idxs):
                 _check_item_ids(session, "session")
@@ -662,17 +666,17 @@ class SessionRecommender:
                     ["top_scores", "top_idx"],
                     {self._input_name: item_ids, "score_mask": mask, "k": k_arr},
                 )  # (B, K) float32, (B, K) int64, best first
+            # one conversion per batch; -inf marks items the mask excluded (fewer than k left)
             return [
-                self._recommendations(row_idx[is_kept], row_scores[is_kept])
-                for row_scores, row_idx in zip(top_scores, top_idx, strict=True)
-                for is_kept in [row_scores > -np.inf]
+                self._recommendations(row_idx, row_scores)
+                for row_scores, row_idx in zip(top_scores.tolist(), top_idx.tolist(), strict=True)
             ]
         item_ids = encode_prefixes(prefixes, self._max_len)  # (B, L') int64, left-padded
         scores = self._session.run([self._output_name], {self._input_name: item_ids})[0]  # (B, C)
         masked = mask_scores(scores, prefixes, exclude_seen, allow_idxs, deny_idxs)  # (B, C)
         tops = [_top_k(row_masked, k) for row_masked in masked]  # B x (K,) int64
         return [
-            self._recommendations(top, row_scores[top])
+            self._recommendations(top.tolist(), row_scores[top].tolist())
             for top, row_scores in zip(tops, scores, strict=True)
         ]
 
@@ -761,12 +765,14 @@ class SessionRecommender:
         assert self._state_cache is not None
         self._state_cache.store(window, state() if len(window) < self._max_len else None)
 
-    def _recommendations(self, idxs: np.ndarray, scores: np.ndarray) -> list[Recommendation]:
-        """Recommendations for (K,) int64 item indices ``idxs`` (best first) with their (K,)
-        float scores."""
+    def _recommendations(self, idxs: list[int], scores: list[float]) -> list[Recommendation]:
+        """Recommendations for K item indices ``idxs`` (best first) with their K scores; items
+        scored -inf (excluded by the score mask) are left out."""
+        item_ids = self._item_ids
         return [
-            Recommendation(self._item_ids[idx - 1], score, "model")
-            for idx, score in zip(idxs.tolist(), scores.tolist(), strict=True)
+            Recommendation(item_ids[idx - 1], score, "model")
+            for idx, score in zip(idxs, scores, strict=True)
+            if score > _MINUS_INF
         ]
 
     def _fallback(

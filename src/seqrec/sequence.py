@@ -45,10 +45,14 @@ def encode_prefixes(
     Returns:
         (B, L') int64 array with L' = min(L, longest session) (at least 1) or L.
     """
+    if max_len < 1:
+        raise ValueError(f"max_len must be >= 1, got {max_len}")
     width = max_len
     if pad_to_longest:
         width = max(1, min(max_len, max((len(p) for p in prefixes), default=1)))
-    out = np.empty((len(prefixes), width), dtype=np.int64)
+    out = np.full((len(prefixes), width), PAD_IDX, dtype=np.int64)
     for row, prefix in enumerate(prefixes):
-        out[row] = encode_prefix(prefix, width)
+        items = prefix[-width:]  # the most recent items (a view or a short copy)
+        if len(items):
+            out[row, width - len(items) :] = items
     return out
