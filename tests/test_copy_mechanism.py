@@ -170,6 +170,10 @@ def test_copy_recency_training_and_scoring_agree_at_every_position() -> None:
 def test_copy_recency_needs_the_copy_mechanism() -> None:
     with pytest.raises(ValueError, match="copy_recency needs copy_mechanism"):
         SASRecConfig(num_items=5, copy_recency=True)
+    # a string from a config ("false", "abc") is truthy: refused instead of switching it on
+    for name, value in (("copy_recency", "false"), ("copy_mechanism", "abc"), ("copy_recency", 1)):
+        with pytest.raises(TypeError, match=f"{name} must be a bool, got {value!r}"):
+            SASRecConfig(num_items=5, **{"copy_mechanism": True, name: value})
     with pytest.raises(ValueError, match="copy_recency needs copy_mechanism"):
         SASRecModule(num_items=5, copy_recency=True)
 

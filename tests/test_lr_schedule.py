@@ -28,6 +28,7 @@ def _fit(
     epochs: int = 2,
     batches: int = 5,
     schedule_epochs: int | None = None,
+    max_steps: int = -1,
 ) -> list[float]:
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
@@ -41,7 +42,7 @@ def _fit(
     trainer = pl.Trainer(
         max_epochs=epochs, limit_train_batches=batches, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=[record],
-        accelerator="cpu", limit_val_batches=0,
+        accelerator="cpu", limit_val_batches=0, max_steps=max_steps,
     )  # fmt: skip
     trainer.fit(module, train_dataloaders=loader)
     return record.lrs
@@ -81,3 +82,23 @@ def test_cosine_schedule_longer_than_the_run_stops_part_way() -> None:
 def test_bad_schedule_length_is_refused(value: object) -> None:
     with pytest.raises(ValueError, match="lr_schedule_epochs must be an integer >= 1"):
         SASRecModule(num_items=5, lr_schedule="cosine", lr_schedule_epochs=value)  # type: ignore[arg-type]
+
+
+def test_schedule_length_counts_epochs_of_the_run_even_with_max_steps() -> None:
+    """With max_steps the schedule is still lr_schedule_epochs epochs of this run's batches
+    (3 x 4 = 12 steps), not a fraction of max_steps."""
+    lrs = _fit("cosine", warmup=0, epochs=20, batches=4, schedule_epochs=3, max_steps=6)
+    assert lrs == pytest.approx([0.005 * (1 + math.cos(math.pi * t / 12)) for t in range(6)])
+
+
+def test_schedule_shorter_than_the_run_is_refused() -> None:
+    """A cosine past its length climbs back to the full rate; refused when training starts."""
+    with pytest.raises(
+        ValueError, match=r"lr_schedule_epochs=1 \(4 steps\) is shorter than the run \(8"
+    ):
+        _fit("cosine", warmup=0, epochs=2, batches=4, schedule_epochs=1)
+
+
+def test_schedule_length_needs_the_cosine_schedule() -> None:
+    with pytest.raises(ValueError, match="lr_schedule_epochs=3 needs lr_schedule='cosine'"):
+        SASRecModule(num_items=5, lr_schedule="constant", lr_schedule_epochs=3)

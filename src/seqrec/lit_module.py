@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -34,7 +36,8 @@ class SASRecModule(pl.LightningModule):
         lr_schedule_epochs: length of the cosine schedule in epochs, when it should differ from
             ``trainer.max_epochs``: a run of fewer epochs then stops part-way down the schedule,
             which is how a final refit reproduces the epoch a longer selection run chose on
-            validation. None: the run's length.
+            validation. None: the run's length. Needs ``lr_schedule="cosine"``; a schedule
+            shorter than the run is refused when training starts (ValueError).
         loss: one of ``ce`` (full softmax), ``sampled_softmax``, ``bce``, ``gbce``
             (see :mod:`seqrec.losses`).
         num_negatives: M negatives per batch for the sampled losses (shared by all positions).
@@ -84,6 +87,11 @@ class SASRecModule(pl.LightningModule):
         ):
             raise ValueError(
                 f"lr_schedule_epochs must be an integer >= 1, got {lr_schedule_epochs!r}"
+            )
+        if lr_schedule_epochs is not None and lr_schedule != "cosine":
+            raise ValueError(
+                f"lr_schedule_epochs={lr_schedule_epochs} needs lr_schedule='cosine' (got "
+                f"{lr_schedule!r}, which has no length)"
             )
         if copy_mechanism and loss != "ce":
             raise ValueError("copy_mechanism needs loss='ce' (the mixture is a full distribution)")
@@ -209,11 +217,21 @@ class SASRecModule(pl.LightningModule):
             )
         if self.hparams.lr_schedule == "cosine":
             # decay to 0 at the last step of the run (max_epochs, limit_train_batches included),
-            # or of lr_schedule_epochs epochs of the same length
+            # or of lr_schedule_epochs epochs of this run's length
             total = int(self.trainer.estimated_stepping_batches)
             if self.hparams.lr_schedule_epochs is not None:
-                epochs = max(int(self.trainer.max_epochs or 1), 1)
-                total = round(total * self.hparams.lr_schedule_epochs / epochs)
+                run_steps = total
+                per_epoch = math.ceil(
+                    self.trainer.num_training_batches / self.trainer.accumulate_grad_batches
+                )  # num_training_batches is set by estimated_stepping_batches
+                total = per_epoch * self.hparams.lr_schedule_epochs
+                if total < run_steps:  # past its end a cosine would climb back to the full rate
+                    raise ValueError(
+                        f"lr_schedule_epochs={self.hparams.lr_schedule_epochs} ({total} steps) "
+                        f"is shorter than the run ({run_steps} steps, trainer.max_epochs="
+                        f"{self.trainer.max_epochs}, max_steps={self.trainer.max_steps}); it may "
+                        "only be longer, so that the run stops part-way down the schedule"
+                    )
             schedulers.append(
                 torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total - warmup, 1))
             )

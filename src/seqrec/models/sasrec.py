@@ -60,6 +60,9 @@ class SASRecConfig:
             raise ValueError(f"num_items must be >= 1, got {self.num_items}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} not divisible by n_heads={self.n_heads}")
+        for name in ("copy_mechanism", "copy_recency"):
+            if not isinstance(getattr(self, name), bool):  # a string such as "false" is truthy
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.copy_recency and not self.copy_mechanism:
             raise ValueError("copy_recency needs copy_mechanism=True (it biases the pointer)")
 
