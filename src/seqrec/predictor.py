@@ -26,6 +26,7 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
@@ -63,8 +64,6 @@ _REQUIRED_META_KEYS = (
 
 FALLBACK_SCORE = 0.0
 """Score given to popularity-fallback recommendations; their order is their rank."""
-
-_MINUS_INF = float("-inf")
 
 
 @dataclass(frozen=True, slots=True)
@@ -590,9 +589,8 @@ class SessionRecommender:
         infos: list[RecommendInfo] = []
         index_get = self._index.get
         for row, session in enumerate(sessions):
-            if type(session) not in (list, tuple) and (
-                isinstance(session, str | bytes | AbstractSet | Mapping)
-                or not hasattr(session, "__iter__")
+            if isinstance(session, str | bytes | AbstractSet | Mapping) or not hasattr(
+                session, "__iter__"
             ):  # an unordered set or dict has no "oldest first"
                 hint = (
                     " (ids oldest first: a set or dict has no order)"
@@ -772,7 +770,7 @@ class SessionRecommender:
         return [
             Recommendation(item_ids[idx - 1], score, "model")
             for idx, score in zip(idxs, scores, strict=True)
-            if score > _MINUS_INF
+            if score > -math.inf
         ]
 
     def _fallback(

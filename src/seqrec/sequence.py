@@ -22,19 +22,14 @@ def encode_prefix(item_idxs: Sequence[int] | np.ndarray, max_len: int) -> np.nda
     Raises:
         ValueError: if ``max_len`` < 1.
     """
-    if max_len < 1:
-        raise ValueError(f"max_len must be >= 1, got {max_len}")
-    items = np.asarray(item_idxs, dtype=np.int64)[-max_len:]
-    out = np.full(max_len, PAD_IDX, dtype=np.int64)
-    if items.size:
-        out[max_len - items.size :] = items
-    return out
+    return encode_prefixes([item_idxs], max_len, pad_to_longest=False)[0]
 
 
 def encode_prefixes(
     prefixes: Sequence[Sequence[int] | np.ndarray], max_len: int, pad_to_longest: bool = True
 ) -> np.ndarray:
-    """Encode many sessions with :func:`encode_prefix` into one left-padded batch.
+    """Keep each session's most recent item indices and left-pad them with ``PAD_IDX`` into one
+    batch (the single rule behind :func:`encode_prefix`).
 
     Args:
         prefixes: B sessions of item indices, oldest first.

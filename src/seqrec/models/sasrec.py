@@ -292,8 +292,8 @@ class SASRec(nn.Module):
         att = (keys @ query.unsqueeze(-1)).squeeze(-1) / (self.cfg.d_model**0.5)  # (B, L)
         length = item_ids.shape[1]
         idx = torch.arange(length, device=item_ids.device)  # (L,)
-        if self.cfg.copy_recency:  # distance of each position to the last one
-            att = att + self.copy_distance_bias[(length - 1 - idx).clamp(max=self.cfg.max_len - 1)]
+        if self.cfg.copy_recency:
+            att = att + self.copy_recency_bias(idx[-1:], length)  # (1, L) over B
         is_last = idx == length - 1  # (L,)
         is_real = item_ids != PAD_IDX  # (B, L)
         is_allowed = is_real | is_last.unsqueeze(0)  # (B, L)
@@ -315,6 +315,21 @@ class SASRec(nn.Module):
             return ranked, log_gate
         return ranked + log_gate
 
+    def copy_recency_bias(self, query_positions: Tensor, length: int) -> Tensor:
+        """Pointer-attention bias b[t - j] of ``cfg.copy_recency``.
+
+        Args:
+            query_positions: (Q,) int64 positions t of the querying states.
+            length: number L of key positions j = 0..L-1.
+
+        Returns:
+            (Q, L) float ``copy_distance_bias[t - j]``; distances are clamped to 0..max_len-1
+            (negative ones are future keys, which the attention mask removes).
+        """
+        keys = torch.arange(length, device=query_positions.device)  # (L,)
+        distance = (query_positions.unsqueeze(1) - keys).clamp(0, self.cfg.max_len - 1)
+        return self.copy_distance_bias[distance]
+
     def copy_weights(self, hidden: Tensor, item_ids: Tensor) -> tuple[Tensor, Tensor]:
         """Gate and pointer attention of the copy mechanism (``cfg.copy_mechanism``).
 
@@ -331,10 +346,10 @@ class SASRec(nn.Module):
         query = self.copy_query(hidden)  # (B, L, D)
         key = self.copy_key(hidden)  # (B, L, D)
         att = query @ key.transpose(1, 2) / (self.cfg.d_model**0.5)  # (B, L, L)
-        if self.cfg.copy_recency:  # b[t - j] for query row t, key column j (clamped: masked)
-            idx = torch.arange(item_ids.shape[1], device=item_ids.device)
-            distance = (idx.unsqueeze(1) - idx.unsqueeze(0)).clamp(0, self.cfg.max_len - 1)
-            att = att + self.copy_distance_bias[distance]  # (L, L) broadcast over B
+        if self.cfg.copy_recency:
+            length = item_ids.shape[1]
+            positions = torch.arange(length, device=item_ids.device)
+            att = att + self.copy_recency_bias(positions, length)  # (L, L) over B
         att = att.masked_fill(~is_allowed, torch.finfo(att.dtype).min)
         return torch.sigmoid(self.copy_gate(hidden)), torch.softmax(att, dim=-1)
 
