@@ -501,7 +501,10 @@ def test_argument_types_are_named(rec: SessionRecommender, exported: TinyExport)
     with pytest.raises(TypeError, match="not a mapping"):  # its keys are not meant as ids
         rec.recommend(["1001"], allow_items={"1002": 1})  # type: ignore[arg-type]
     # a flat list of ids given as a batch: the message says what a batch is, not "no order"
-    with pytest.raises(TypeError, match=r"got 1001 \(recommend_batch takes a list of sessions"):
+    with pytest.raises(
+        TypeError,
+        match=r"got 1001 \(a session is a list of ids; recommend_batch takes a list of sessions\)",
+    ):
         rec.recommend_batch([1001, 1002])  # type: ignore[list-item]
     for bad_threads in ("2", None, 2.5, True):
         with pytest.raises(ValueError, match="num_threads must be an integer >= 1"):

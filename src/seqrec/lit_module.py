@@ -229,8 +229,8 @@ class SASRecModule(pl.LightningModule):
                     raise ValueError(
                         f"lr_schedule_epochs={self.hparams.lr_schedule_epochs} ({total} steps) "
                         f"is shorter than the run ({run_steps} steps, trainer.max_epochs="
-                        f"{self.trainer.max_epochs}, max_steps={self.trainer.max_steps}); it may "
-                        "only be longer, so that the run stops part-way down the schedule"
+                        f"{self.trainer.max_epochs}, max_steps={self.trainer.max_steps}); it must be "
+                        "at least the run's length (a longer one stops part-way down)"
                     )
             schedulers.append(
                 torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total - warmup, 1))

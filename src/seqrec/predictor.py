@@ -595,7 +595,7 @@ class SessionRecommender:
                 hint = (
                     " (ids oldest first: a set or dict has no order)"
                     if isinstance(session, AbstractSet | Mapping)
-                    else " (recommend_batch takes a list of sessions, each a list of ids)"
+                    else " (a session is a list of ids; recommend_batch takes a list of sessions)"
                 )
                 raise TypeError(
                     f"a session must be a sequence of item ids, got {session!r:.80}{hint}"

@@ -497,9 +497,25 @@ def build_parser() -> argparse.ArgumentParser:
         default=defaults.num_threads,
         help="onnxruntime intra-op threads (default 1 per worker)",
     )
-    parser.add_argument("--max-k", type=int, default=defaults.max_k)
-    parser.add_argument("--max-session-len", type=int, default=defaults.max_session_len)
-    parser.add_argument("--max-filter-items", type=int, default=defaults.max_filter_items)
+    parser.add_argument(
+        "--max-k",
+        type=int,
+        default=defaults.max_k,
+        help=f"largest k a request may ask for (default {defaults.max_k})",
+    )
+    parser.add_argument(
+        "--max-session-len",
+        type=int,
+        default=defaults.max_session_len,
+        help="most item ids a request's session may hold; the model reads the most recent "
+        f"max_len of them (default {defaults.max_session_len})",
+    )
+    parser.add_argument(
+        "--max-filter-items",
+        type=int,
+        default=defaults.max_filter_items,
+        help=f"most ids in allow_items / deny_items (default {defaults.max_filter_items})",
+    )
     parser.add_argument(
         "--graph-optimization-level",
         choices=["disable", "basic", "extended", "all"],
@@ -519,7 +535,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="worker processes (default 1); each loads the model and keeps its own state cache",
     )
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument(
+        "--log-level", default="INFO", help="DEBUG | INFO | WARNING | ERROR (default INFO)"
+    )
     parser.add_argument(
         "--no-request-logs", action="store_true", help="no log line per request (load tests)"
     )
