@@ -245,7 +245,11 @@ def test_threads_sharing_one_recommender(inc_export) -> None:
     model, out = inc_export
     rec = SessionRecommender.from_dir(out)
     rng = np.random.default_rng(11)
-    sessions = [_random_session(rng, MAX_LEN) for _ in range(16)]
+    # distinct first items: sessions sharing a prefix share its cached state, and the first
+    # shopper's next click drops it (one state per visit), so the other's hit would depend on
+    # thread timing
+    firsts = rng.permutation(NUM_ITEMS)[:16] + 1
+    sessions = [[str(1000 + int(f)), *_random_session(rng, MAX_LEN - 1)] for f in firsts]
     want = {
         (s, n): _eager(model, sessions[s][:n], 5)[0]
         for s in range(len(sessions))
