@@ -117,6 +117,27 @@ def test_copy_model_exports_in_reduced_precision(tmp_path: Path, precision: str)
     assert len(recs) == 5 and all(np.isfinite(r.score) for r in recs)
 
 
+@pytest.mark.parametrize("recency", [False, True])
+def test_copy_log_probs_with_the_new_key_apart_equal_the_stacked_keys(recency: bool) -> None:
+    """The step graph passes the cached pointer keys and the new position's key separately
+    (no concatenation of the cache); the log-probabilities must be those of the stacked keys."""
+    model = _recency_model() if recency else SASRec(
+        SASRecConfig(num_items=25, max_len=10, d_model=16, n_heads=2, n_layers=1, dropout=0.0,
+                     copy_mechanism=True)
+    ).eval()  # fmt: skip
+    ids = torch.tensor([[0, 0, 3, 4, 7, 4, 9], [5, 1, 2, 1, 8, 8, 3]])
+    with torch.no_grad():
+        states = model(ids)  # (B, L, D)
+        keys, last = model.copy_key(states), states[:, -1]
+        logits = last @ model.item_emb.weight[1:].t()
+        stacked = model.copy_log_probs_from_keys(logits, last, keys, ids)
+        apart = model.copy_log_probs_from_keys(
+            logits, last, keys[:, :-1], ids, new_key=keys[:, -1:]
+        )
+    torch.testing.assert_close(apart, stacked, atol=1e-6, rtol=1e-6)
+    assert torch.isfinite(stacked).all()
+
+
 def _recency_model() -> SASRec:
     torch.manual_seed(1)
     cfg = SASRecConfig(

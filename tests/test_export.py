@@ -177,6 +177,25 @@ def test_legacy_fallback_and_update_in_place(
     assert model.training is True  # exported in eval mode, caller's mode restored
 
 
+def test_dynamo_is_tried_first_whatever_the_registry_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A test that removes and restores the dynamo entry re-inserts it last in the dict; the
+    exporters must still be tried dynamo first (this once made the test above depend on the
+    order in which test files ran)."""
+
+    def broken_dynamo(*args: object) -> None:
+        raise RuntimeError("dynamo exporter unavailable")
+
+    reordered = {"legacy": export_mod._EXPORTERS["legacy"], "dynamo": broken_dynamo}
+    monkeypatch.setattr(export_mod, "_EXPORTERS", reordered)
+    out = tmp_path / "export"
+    export_onnx(tiny_model(num_items=5), tiny_vocab(5), out, fallback_items=[1002])
+    meta = json.loads((out / "export_meta.json").read_text())
+    assert meta["exporter"] == "legacy"
+    assert "dynamo exporter unavailable" in meta["exporter_fallback_reason"]
+
+
 def test_failed_validation_publishes_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -22,7 +22,13 @@ from seqrec.incremental import (
     quantize_catalog,
     validate_incremental,
 )
-from seqrec.kv_cache import SessionState, StateCache, stack_past, states_from_prefill
+from seqrec.kv_cache import (
+    SessionState,
+    StateCache,
+    past_kv_feed,
+    stack_past,
+    states_from_prefill,
+)
 from seqrec.models.sasrec import SASRec, SASRecConfig
 from seqrec.predictor import ArtifactIntegrityError, SessionRecommender
 from seqrec.sequence import encode_prefixes
@@ -82,6 +88,19 @@ def _state(length: int, value: float, copy: bool = True) -> SessionState:
     kv = np.full((4, 2, length, 3), value, dtype=np.float32)
     keys = np.full((length, 6), value, dtype=np.float32) if copy else None
     return SessionState.frozen(kv, keys)
+
+
+def test_past_kv_feed_gives_each_block_a_view_of_its_row() -> None:
+    past_kv, _ = stack_past([_state(2, 1.0), _state(4, 2.0)])  # (4, 2, 2, 4, 3): 2 blocks
+    feed = past_kv_feed(past_kv, ["item_ids", "past_kv_0", "past_kv_1", "past_kv_2", "past_kv_3"])
+    assert list(feed) == ["past_kv_0", "past_kv_1", "past_kv_2", "past_kv_3"]
+    for i, name in enumerate(feed):
+        view = feed[name]
+        assert view.shape == (2, 2, 4, 3) and view.flags.c_contiguous
+        assert np.shares_memory(view, past_kv) and np.array_equal(view, past_kv[i])  # no copy
+    # exports written before the per-block inputs take the stacked array as one input
+    old = past_kv_feed(past_kv, ["item_ids", "past_kv", "score_mask", "k"])
+    assert list(old) == ["past_kv"] and old["past_kv"] is past_kv
 
 
 def test_stack_past_left_pads_each_row() -> None:
@@ -168,9 +187,11 @@ def test_export_writes_and_hashes_the_step_graph(inc_export) -> None:
     assert report["max_state_diff"] <= 1e-4
     assert meta["validation"]["max_abs_diff"] <= 1e-4
     assert meta["quality"]["top_k_overlap_mean"] == 1.0
-    want_inputs = ["item_ids", "past_kv", "score_mask", "k"]
+    # one cached-state input per block's keys and per block's values (no stacked input to split)
+    past = [f"past_kv_{i}" for i in range(2 * model.cfg.n_layers)]
+    want_inputs = ["item_ids", *past, "score_mask", "k"]
     if model.cfg.copy_mechanism:
-        want_inputs.insert(2, "past_copy_keys")
+        want_inputs.insert(1 + len(past), "past_copy_keys")
     assert meta["incremental"]["step_input_names"] == want_inputs
 
 

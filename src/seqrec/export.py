@@ -331,6 +331,9 @@ def _export_legacy(
 
 
 _EXPORTERS = {"dynamo": _export_dynamo, "legacy": _export_legacy}
+EXPORTER_ORDER = ("dynamo", "legacy")
+"""Order in which the exporters of ``_EXPORTERS`` are tried (not the dict's insertion order,
+which a test that removes and restores an entry would change)."""
 
 
 def _onnx_opset(path: Path) -> int:
@@ -869,8 +872,9 @@ def _export_validated(
         if wrapper.mode not in [w.mode for w in wrappers]:
             wrappers.append(wrapper)
     for wrapper in wrappers:
-        for name, export_fn in _EXPORTERS.items():
-            if exporters is not None and name not in exporters:
+        for name in EXPORTER_ORDER:
+            export_fn = _EXPORTERS.get(name)
+            if export_fn is None or (exporters is not None and name not in exporters):
                 continue
             key = name if wrapper is wrappers[0] else f"{name} ({wrapper.mode} graph)"
             onnx_path.unlink(missing_ok=True)

@@ -9,8 +9,10 @@ export can keep each session's states (:mod:`seqrec.kv_cache`) and compute only 
   ``top_idx`` (B, k) int64 (best first) and the states of every position, ``present_kv``
   (2 * n_layers, B, H, L, Dh) float32 and, for copy models, ``present_copy_keys`` (B, L, D);
 * **step** (``model_step.onnx``): ``item_ids`` (B, P + 1) (the cached P positions, left-padded,
-  then the new item), ``past_kv`` (2 * n_layers, B, H, P, Dh) float32 (left-padded like
-  ``item_ids``; padded slots are masked), ``past_copy_keys`` (B, P, D) for copy models, the same
+  then the new item), ``past_kv_0`` ... ``past_kv_{2 * n_layers - 1}`` (each (B, H, P, Dh)
+  float32: the keys, then the values, of each block, as the rows of ``present_kv``; left-padded
+  like ``item_ids``, padded slots are masked; ``seqrec.kv_cache.past_kv_feed``),
+  ``past_copy_keys`` (B, P, D) for copy models, the same
   ``score_mask`` and ``k`` -> the same top-k outputs and the new position's ``present_kv``
   (2 * n_layers, B, H, 1, Dh) and ``present_copy_keys`` (B, 1, D).
 
@@ -33,7 +35,13 @@ import torch
 from torch import Tensor, nn
 
 from seqrec.constants import PAD_IDX
-from seqrec.kv_cache import stack_past, states_from_prefill
+from seqrec.kv_cache import (
+    PAST_KV_NAME,
+    past_kv_feed,
+    past_kv_names,
+    stack_past,
+    states_from_prefill,
+)
 from seqrec.models.sasrec import SASRec
 from seqrec.sequence import encode_prefixes
 
@@ -54,7 +62,6 @@ class _DropTorchvisionNotice(logging.Filter):
 logging.getLogger("torch.onnx._internal.exporter._registration").addFilter(_DropTorchvisionNotice())
 
 STEP_FILE = "model_step.onnx"
-PAST_KV_NAME = "past_kv"
 PAST_COPY_KEYS_NAME = "past_copy_keys"
 PRESENT_KV_NAME = "present_kv"
 PRESENT_COPY_KEYS_NAME = "present_copy_keys"
@@ -89,6 +96,10 @@ def _block(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One pre-LN block (``seqrec.models.sasrec.Block`` in eval mode) over new positions.
 
+    With past keys and values (the step graph) the attention is split into the scores against
+    the past and against the new position itself, so the cached states are read in place rather
+    than concatenated with the new position (same softmax, same numbers up to rounding).
+
     Args:
         hidden: (B, T, D) float inputs of the T new positions (T = 1 when there are past
             keys and values: the step graph).
@@ -106,13 +117,22 @@ def _block(
     else:  # the step graph's T = 1: (B, 1, 3 * D) is (B, 3, H, 1, Dh), no transpose needed
         q, k, v = qkv.view(batch, 3, heads, 1, -1).unbind(1)  # each (B, H, T, Dh)
     k, v = k.contiguous(), v.contiguous()  # (torch.export cannot stack the strided views)
-    keys = k if past_k is None else torch.cat([past_k, k], dim=2)  # (B, H, P + T, Dh)
-    values = v if past_v is None else torch.cat([past_v, v], dim=2)
+    scale = (d_model // heads) ** -0.5
     # F.scaled_dot_product_attention written out: the dynamo exporter lowers SDPA with a
     # reshape/transpose chain for the keys that costs a dozen extra nodes per block
-    att = (q @ keys.transpose(2, 3)) * (d_model // heads) ** -0.5 + attn_bias  # (B, H, T, P + T)
-    out = torch.softmax(att, dim=-1) @ values  # (B, H, T, Dh)
-    out = out.reshape(batch, 1, d_model) if past_k is not None else out.transpose(1, 2)
+    if past_k is None or past_v is None:
+        att = (q @ k.transpose(2, 3)) * scale + attn_bias  # (B, H, T, T)
+        out = torch.softmax(att, dim=-1) @ v  # (B, H, T, Dh)
+        out = out.transpose(1, 2)
+    else:
+        # the new position attends to the past keys and to itself; the past is never copied
+        # into a (P + 1)-long tensor (onnxruntime's Concat would copy every cached state)
+        att = torch.cat(
+            [q @ past_k.transpose(2, 3), (q * k).sum(-1, keepdim=True)], dim=-1
+        )  # (B, H, 1, P + 1)
+        weights = torch.softmax(att * scale + attn_bias, dim=-1)
+        out = weights[..., :-1] @ past_v + weights[..., -1:] * v  # (B, H, 1, Dh)
+        out = out.reshape(batch, 1, d_model)
     hidden = hidden + block.attn.proj(out.reshape(batch, length, d_model))
     hidden = hidden + block.ffn(block.ln_ffn(hidden))
     return hidden, k, v
@@ -126,19 +146,21 @@ def _top_k(
     score_mask: Tensor,
     k: Tensor,
     catalog: Tensor | None = None,
+    new_key: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The best k real items for the last state ``last`` (B, D): ``score_last``'s scores plus the
     mask, top-k. For copy models (``keys`` (B, L, D)) the constant log(gate) of each row is added
     to the k values only (see ``SASRec.copy_log_probs_from_keys``). ``catalog``: the (D, C-1)
     transposed real-item rows of the table as a graph constant of its own (``CATALOG_NAME``, for
-    :func:`quantize_catalog`); None reads them from the embedding table."""
+    :func:`quantize_catalog`); None reads them from the embedding table. ``new_key`` (B, 1, D):
+    the last position's pointer key when ``keys`` holds only the cached ones (step graph)."""
     if catalog is None:
         catalog = model.item_emb.weight[PAD_IDX + 1 :].t()
     logits = last @ catalog  # (B, C-1)
     shift = None
     if keys is not None:
         logits, shift = model.copy_log_probs_from_keys(
-            logits, last, keys, item_ids, split_gate=True
+            logits, last, keys, item_ids, split_gate=True, new_key=new_key
         )  # (B, C-1), (B, 1)
     count = k[0].item()
     torch._check(count >= 1)
@@ -206,7 +228,7 @@ class StepModel(_IncrementalGraph):
     def forward(
         self,
         item_ids: Tensor,
-        past_kv: Tensor,
+        past_kv: tuple[Tensor, ...],
         past_copy_keys: Tensor,
         score_mask: Tensor,
         k: Tensor,
@@ -214,7 +236,8 @@ class StepModel(_IncrementalGraph):
         """Args:
             item_ids: (B, P + 1) int64: the cached positions' items (left-padded with PAD_IDX)
                 and the new item last (a real item).
-            past_kv: (2 * n_layers, B, H, P, Dh) float32 cached keys and values, aligned with
+            past_kv: 2 * n_layers tensors (B, H, P, Dh) float32: each block's cached keys, then
+                values (exported as the inputs ``past_kv_0``, ``past_kv_1``, ...), aligned with
                 ``item_ids[:, :-1]``; slots of PAD items are ignored.
             past_copy_keys: (B, P, D) float32 cached pointer keys (copy models; ignored
                 otherwise, see :class:`StepModelNoCopy`).
@@ -228,7 +251,7 @@ class StepModel(_IncrementalGraph):
         # is_real and is_allowed are written as copy_log_probs_from_keys writes them, on the
         # whole item_ids, so that onnxruntime's common-subexpression pass computes each once
         is_real = item_ids != PAD_IDX  # (B, P + 1)
-        is_real_new = is_real[:, -1:].unsqueeze(-1).to(past_kv.dtype)  # (B, 1, 1)
+        is_real_new = is_real[:, -1:].unsqueeze(-1).to(past_kv[0].dtype)  # (B, 1, 1)
         position = is_real[:, :-1].to(torch.int64).sum(1, keepdim=True)  # (B, 1)
         hidden = model.item_emb(item_ids[:, -1:]) * (cfg.d_model**0.5) + model.pos_emb(position)
         hidden = hidden * is_real_new  # (B, 1, D)
@@ -246,10 +269,16 @@ class StepModel(_IncrementalGraph):
         state = model.ln_out(hidden) * is_real_new  # (B, 1, D)
         last = state[:, 0]  # (B, D)
         new_key = model.copy_key(state) if cfg.copy_mechanism else None  # (B, 1, D)
-        keys = None if new_key is None else torch.cat([past_copy_keys, new_key], dim=1)
         top_scores, top_idx = _top_k(
-            model, last, keys, item_ids, score_mask, k, self.catalog
-        )  # keys (B, P + 1, D)
+            model,
+            last,
+            None if new_key is None else past_copy_keys,  # (B, P, D), plus new_key
+            item_ids,
+            score_mask,
+            k,
+            self.catalog,
+            new_key,
+        )
         outputs = [] if new_key is None else [new_key]
         return (top_scores, top_idx, torch.cat([t.unsqueeze(0) for t in kv]), *outputs)
 
@@ -258,10 +287,10 @@ class StepModelNoCopy(StepModel):
     """:class:`StepModel` without the ``past_copy_keys`` input (models without copy mechanism)."""
 
     def forward(  # type: ignore[override]
-        self, item_ids: Tensor, past_kv: Tensor, score_mask: Tensor, k: Tensor
+        self, item_ids: Tensor, past_kv: tuple[Tensor, ...], score_mask: Tensor, k: Tensor
     ) -> tuple[Tensor, ...]:
         """See :class:`StepModel`; returns ``top_scores``, ``top_idx`` and ``present_kv``."""
-        return super().forward(item_ids, past_kv, past_kv, score_mask, k)
+        return super().forward(item_ids, past_kv, past_kv[0], score_mask, k)
 
 
 def int8_columns(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -361,14 +390,14 @@ def quantize_catalog(path: Path) -> dict[str, Any]:
     return {"catalog_shape": list(weights.shape), "max_abs_weight_error": error}
 
 
-def graph_names(copy_mechanism: bool) -> dict[str, list[str]]:
+def graph_names(copy_mechanism: bool, n_layers: int) -> dict[str, list[str]]:
     """Input and output names of both graphs (see the module docstring)."""
     copy_in = [PAST_COPY_KEYS_NAME] if copy_mechanism else []
     copy_out = [PRESENT_COPY_KEYS_NAME] if copy_mechanism else []
     outputs = [_TOP_SCORES, _TOP_IDX, PRESENT_KV_NAME, *copy_out]
     return {
         "prefill_inputs": [_INPUT, _MASK, _K],
-        "step_inputs": [_INPUT, PAST_KV_NAME, *copy_in, _MASK, _K],
+        "step_inputs": [_INPUT, *past_kv_names(2 * n_layers), *copy_in, _MASK, _K],
         "outputs": outputs,
     }
 
@@ -402,7 +431,7 @@ def export_incremental(
     """
     cfg = model.cfg
     heads, head_dim = _heads(model)
-    names = graph_names(cfg.copy_mechanism)
+    names = graph_names(cfg.copy_mechanism, cfg.n_layers)
     num_columns = cfg.num_items + 1
     rng = torch.Generator().manual_seed(0)
     batch, past_len = 2, min(6, cfg.max_len - 1)
@@ -432,11 +461,12 @@ def export_incremental(
             raise ValueError("incremental serving needs max_len >= 2")
         past_dim = torch.export.Dim("past_len", min=1, max=cfg.max_len - 1)
         past_kv = torch.randn(2 * cfg.n_layers, batch, heads, past_len, head_dim, generator=rng)
-        inputs: list[Tensor] = [seq, past_kv]
+        inputs: list[Any] = [seq, tuple(past_kv.unbind(0))]
         shapes: dict[str, Any] = {
             _INPUT: {0: batch_dim, 1: past_dim + 1},
-            PAST_KV_NAME: {1: batch_dim, 3: past_dim},
+            PAST_KV_NAME: tuple({0: batch_dim, 2: past_dim} for _ in range(2 * cfg.n_layers)),
         }
+        copy_inputs = [PAST_COPY_KEYS_NAME] if cfg.copy_mechanism else []
         if cfg.copy_mechanism:
             inputs.append(torch.randn(batch, past_len, cfg.d_model, generator=rng))
             shapes[PAST_COPY_KEYS_NAME] = {0: batch_dim, 1: past_dim}
@@ -450,7 +480,9 @@ def export_incremental(
             opset_version=opset,
             input_names=names["step_inputs"],
             output_names=names["outputs"],
-            dynamic_shapes=tuple(shapes[name] for name in names["step_inputs"]),
+            dynamic_shapes=tuple(
+                shapes[name] for name in [_INPUT, PAST_KV_NAME, *copy_inputs, _MASK, _K]
+            ),
             external_data=False,
             verbose=False,
         )
@@ -529,6 +561,7 @@ def validate_incremental(
     options.inter_op_num_threads = 1
     prefill = ort.InferenceSession(str(prefill_path), options, providers=["CPUExecutionProvider"])
     step = ort.InferenceSession(str(step_path), options, providers=["CPUExecutionProvider"])
+    step_names = [arg.name for arg in step.get_inputs()]
     cfg = model.cfg
     k = min(k, cfg.num_items)
     mask = np.zeros((1, cfg.num_items + 1), dtype=np.float32)
@@ -594,7 +627,7 @@ def validate_incremental(
             )
             past_kv, past_copy = stack_past(states)
             step_ids = encode_prefixes([sessions[i] for i in rows], cfg.max_len)
-            feed = {_INPUT: step_ids, PAST_KV_NAME: past_kv, _MASK: mask, _K: k_arr}
+            feed = {_INPUT: step_ids, **past_kv_feed(past_kv, step_names), _MASK: mask, _K: k_arr}
             if is_copy:
                 feed[PAST_COPY_KEYS_NAME] = past_copy
             got = step.run(None, feed)

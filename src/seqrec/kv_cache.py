@@ -102,6 +102,36 @@ def states_from_prefill(
     ]
 
 
+PAST_KV_NAME = "past_kv"
+"""Name of the step graph's cached keys and values; graphs exported since the per-layer change
+take one input per row, :func:`past_kv_names`."""
+
+
+def past_kv_names(layers2: int) -> list[str]:
+    """Step-graph input names of the cached keys and values, one per row of ``present_kv``:
+    ``past_kv_0`` (block 0 keys), ``past_kv_1`` (block 0 values), ... (``layers2`` = 2 *
+    n_layers). One input per block lets onnxruntime read each block's states where they are
+    instead of copying them out of one stacked input."""
+    return [f"{PAST_KV_NAME}_{i}" for i in range(layers2)]
+
+
+def past_kv_feed(past_kv: np.ndarray, input_names: Sequence[str]) -> dict[str, np.ndarray]:
+    """Step-graph inputs for the stacked states of :func:`stack_past`.
+
+    Args:
+        past_kv: (2 * n_layers, B, H, P, Dh) float32, C-contiguous.
+        input_names: the step graph's input names: either the per-block names of
+            :func:`past_kv_names` (each gets a (B, H, P, Dh) view of one row, no copy) or the
+            single ``past_kv`` input of exports written before the per-block inputs.
+
+    Returns:
+        ``{name: array}`` for the cached-state inputs only.
+    """
+    if PAST_KV_NAME in input_names:
+        return {PAST_KV_NAME: past_kv}
+    return dict(zip(past_kv_names(len(past_kv)), past_kv, strict=True))
+
+
 def stack_past(states: Sequence[SessionState]) -> tuple[np.ndarray, np.ndarray | None]:
     """Left-pad and stack session states into the step graph's past inputs.
 

@@ -32,7 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import onnxruntime as ort
@@ -42,6 +42,7 @@ from seqrec.filters import mask_scores
 from seqrec.kv_cache import (
     SessionState,
     StateCache,
+    past_kv_feed,
     stack_past,
     state_bytes_per_item,
     states_from_prefill,
@@ -66,9 +67,9 @@ FALLBACK_SCORE = 0.0
 """Score given to popularity-fallback recommendations; their order is their rank."""
 
 
-@dataclass(frozen=True, slots=True)
-class Recommendation:
-    """One recommended item.
+class Recommendation(NamedTuple):
+    """One recommended item (an immutable named tuple: a batch of 64 sessions builds 1,280 of
+    them, and a tuple is built in half the time of a frozen dataclass).
 
     Attributes:
         item_id: raw item id (str), as in the training data.
@@ -258,6 +259,9 @@ class SessionRecommender:
         """
         self._session = session
         self._step_session = step_session
+        self._step_input_names = (
+            [] if step_session is None else [arg.name for arg in step_session.get_inputs()]
+        )
         self._state_cache = state_cache if step_session is not None else None
         self._is_copy = "present_copy_keys" in (meta.get("output_names") or [])
         self._item_ids = list(item_ids)
@@ -743,7 +747,7 @@ class SessionRecommender:
         past_kv, past_copy_keys = stack_past(past)
         feed = {
             self._input_name: encode_prefixes(windows, self._max_len),
-            "past_kv": past_kv,
+            **past_kv_feed(past_kv, self._step_input_names),
             "score_mask": mask,
             "k": k_arr,
         }

@@ -265,6 +265,7 @@ class SASRec(nn.Module):
         keys: Tensor,
         item_ids: Tensor,
         split_gate: bool = False,
+        new_key: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """:meth:`copy_log_probs_last` from the last state and the pointer keys of every position.
 
@@ -278,18 +279,24 @@ class SASRec(nn.Module):
         Args:
             logits: (B, C-1) float generator logits of the real items.
             last: (B, D) float final state at the last position.
-            keys: (B, L, D) float ``copy_key`` of the final states at every position.
+            keys: (B, L, D) float ``copy_key`` of the final states at every position, or of
+                the first L - 1 positions when ``new_key`` is given.
             item_ids: (B, L) int64 left-padded inputs; the last column is a real item.
             split_gate: return ``(log p - log(gate), log(gate))`` instead of log p: the first
                 part ranks the catalog the same way, so a top-k can add the (B, 1) second part to
                 its k values only.
+            new_key: (B, 1, D) float key of the last position, kept apart from the cached
+                ``keys`` so that the step graph never copies them into one (B, L, D) tensor.
 
         Returns:
             (B, C-1) float log-probabilities of the real items, or the pair described above.
         """
         gate_logit = self.copy_gate(last)  # (B, 1)
         query = self.copy_query(last)  # (B, D)
-        att = (keys @ query.unsqueeze(-1)).squeeze(-1) / (self.cfg.d_model**0.5)  # (B, L)
+        att = keys @ query.unsqueeze(-1)  # (B, L or L - 1, 1)
+        if new_key is not None:
+            att = torch.cat([att, new_key @ query.unsqueeze(-1)], dim=1)
+        att = att.squeeze(-1) / (self.cfg.d_model**0.5)  # (B, L)
         length = item_ids.shape[1]
         idx = torch.arange(length, device=item_ids.device)  # (L,)
         if self.cfg.copy_recency:
