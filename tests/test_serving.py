@@ -394,3 +394,40 @@ def test_console_script_refuses_bad_limits(
         [script, str(exported.export_dir), *flags], capture_output=True, text=True, timeout=60
     )
     assert bad.returncode == 2 and message in bad.stderr
+
+
+def test_bodies_over_the_size_limit_get_413_without_being_read(rec: SessionRecommender) -> None:
+    settings = ServeSettings(max_body_bytes=1_000)
+    ok_body = json.dumps({"session": ["1001", "1002"], "k": 3}).encode()
+    big = json.dumps({"session": ["1001"], "deny_items": ["1002"] * 400}).encode()  # 3.2 kB
+    assert len(ok_body) < 1_000 < len(big)
+    with (
+        running_server(create_app(rec, settings)) as url,
+        httpx.Client(base_url=url, timeout=10.0) as http,
+    ):
+        json_type = {"content-type": "application/json"}
+        want = http.post("/recommendations", content=ok_body, headers=json_type)
+        assert want.status_code == 200, want.text
+        # a declared length over the bound: refused from the header
+        response = http.post("/recommendations", content=big, headers=json_type)
+        assert response.status_code == 413, response.text
+        (error,) = response.json()["detail"]
+        assert error == {
+            "field": "body",
+            "message": f"the request body ({len(big)} bytes) is larger than the limit of 1000 bytes",
+            "type": "body_too_large",
+        }
+        # chunked transfer (no Content-Length): read up to the bound, then refused
+        chunks = (big[i : i + 100] for i in range(0, len(big), 100))
+        response = http.post("/recommendations", content=chunks, headers=json_type)
+        assert response.status_code == 413, response.text
+        assert "over 1000 bytes, chunked" in response.json()["detail"][0]["message"]
+        # a chunked body under the bound is served as if sent in one piece
+        pieces = iter([ok_body[:7], ok_body[7:20], ok_body[20:]])
+        chunked = http.post("/recommendations", content=pieces, headers=json_type)
+        assert chunked.status_code == 200 and chunked.json()["items"] == want.json()["items"]
+        assert http.get("/healthz").status_code == 200  # bodiless requests pass untouched
+        metrics = http.get("/metrics").text
+        assert 'path="/recommendations",status="413"} 2.0' in metrics
+    with pytest.raises(ValueError, match="max_body_bytes must be >= 1"):
+        ServeSettings(max_body_bytes=0)

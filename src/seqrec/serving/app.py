@@ -83,6 +83,10 @@ class ServeSettings:
         log_requests: one structured log line per request.
         state_cache_mb: memory bound (MiB) of the predictor's session-state cache for
             incremental exports (0 = off); see ``SessionRecommender.from_dir``.
+        max_body_bytes: largest request body (bytes); a larger one gets 413 before it is read
+            whole (at once from ``Content-Length``, or as soon as a chunked body passes the
+            bound). The default holds the largest request the other limits allow (two filter
+            lists of 10,000 ids of 64 characters: about 1.4 MB).
     """
 
     num_threads: int = 1
@@ -92,6 +96,7 @@ class ServeSettings:
     default_k: int = 10
     log_requests: bool = True
     state_cache_mb: float = 256.0
+    max_body_bytes: int = 2 * 1024 * 1024
 
     def __post_init__(self) -> None:
         """Refuse limits that would break every request (clear ValueError, before startup)."""
@@ -106,6 +111,8 @@ class ServeSettings:
             raise ValueError(f"max_session_len must be >= 1, got {self.max_session_len}")
         if self.max_filter_items < 0:
             raise ValueError(f"max_filter_items must be >= 0, got {self.max_filter_items}")
+        if self.max_body_bytes < 1:
+            raise ValueError(f"max_body_bytes must be >= 1, got {self.max_body_bytes}")
 
 
 _UNION_BRANCHES = {"constrained-str", "int", "str"}
@@ -247,6 +254,62 @@ class _MetricsAndLogs:
                         "latency_ms": round(elapsed_s * 1e3, 3),
                     },
                 )
+
+
+class _BodyLimit:
+    """Pure ASGI middleware: a request body over ``max_bytes`` gets 413 (the service's JSON error
+    body) without being read whole. A ``Content-Length`` above the bound is refused at once (the
+    server never reads more than the declared length); a body without one (chunked transfer) is
+    read here up to the bound, then handed on to the app or refused."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, size: str) -> None:
+        message = f"the request body ({size}) is larger than the limit of {self.max_bytes} bytes"
+        response = _error_response(413, "payload too large", "body", message, "body_too_large")
+        await response(scope, receive, send)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers", ()))
+        declared = headers.get(b"content-length")
+        if declared is not None:  # uvicorn has already refused a malformed Content-Length
+            if int(declared) > self.max_bytes:
+                await self._refuse(scope, receive, send, f"{int(declared)} bytes")
+                return
+            await self.app(scope, receive, send)
+            return
+        if b"chunked" not in headers.get(b"transfer-encoding", b"").lower():
+            await self.app(scope, receive, send)  # no body
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                await self._refuse(scope, receive, send, f"over {self.max_bytes} bytes, chunked")
+                return
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
 
 
 class _StateCacheCollector:
@@ -391,6 +454,7 @@ def create_app(recommender: SessionRecommender, settings: ServeSettings | None =
         summary="Recommend the next items for a session",
         responses={
             400: {"description": "the body is not valid UTF-8 JSON text"},
+            413: {"description": "the body is larger than the service's max_body_bytes"},
             415: {"description": "the body is not sent as application/json"},
             422: {"description": "invalid request: the body names the field and why"},
         },
@@ -461,6 +525,8 @@ def create_app(recommender: SessionRecommender, settings: ServeSettings | None =
         return RedirectResponse(url="/widget/")
 
     app.mount("/widget", StaticFiles(directory=STATIC_DIR, html=True), name="widget")
+    # inner to outer: the body limit, then metrics and logs (which count its 413s)
+    app.add_middleware(_BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(
         _MetricsAndLogs,
         requests=requests,
@@ -517,6 +583,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"most ids in allow_items / deny_items (default {defaults.max_filter_items})",
     )
     parser.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=defaults.max_body_bytes,
+        help="largest request body in bytes; larger ones get 413 "
+        f"(default {defaults.max_body_bytes})",
+    )
+    parser.add_argument(
         "--graph-optimization-level",
         choices=["disable", "basic", "extended", "all"],
         default=None,
@@ -570,6 +643,7 @@ def main(argv: list[str] | None = None) -> int:
             max_filter_items=args.max_filter_items,
             log_requests=not args.no_request_logs,
             state_cache_mb=args.state_cache_mb,
+            max_body_bytes=args.max_body_bytes,
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
