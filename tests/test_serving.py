@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -408,9 +409,10 @@ def test_bodies_over_the_size_limit_get_413_without_being_read(rec: SessionRecom
         json_type = {"content-type": "application/json"}
         want = http.post("/recommendations", content=ok_body, headers=json_type)
         assert want.status_code == 200, want.text
-        # a declared length over the bound: refused from the header
+        # a declared length over the bound: refused from the header, connection closed
         response = http.post("/recommendations", content=big, headers=json_type)
         assert response.status_code == 413, response.text
+        assert response.headers["connection"] == "close"
         (error,) = response.json()["detail"]
         assert error == {
             "field": "body",
@@ -427,7 +429,19 @@ def test_bodies_over_the_size_limit_get_413_without_being_read(rec: SessionRecom
         chunked = http.post("/recommendations", content=pieces, headers=json_type)
         assert chunked.status_code == 200 and chunked.json()["items"] == want.json()["items"]
         assert http.get("/healthz").status_code == 200  # bodiless requests pass untouched
+        # a client that announces a large body and waits (Expect: 100-continue style) gets the
+        # 413 and a closed connection, not a server reading its next request as body bytes
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as raw:
+            raw.sendall(
+                b"POST /recommendations HTTP/1.1\r\nhost: x\r\ncontent-type: application/json"
+                b"\r\ncontent-length: 5000000\r\n\r\n"
+            )
+            reply = b""
+            while chunk := raw.recv(65536):  # ends when the server closes the connection
+                reply += chunk
+        assert reply.startswith(b"HTTP/1.1 413 ") and b"body_too_large" in reply
         metrics = http.get("/metrics").text
-        assert 'path="/recommendations",status="413"} 2.0' in metrics
+        assert 'path="/recommendations",status="413"} 3.0' in metrics
     with pytest.raises(ValueError, match="max_body_bytes must be >= 1"):
         ServeSettings(max_body_bytes=0)
