@@ -159,8 +159,10 @@ def test_malformed_json_and_wrong_method(client: httpx.Client) -> None:
          "body_unreadable", "invalid UTF-8"),
         (b"[" * 100_000, {"content-type": "application/json"}, 400, "body_unreadable",
          "nested too deeply"),
+        (b'{"session": [' + b"9" * 5_000 + b"]}", {"content-type": "application/json"}, 400,
+         "body_unreadable", "an integer of more than 4,300 digits"),
     ],
-    ids=["no-content-type", "text-plain", "not-utf8", "nested-too-deeply"],
+    ids=["no-content-type", "text-plain", "not-utf8", "nested-too-deeply", "huge-integer"],
 )  # fmt: skip
 def test_bodies_that_are_not_json_get_clear_errors(
     client: httpx.Client, content: bytes, headers: dict, status: int, error_type: str, message: str

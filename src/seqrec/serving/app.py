@@ -113,7 +113,10 @@ class ServeSettings:
         if self.max_filter_items < 0:
             raise ValueError(f"max_filter_items must be >= 0, got {self.max_filter_items}")
         if self.max_body_bytes < 1:
-            raise ValueError(f"max_body_bytes must be >= 1, got {self.max_body_bytes}")
+            raise ValueError(
+                f"max_body_bytes must be >= 1, got {self.max_body_bytes}; set --max-body-bytes "
+                "to at least the largest request body you serve"
+            )
 
 
 _UNION_BRANCHES = {"constrained-str", "int", "str"}
@@ -411,7 +414,8 @@ def create_app(recommender: SessionRecommender, settings: ServeSettings | None =
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         if exc.status_code == 400 and request.method == "POST":  # the body could not be decoded
             message = (
-                "the body could not be parsed as JSON text (invalid UTF-8, or nested too deeply)"
+                "the body could not be parsed as JSON text (invalid UTF-8, nested too deeply, "
+                "or an integer of more than 4,300 digits)"
             )
             return _error_response(400, "invalid request", "body", message, "body_unreadable")
         phrase = HTTPStatus(exc.status_code).phrase
