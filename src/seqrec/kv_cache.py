@@ -13,6 +13,7 @@ the positions it was computed for.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
@@ -103,16 +104,18 @@ def states_from_prefill(
 
 
 PAST_KV_NAME = "past_kv"
-"""Name of the step graph's cached keys and values; graphs exported since the per-layer change
-take one input per row, :func:`past_kv_names`."""
+"""Name of the single stacked cached-state input of step graphs exported before the per-block
+inputs of :func:`past_kv_names`."""
 
 
-def past_kv_names(layers2: int) -> list[str]:
+@functools.cache
+def past_kv_names(layers2: int) -> tuple[str, ...]:
     """Step-graph input names of the cached keys and values, one per row of ``present_kv``:
     ``past_kv_0`` (block 0 keys), ``past_kv_1`` (block 0 values), ... (``layers2`` = 2 *
     n_layers). One input per block lets onnxruntime read each block's states where they are
-    instead of copying them out of one stacked input."""
-    return [f"{PAST_KV_NAME}_{i}" for i in range(layers2)]
+    instead of copying them out of one stacked input. Cached: the predictor asks on every
+    step."""
+    return tuple(f"{PAST_KV_NAME}_{i}" for i in range(layers2))
 
 
 def past_kv_feed(past_kv: np.ndarray, input_names: Sequence[str]) -> dict[str, np.ndarray]:

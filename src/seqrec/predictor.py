@@ -260,7 +260,7 @@ class SessionRecommender:
         self._session = session
         self._step_session = step_session
         self._step_input_names = (
-            [] if step_session is None else [arg.name for arg in step_session.get_inputs()]
+            () if step_session is None else tuple(arg.name for arg in step_session.get_inputs())
         )
         self._state_cache = state_cache if step_session is not None else None
         self._is_copy = "present_copy_keys" in (meta.get("output_names") or [])

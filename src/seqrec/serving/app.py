@@ -577,32 +577,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=defaults.num_threads,
         help="onnxruntime intra-op threads (default 1 per worker)",
     )
-    parser.add_argument(
-        "--max-k",
-        type=int,
-        default=defaults.max_k,
-        help=f"largest k a request may ask for (default {defaults.max_k})",
-    )
-    parser.add_argument(
-        "--max-session-len",
-        type=int,
-        default=defaults.max_session_len,
-        help="most item ids a request's session may hold; the model reads the most recent "
-        f"max_len of them (default {defaults.max_session_len})",
-    )
-    parser.add_argument(
-        "--max-filter-items",
-        type=int,
-        default=defaults.max_filter_items,
-        help=f"most ids in allow_items / deny_items (default {defaults.max_filter_items})",
-    )
-    parser.add_argument(
-        "--max-body-bytes",
-        type=int,
-        default=defaults.max_body_bytes,
-        help="largest request body in bytes; larger ones get 413 "
-        f"(default {defaults.max_body_bytes})",
-    )
+    limits = {  # ServeSettings field -> help; each flag's default is the field's default
+        "max_k": "largest k a request may ask for",
+        "max_session_len": "most item ids a request's session may hold; the model reads the "
+        "most recent max_len of them",
+        "max_filter_items": "most ids in allow_items / deny_items",
+        "max_body_bytes": "largest request body in bytes; larger ones get 413",
+    }
+    for field, text in limits.items():
+        default = getattr(defaults, field)
+        parser.add_argument(
+            "--" + field.replace("_", "-"),
+            type=int,
+            default=default,
+            help=f"{text} (default {default})",
+        )
     parser.add_argument(
         "--graph-optimization-level",
         choices=["disable", "basic", "extended", "all"],
