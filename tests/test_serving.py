@@ -311,12 +311,14 @@ def test_console_script_serves_and_refuses_bad_dirs(exported: TinyExport, tmp_pa
     )
     assert bad.returncode == 2 and "export directory not found" in bad.stderr
 
-    proc, port = _start_serve([str(exported.export_dir), "--num-threads", "1"])
+    # a --max-k below the default k (10) lowers the default instead of refusing to start
+    proc, port = _start_serve([str(exported.export_dir), "--num-threads", "1", "--max-k", "3"])
     try:
-        response = httpx.post(
-            f"http://127.0.0.1:{port}/recommendations", json={"session": ["1001"], "k": 2}
-        )
+        url = f"http://127.0.0.1:{port}/recommendations"
+        response = httpx.post(url, json={"session": ["1001"], "k": 2})
         assert response.status_code == 200 and len(response.json()["items"]) == 2
+        assert len(httpx.post(url, json={"session": ["1001"]}).json()["items"]) == 3
+        assert httpx.post(url, json={"session": ["1001"], "k": 4}).status_code == 422
     finally:
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=30)
@@ -386,7 +388,7 @@ def test_settings_that_break_every_request_are_refused(kwargs: dict, message: st
     [
         (["--port", "99999"], "--port must be in 0..65535"),
         (["--max-filter-items", "-1"], "max_filter_items must be >= 0"),
-        (["--max-k", "5"], "default_k"),
+        (["--max-k", "0"], "default_k"),  # 5 is allowed: it lowers the default k
     ],
 )
 def test_console_script_refuses_bad_limits(

@@ -578,7 +578,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="onnxruntime intra-op threads (default 1 per worker)",
     )
     limits = {  # ServeSettings field -> help; each flag's default is the field's default
-        "max_k": "largest k a request may ask for",
+        "max_k": f"largest k a request may ask for; a request without k gets "
+        f"min({defaults.default_k}, max-k)",
         "max_session_len": "most item ids a request's session may hold; the model reads the "
         "most recent max_len of them",
         "max_filter_items": "most ids in allow_items / deny_items",
@@ -603,7 +604,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=defaults.state_cache_mb,
         help="MiB of session states kept so a session's next click computes only the new item "
-        "(incremental exports; 0 = off)",
+        f"(incremental exports; 0 = off; default {defaults.state_cache_mb:g})",
     )
     parser.add_argument(
         "--workers",
@@ -642,6 +643,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = ServeSettings(
             num_threads=args.num_threads,
             max_k=args.max_k,
+            default_k=max(1, min(ServeSettings.default_k, args.max_k)),  # --max-k 3 lowers it
             max_session_len=args.max_session_len,
             max_filter_items=args.max_filter_items,
             log_requests=not args.no_request_logs,
