@@ -78,6 +78,14 @@ click of the same 64 sessions), as the predictor's timed call is: on a shared ma
 (tens of ms) lets the caches go cold, and a back-to-back floor keeps them warm."""
 FLOOR_SINGLE_AFTER_SETUP = "floor after the same setup: numpy table @ h"
 """The single-session floor (``table @ h``) timed after the int8 next click's setup call."""
+CLICK_STREAM_INT8 = (
+    "onnx incremental int8 catalog, click stream (64 sessions click on, back to back)"
+)
+"""Sustained batch throughput: every timed call is the next click of 64 sessions whose previous
+click was timed four calls earlier (4 groups of 64 shoppers take turns), with no setup call in
+between; sessions grow from ``max_len - STREAM_CLICKS`` to ``max_len`` items, then start over
+(that restart, a whole-session call, is untimed)."""
+STREAM_CLICKS = 10
 INT8_FLOOR = "int8 table floor: numpy int8 table.max()"
 """Streaming the int8 copy of the table that int8-catalog exports read (not the floor the targets
 use: that is the float32 table of the model)."""
@@ -124,6 +132,33 @@ def time_calls(
         samples.append(time.perf_counter() - start)
         i += 1
     return _stats_ms(samples)
+
+
+class ClickStream:
+    """The timed calls of :data:`CLICK_STREAM_INT8`: ``prepare(i)`` (untimed) picks group
+    ``i % 4`` and restarts it when its sessions have reached ``max_len`` items; ``click(i)`` (timed)
+    asks for the group's sessions one item longer than at its previous call."""
+
+    def __init__(
+        self, recommend_batch: Callable[[list[list[str]]], Any], groups: list[list[list[str]]]
+    ) -> None:
+        self.recommend_batch = recommend_batch
+        self.groups = groups  # each: 64 sessions of max_len items
+        self.max_len = len(groups[0][0])
+        self.start = max(1, self.max_len - STREAM_CLICKS)
+        self.lengths = [0] * len(groups)
+        self.batch: list[list[str]] = []
+
+    def prepare(self, i: int) -> None:
+        g = i % len(self.groups)
+        if not self.lengths[g] or self.lengths[g] >= self.max_len:  # (re)start: whole sessions
+            self.lengths[g] = self.start
+            self.recommend_batch([s[: self.start] for s in self.groups[g]])
+        self.lengths[g] += 1
+        self.batch = [s[: self.lengths[g]] for s in self.groups[g]]
+
+    def click(self, i: int) -> None:
+        self.recommend_batch(self.batch)
 
 
 # ------------------------------------------------------------------------------------ models
@@ -451,6 +486,18 @@ def measure_size(
                 row["x_floor_p50"] = batch["p50_ms"] / floor_b64["p50_ms"]
                 results.append(row)
             if length_name == "full" and NEXT_CLICK_INT8 in setups:
+                stream = ClickStream(impls[NEXT_CLICK_INT8][1], batches)
+                stats = time_calls(stream.click, budget_s, 20, 2_000, 8, stream.prepare)
+                row = {
+                    **base,
+                    "case": "batch64",
+                    "session_len": length,
+                    "impl": CLICK_STREAM_INT8,
+                    **stats,
+                    "sessions_per_s": 64e3 / stats["p50_ms"],
+                    "x_floor_p50": stats["p50_ms"] / floor_b64["p50_ms"],
+                }
+                results.append(row)
                 # the floors once more, each right after the int8 next click's untimed setup
                 single_setup, batch_setup = setups[NEXT_CLICK_INT8]
                 with threadpool_limits(limits=threads):
@@ -909,7 +956,7 @@ def targets(report: dict[str, Any]) -> list[str]:
     eager_b = _pick(rows, "batch64", "pytorch eager", report["args"]["max_len"])
     floor_b = _pick(rows, "batch64", FLOOR_B64)
     floor_b_setup = _pick(rows, "batch64", FLOOR_B64_AFTER_SETUP)
-    for impl in SERVED_IMPLS:
+    for impl in (*SERVED_IMPLS, CLICK_STREAM_INT8):
         r = _pick(rows, "batch64", impl, report["args"]["max_len"])
         if not (r and eager_b and floor_b):
             continue

@@ -24,6 +24,7 @@ from seqrec.incremental import (
 )
 from seqrec.kv_cache import (
     SessionState,
+    StackScratch,
     StateCache,
     past_kv_feed,
     stack_past,
@@ -129,6 +130,67 @@ def test_extended_leaves_the_cached_state_unchanged() -> None:
     assert state.length == 2 and grown.length == 3
     assert (grown.kv[:, :, 2] == 7).all() and (grown.copy_keys[2] == 7).all()
     assert (state.kv == 1).all()
+
+
+def _position(value: float) -> tuple[np.ndarray, np.ndarray]:
+    return np.full((4, 2, 1, 3), value, np.float32), np.full((1, 6), value, np.float32)
+
+
+def test_extended_appends_in_place_on_the_next_click_and_copies_on_a_branch() -> None:
+    first = _state(2, 1.0).extended(*_position(3.0), max_length=5)  # copied, room for 5
+    assert first.length == 3 and first.room is not None and first.room.kv.shape[2] == 5
+    assert first.nbytes == 4 * 2 * 5 * 3 * 4 + 5 * 6 * 4  # the room counts
+    second = first.extended(*_position(4.0), max_length=5)  # the next click: no copy
+    assert second.room is first.room and np.shares_memory(second.kv, first.kv)
+    assert (second.kv[:, :, 3] == 4).all() and (second.copy_keys[3] == 4).all()
+    # another click after `first` (a second tab): position 3 is taken, so it gets its own copy
+    branch = first.extended(*_position(9.0), max_length=5)
+    assert branch.room is not first.room and not np.shares_memory(branch.kv, first.kv)
+    assert (branch.kv[:, :, 3] == 9).all() and (second.kv[:, :, 3] == 4).all()
+    np.testing.assert_array_equal(branch.kv[:, :, :3], first.kv)  # earlier positions copied
+    # a reload of `second` (its first n - 1 positions) writes nothing over `second` either
+    reload = second.without_last().extended(*_position(6.0), max_length=5)
+    assert reload.room is not second.room and (second.kv[:, :, 3] == 4).all()
+    full = second.extended(*_position(5.0), max_length=5)  # fills the room
+    assert full.length == 5 and full.room is first.room
+    beyond = full.extended(*_position(8.0), max_length=5)  # no room left: a copy, no overflow
+    assert beyond.length == 6 and beyond.room is not first.room
+    for state in (first, second, branch, reload, full):
+        assert not state.kv.flags.writeable and not state.copy_keys.flags.writeable
+    # every state still reads exactly its own positions
+    assert [float(v) for v in full.kv[0, 0, :, 0]] == [1.0, 1.0, 3.0, 4.0, 5.0]
+    assert [float(v) for v in first.kv[0, 0, :, 0]] == [1.0, 1.0, 3.0]
+
+
+def test_extended_from_one_state_in_many_threads_writes_each_position_once() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    parent = _state(2, 1.0).extended(*_position(2.0), max_length=50)
+    with ThreadPoolExecutor(8) as pool:
+        children = list(pool.map(lambda v: parent.extended(*_position(v)), range(10, 74)))
+    assert sum(child.room is parent.room for child in children) == 1  # one claims the slot
+    assert [float(c.kv[0, 0, 3, 0]) for c in children] == [float(v) for v in range(10, 74)]
+
+
+def test_stack_past_reuses_one_scratch_buffer_per_thread() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    scratch = StackScratch()
+    states = [_state(2, 1.0), _state(4, 2.0)]
+    first, first_keys = stack_past(states, scratch)
+    again, _ = stack_past([_state(3, 5.0), _state(1, 6.0)], scratch)  # other shapes, same memory
+    assert np.shares_memory(first, again) and again.flags.c_contiguous
+    assert (again[:, 0, :, :] == 5).all() and (again[:, 1, :, :2] == 0).all()
+    assert (again[:, 1, :, 2:] == 6).all()  # the padding was zeroed over the old values
+    want, want_keys = stack_past(states)  # no scratch: new arrays, same values
+    got, got_keys = stack_past(states, scratch)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got_keys, want_keys)
+    with ThreadPoolExecutor(1) as pool:  # another thread gets memory of its own
+        other = pool.submit(stack_past, states, scratch).result()[0]
+    assert not np.shares_memory(other, got)
+    big = StackScratch(max_bytes=64)  # larger than the bound: a fresh array every call
+    assert not np.shares_memory(stack_past(states, big)[0], stack_past(states, big)[0])
 
 
 def test_state_cache_is_lru_bounded_in_bytes_and_counts() -> None:

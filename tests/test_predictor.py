@@ -333,6 +333,22 @@ def test_top_k_graph_and_numpy_top_k_agree_under_filters(
         np.testing.assert_allclose([r.score for r in a], [r.score for r in b], atol=1e-5)
 
 
+def test_batch_rows_with_and_without_excluded_slots(
+    rec: SessionRecommender, rec_top_k: SessionRecommender
+) -> None:
+    """k = catalog - 1 with exclude_seen: a session of one distinct item fills all k slots, one
+    of three leaves two -inf slots that must not come back; both kinds of row in one batch."""
+    sessions = [["1004"], ["1004", "1008", "1012"], ["1009", "1009"]]
+    k = NUM_ITEMS - 1
+    got = rec_top_k.recommend_batch(sessions, k=k, exclude_seen=True)
+    assert [len(recs) for recs in got] == [k, k - 2, k]
+    want = rec.recommend_batch(sessions, k=k, exclude_seen=True)  # numpy top-k, row by row
+    for a, b, session in zip(got, want, sessions, strict=True):
+        assert _ids(a) == _ids(b) and not set(_ids(a)) & set(session)
+        assert all(isinstance(r.item_id, str) and r.source == "model" for r in a)
+        np.testing.assert_allclose([r.score for r in a], [r.score for r in b], atol=1e-5)
+
+
 def test_allow_and_deny_lists(rec: SessionRecommender) -> None:
     session = ["1004", "1008"]
     everything = rec.recommend(session, k=NUM_ITEMS)

@@ -1,7 +1,8 @@
 """Torch-free session recommender over an export directory (numpy + onnxruntime only).
 
 Load once with :meth:`SessionRecommender.from_dir`, then call :meth:`SessionRecommender.recommend`
-from any number of threads: the object holds no per-call state and onnxruntime's ``run`` is
+from any number of threads: the object holds no per-call state shared between threads (each
+thread has its own scratch memory for stacking cached states) and onnxruntime's ``run`` is
 thread-safe. ``from_dir`` checks the sha256 of the model and vocabulary files recorded in
 ``export_meta.json`` and refuses a pair that does not belong together. Both graph layouts of
 ``seqrec.export`` are served (full scores + numpy top-k, or top-k in the graph); result filters
@@ -41,6 +42,7 @@ from seqrec.constants import PAD_IDX
 from seqrec.filters import mask_scores
 from seqrec.kv_cache import (
     SessionState,
+    StackScratch,
     StateCache,
     past_kv_feed,
     stack_past,
@@ -263,8 +265,10 @@ class SessionRecommender:
             () if step_session is None else tuple(arg.name for arg in step_session.get_inputs())
         )
         self._state_cache = state_cache if step_session is not None else None
+        self._scratch = StackScratch()  # per-thread memory of the stacked states
         self._is_copy = "present_copy_keys" in (meta.get("output_names") or [])
         self._item_ids = list(item_ids)
+        self._item_id_array = np.array(self._item_ids, dtype=object)  # for batch lookups
         self._index = {item_id: idx for idx, item_id in enumerate(self._item_ids, start=1)}
         self._meta = meta
         self._max_len = int(meta["max_len"])
@@ -668,11 +672,7 @@ class SessionRecommender:
                     ["top_scores", "top_idx"],
                     {self._input_name: item_ids, "score_mask": mask, "k": k_arr},
                 )  # (B, K) float32, (B, K) int64, best first
-            # one conversion per batch; -inf marks items the mask excluded (fewer than k left)
-            return [
-                self._recommendations(row_idx, row_scores)
-                for row_scores, row_idx in zip(top_scores.tolist(), top_idx.tolist(), strict=True)
-            ]
+            return self._recommendation_rows(top_idx, top_scores)
         item_ids = encode_prefixes(prefixes, self._max_len)  # (B, L') int64, left-padded
         scores = self._session.run([self._output_name], {self._input_name: item_ids})[0]  # (B, C)
         masked = mask_scores(scores, prefixes, exclude_seen, allow_idxs, deny_idxs)  # (B, C)
@@ -744,7 +744,7 @@ class SessionRecommender:
                 self._keep(window, lambda state=state: state)
             return outputs[0], outputs[1]
         past: list[SessionState] = states  # type: ignore[assignment]
-        past_kv, past_copy_keys = stack_past(past)
+        past_kv, past_copy_keys = stack_past(past, self._scratch)
         feed = {
             self._input_name: encode_prefixes(windows, self._max_len),
             **past_kv_feed(past_kv, self._step_input_names),
@@ -756,7 +756,10 @@ class SessionRecommender:
         outputs = self._step_session.run(None, feed)  # present: (2 * layers, B, H, 1, Dh)
         for j, window in enumerate(windows):
             copy_key = outputs[3][j] if self._is_copy else None
-            self._keep(window, lambda j=j, key=copy_key: past[j].extended(outputs[2][:, j], key))
+            self._keep(
+                window,
+                lambda j=j, key=copy_key: past[j].extended(outputs[2][:, j], key, self._max_len),
+            )
         return outputs[0], outputs[1]
 
     def _keep(self, window: tuple[int, ...], state: Callable[[], SessionState]) -> None:
@@ -766,6 +769,26 @@ class SessionRecommender:
         state is never built)."""
         assert self._state_cache is not None
         self._state_cache.store(window, state() if len(window) < self._max_len else None)
+
+    def _recommendation_rows(
+        self, top_idx: np.ndarray, top_scores: np.ndarray
+    ) -> list[list[Recommendation]]:
+        """Recommendations of a batch from the (B, K) int64 item indices and (B, K) float32
+        scores of a top-k (best first): one array lookup for all raw ids; rows holding -inf
+        scores (items the score mask excluded, when fewer than k were left) go through
+        :meth:`_recommendations`, which leaves those out."""
+        item_ids = self._item_id_array[top_idx - (PAD_IDX + 1)].tolist()  # (B, K) str
+        scores = top_scores.tolist()
+        excluded = np.isneginf(top_scores).any(axis=1).tolist()
+        model = itertools.repeat("model")
+        return [
+            self._recommendations(idx_row.tolist(), score_row)
+            if has_excluded
+            else list(map(Recommendation, id_row, score_row, model))
+            for idx_row, id_row, score_row, has_excluded in zip(
+                top_idx, item_ids, scores, excluded, strict=True
+            )
+        ]
 
     def _recommendations(self, idxs: list[int], scores: list[float]) -> list[Recommendation]:
         """Recommendations for K item indices ``idxs`` (best first) with their K scores; items
