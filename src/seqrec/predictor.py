@@ -774,21 +774,17 @@ class SessionRecommender:
         self, top_idx: np.ndarray, top_scores: np.ndarray
     ) -> list[list[Recommendation]]:
         """Recommendations of a batch from the (B, K) int64 item indices and (B, K) float32
-        scores of a top-k (best first): one array lookup for all raw ids; rows holding -inf
-        scores (items the score mask excluded, when fewer than k were left) go through
-        :meth:`_recommendations`, which leaves those out."""
+        scores of a top-k (best first), with one array lookup for all raw ids; items scored
+        -inf (excluded by the score mask, when fewer than k were left) are left out."""
         item_ids = self._item_id_array[top_idx - (PAD_IDX + 1)].tolist()  # (B, K) str
-        scores = top_scores.tolist()
-        excluded = np.isneginf(top_scores).any(axis=1).tolist()
         model = itertools.repeat("model")
-        return [
-            self._recommendations(idx_row.tolist(), score_row)
-            if has_excluded
-            else list(map(Recommendation, id_row, score_row, model))
-            for idx_row, id_row, score_row, has_excluded in zip(
-                top_idx, item_ids, scores, excluded, strict=True
-            )
+        rows = [
+            list(map(Recommendation, id_row, score_row, model))
+            for id_row, score_row in zip(item_ids, top_scores.tolist(), strict=True)
         ]
+        for row in np.flatnonzero(np.isneginf(top_scores).any(axis=1)).tolist():
+            rows[row] = [r for r in rows[row] if r.score > -math.inf]
+        return rows
 
     def _recommendations(self, idxs: list[int], scores: list[float]) -> list[Recommendation]:
         """Recommendations for K item indices ``idxs`` (best first) with their K scores; items
