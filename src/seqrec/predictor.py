@@ -596,6 +596,7 @@ class SessionRecommender:
         encoded: list[list[int]] = []
         infos: list[RecommendInfo] = []
         index_get = self._index.get
+        pad = itertools.repeat(PAD_IDX)
         for row, session in enumerate(sessions):
             if isinstance(session, str | bytes | AbstractSet | Mapping) or not hasattr(
                 session, "__iter__"
@@ -609,10 +610,11 @@ class SessionRecommender:
                     f"a session must be a sequence of item ids, got {session!r:.80}{hint}"
                 )
             session = sessions[row] = list(session)  # iterators are read once
-            idxs = [index_get(str(item), PAD_IDX) for item in session]
-            known = [i for i in idxs if i != PAD_IDX]
-            if len(known) < len(idxs):
+            idxs = list(map(index_get, map(str, session), pad))
+            known = idxs
+            if PAD_IDX in idxs:  # unknown ids: checked, then left out
                 _check_item_ids(session, "session")
+                known = [i for i in idxs if i != PAD_IDX]
             encoded.append(known)
             infos.append(
                 RecommendInfo(
@@ -782,7 +784,8 @@ class SessionRecommender:
             list(map(Recommendation, id_row, score_row, model))
             for id_row, score_row in zip(item_ids, top_scores.tolist(), strict=True)
         ]
-        for row in np.flatnonzero(np.isneginf(top_scores).any(axis=1)).tolist():
+        # rows are sorted best first: a row holds -inf exactly when its last score is -inf
+        for row in np.flatnonzero(top_scores[:, -1] == -np.inf).tolist():
             rows[row] = [r for r in rows[row] if r.score > -math.inf]
         return rows
 
