@@ -125,6 +125,22 @@ def test_validation_errors_are_clear_422s(
     assert message in error["message"]
 
 
+@pytest.mark.parametrize("session", ['["\\ud800"]', '["1001", "a\\udfffb"]', '["\\ud800", 7]'])
+def test_lone_surrogate_item_id_gets_its_own_422(client: httpx.Client, session: str) -> None:
+    # valid JSON (an escape), but not Unicode text: the message must say so, not "must be a
+    # string or integer"
+    body = f'{{"session": {session}}}'.encode()
+    response = client.post(
+        "/recommendations", content=body, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 422, response.text
+    detail = response.json()["detail"]
+    (error,) = [e for e in detail if e["type"] == "item_id_unicode"]
+    assert error["field"] == f"body.session.{0 if 'ud800' in session else 1}"
+    assert "lone UTF-16 surrogate" in error["message"]
+    assert all(e["type"] != "item_id" for e in detail)
+
+
 def test_malformed_json_and_wrong_method(client: httpx.Client) -> None:
     response = client.post(
         "/recommendations", content=b"{not json", headers={"content-type": "application/json"}

@@ -1,6 +1,7 @@
 """End to end on a tiny demo shop: prepare -> train -> evaluate -> export -> predictor."""
 
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,7 +14,9 @@ from seqrec import pipeline
 
 
 @pytest.mark.slow
-def test_demo_pipeline_end_to_end(compose_cfg: Callable[..., DictConfig], tmp_path: Path) -> None:
+def test_demo_pipeline_end_to_end(
+    compose_cfg: Callable[..., DictConfig], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     common = ["data=synthetic", *TINY_GENERATOR]
     stats = pipeline.prepare(compose_cfg("prepare", common))
     assert (
@@ -46,7 +49,10 @@ def test_demo_pipeline_end_to_end(compose_cfg: Callable[..., DictConfig], tmp_pa
             "num_threads=1",
         ],
     )
-    result = pipeline.train(train_cfg)
+    with caplog.at_level(logging.INFO):
+        result = pipeline.train(train_cfg)
+    # without a terminal (no progress bar) each new best validation score is still logged
+    assert "Metric val/mrr@20 improved" in caplog.text
     assert Path(result["best_ckpt"]).is_file()
     assert {"val/loss", "val/recall@20", "val/mrr@20", "val/ndcg@20", "val/recall@10"} <= set(
         result["last_val"]

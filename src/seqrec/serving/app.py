@@ -121,6 +121,10 @@ class ServeSettings:
 
 _UNION_BRANCHES = {"constrained-str", "int", "str"}
 _ITEM_ID_MESSAGE = "item ids must be strings of 1 to 64 characters or integers"
+_ITEM_ID_UNICODE_MESSAGE = (
+    "this item id is not valid Unicode text: it holds a lone UTF-16 surrogate escape (such as "
+    "\\ud800) without its pair"
+)
 ItemId = Annotated[str, StringConstraints(strict=True, min_length=1, max_length=64)] | StrictInt
 
 
@@ -450,7 +454,20 @@ def create_app(recommender: SessionRecommender, settings: ServeSettings | None =
             loc = [str(part) for part in err.get("loc", ())]
             if loc and loc[-1] in _UNION_BRANCHES:  # an item id that is neither str nor int
                 field = ".".join(loc[:-1])
-                errors[field] = {"field": field, "message": _ITEM_ID_MESSAGE, "type": "item_id"}
+                if errors.get(field, {}).get("type") == "item_id_unicode":
+                    continue  # the int branch's error says less
+                if err.get("type") == "string_unicode":  # JSON "\ud800": a lone surrogate
+                    errors[field] = {
+                        "field": field,
+                        "message": _ITEM_ID_UNICODE_MESSAGE,
+                        "type": "item_id_unicode",
+                    }
+                else:
+                    errors[field] = {
+                        "field": field,
+                        "message": _ITEM_ID_MESSAGE,
+                        "type": "item_id",
+                    }
             else:
                 field = ".".join(loc)
                 errors.setdefault(
