@@ -21,7 +21,7 @@ import pytest
 from _export_helpers import FALLBACK_ITEMS, MAX_LEN, NUM_ITEMS, TinyExport, tiny_export
 from _serving_helpers import running_server
 from seqrec.predictor import SessionRecommender
-from seqrec.serving.app import ServeSettings, create_app
+from seqrec.serving.app import SMALLEST_REQUEST_BODY, ServeSettings, create_app
 from seqrec.serving.logs import JsonFormatter
 
 SETTINGS = ServeSettings(max_k=40, max_session_len=40, max_filter_items=50)
@@ -392,6 +392,7 @@ def test_console_script_with_two_workers(exported: TinyExport, tmp_path: Path) -
         ({"max_session_len": 0}, "max_session_len"),
         ({"max_filter_items": -1}, "max_filter_items"),
         ({"num_threads": 0}, "num_threads"),
+        ({"max_body_bytes": 13}, "max_body_bytes must be >= 14"),
     ],
 )
 def test_settings_that_break_every_request_are_refused(kwargs: dict, message: str) -> None:
@@ -405,6 +406,7 @@ def test_settings_that_break_every_request_are_refused(kwargs: dict, message: st
         (["--port", "99999"], "--port must be in 0..65535"),
         (["--max-filter-items", "-1"], "max_filter_items must be >= 0"),
         (["--max-k", "0"], "default_k"),  # 5 is allowed: it lowers the default k
+        (["--max-body-bytes", "1"], "max_body_bytes must be >= 14"),
     ],
 )
 def test_console_script_refuses_bad_limits(
@@ -415,6 +417,20 @@ def test_console_script_refuses_bad_limits(
         [script, str(exported.export_dir), *flags], capture_output=True, text=True, timeout=60
     )
     assert bad.returncode == 2 and message in bad.stderr
+
+
+def test_smallest_body_limit_serves_the_smallest_request(rec: SessionRecommender) -> None:
+    settings = ServeSettings(max_body_bytes=len(SMALLEST_REQUEST_BODY))
+    with (
+        running_server(create_app(rec, settings)) as url,
+        httpx.Client(base_url=url, timeout=10.0) as http,
+    ):
+        json_type = {"content-type": "application/json"}
+        smallest = http.post("/recommendations", content=SMALLEST_REQUEST_BODY, headers=json_type)
+        assert smallest.status_code == 200, smallest.text
+        assert all(item["source"] == "fallback" for item in smallest.json()["items"])
+        one_more = http.post("/recommendations", content=b'{"session": []}', headers=json_type)
+        assert one_more.status_code == 413, one_more.text
 
 
 def test_bodies_over_the_size_limit_get_413_without_being_read(rec: SessionRecommender) -> None:

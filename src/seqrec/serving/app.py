@@ -69,6 +69,10 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
+SMALLEST_REQUEST_BODY = b'{"session":[]}'
+"""The shortest valid ``POST /recommendations`` body; a smaller body limit refuses every request."""
+
+
 @dataclass(frozen=True)
 class ServeSettings:
     """Limits and runtime settings of the service (command-line flags of ``seqrec-serve``).
@@ -112,10 +116,11 @@ class ServeSettings:
             raise ValueError(f"max_session_len must be >= 1, got {self.max_session_len}")
         if self.max_filter_items < 0:
             raise ValueError(f"max_filter_items must be >= 0, got {self.max_filter_items}")
-        if self.max_body_bytes < 1:
+        if self.max_body_bytes < len(SMALLEST_REQUEST_BODY):
             raise ValueError(
-                f"max_body_bytes must be >= 1, got {self.max_body_bytes}; set --max-body-bytes "
-                "to at least the largest request body you serve"
+                f"max_body_bytes must be >= {len(SMALLEST_REQUEST_BODY)} (the bytes of the "
+                f"smallest request, {SMALLEST_REQUEST_BODY.decode()}), got {self.max_body_bytes};"
+                " set --max-body-bytes to at least the largest request body you serve"
             )
 
 
