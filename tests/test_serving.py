@@ -125,6 +125,17 @@ def test_validation_errors_are_clear_422s(
     assert message in error["message"]
 
 
+def test_lone_surrogate_in_a_key_gets_a_message_that_says_so(client: httpx.Client) -> None:
+    body = b'{"session": [], "\\ud800": 1}'
+    response = client.post(
+        "/recommendations", content=body, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 422, response.text
+    (error,) = response.json()["detail"]
+    assert error["field"] == "body" and error["type"] == "string_unicode"
+    assert "lone UTF-16 surrogate" in error["message"]
+
+
 @pytest.mark.parametrize("session", ['["\\ud800"]', '["1001", "a\\udfffb"]', '["\\ud800", 7]'])
 def test_lone_surrogate_item_id_gets_its_own_422(client: httpx.Client, session: str) -> None:
     # valid JSON (an escape), but not Unicode text: the message must say so, not "must be a
@@ -177,8 +188,15 @@ def test_malformed_json_and_wrong_method(client: httpx.Client) -> None:
          "nested too deeply"),
         (b'{"session": [' + b"9" * 5_000 + b"]}", {"content-type": "application/json"}, 400,
          "body_unreadable", "an integer of more than 4,300 digits"),
+        (b"", {"content-type": "application/json"}, 400, "body_missing",
+         'the request has no body; send a JSON object such as {"session": []}'),
+        (b'{"session": ["abc', {"content-type": "application/json"}, 400, "json_invalid",
+         "the body is not valid JSON: Unterminated string starting at character 13"),
+        (b'{"session": ["a\nb"]}', {"content-type": "application/json"}, 400, "json_invalid",
+         "the body is not valid JSON: Invalid control character at character 15"),
     ],
-    ids=["no-content-type", "text-plain", "not-utf8", "nested-too-deeply", "huge-integer"],
+    ids=["no-content-type", "text-plain", "not-utf8", "nested-too-deeply", "huge-integer",
+         "empty", "unterminated-string", "control-character"],
 )  # fmt: skip
 def test_bodies_that_are_not_json_get_clear_errors(
     client: httpx.Client, content: bytes, headers: dict, status: int, error_type: str, message: str
@@ -262,6 +280,13 @@ def test_request_log_lines_are_json(client: httpx.Client, caplog: pytest.LogCapt
         client.post(
             "/recommendations", json={"session": [], "k": 1}, headers={"X-Request-ID": "abc123"}
         )
+        # the server logs a request once its response is sent (the latency covers the whole
+        # response), so the line can come a moment after the client has the reply: wait for it
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not any(
+            getattr(r, "request_id", None) == "abc123" for r in caplog.records
+        ):
+            time.sleep(0.01)
     (record,) = [r for r in caplog.records if getattr(r, "request_id", None) == "abc123"]
     line = json.loads(JsonFormatter().format(record))
     assert line["message"] == "request"

@@ -104,3 +104,16 @@ def test_demo_pipeline_end_to_end(
         assert 0.0 <= run["hit_rate"] <= 1.0 and run["latency_ms"]["p50"] > 0
     replay_md = (tmp_path / "artifacts" / "reports" / "synthetic" / "replay.md").read_text()
     assert "next click in strip" in replay_md
+
+
+def test_train_summary_rounds_the_metric_for_people() -> None:
+    result = {
+        "epochs": 8,
+        "global_step": 800,
+        "train_time_s": 337.7,
+        "best_val_mrr@20": 0.38223397731781006,
+        "best_ckpt": "/x/best.ckpt",
+    }
+    assert "best val MRR@20 = 0.3822\n" in pipeline.summarize("train", result)
+    no_ckpt = pipeline.summarize("train", {**result, "best_val_mrr@20": None})
+    assert "best val MRR@20 = None (no checkpoint kept)\n" in no_ckpt

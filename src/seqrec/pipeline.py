@@ -756,6 +756,11 @@ def export(cfg: DictConfig) -> Path:
     )
 
 
+def _fmt_metric(value: float | None) -> str:
+    """A metric for people: 4 decimals (the exact value stays in the JSON result); None as is."""
+    return "None (no checkpoint kept)" if value is None else f"{value:.4f}"
+
+
 def summarize(stage: str, result: Any) -> str:
     """Human-readable summary of a stage's result, printed by the scripts."""
     if stage == "evaluate":
@@ -766,7 +771,8 @@ def summarize(stage: str, result: Any) -> str:
     if stage == "train":
         return (
             f"\ntrained {result['epochs']} epoch(s), {result['global_step']} steps in {result['train_time_s']} s; "
-            f"best val MRR@20 = {result['best_val_mrr@20']}\nbest checkpoint: {result['best_ckpt']}\n"
+            f"best val MRR@20 = {_fmt_metric(result['best_val_mrr@20'])}\n"
+            f"best checkpoint: {result['best_ckpt']}\n"
         )
     if stage == "prepare":
         keys = ("train_sessions", "valid_sessions", "test_sessions")

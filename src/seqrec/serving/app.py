@@ -130,6 +130,10 @@ _ITEM_ID_UNICODE_MESSAGE = (
     "this item id is not valid Unicode text: it holds a lone UTF-16 surrogate escape (such as "
     "\\ud800) without its pair"
 )
+_UNICODE_MESSAGE = (
+    "not valid Unicode text: a string here (a key or a value) holds a lone UTF-16 surrogate "
+    "escape (such as \\ud800) without its pair"
+)
 ItemId = Annotated[str, StringConstraints(strict=True, min_length=1, max_length=64)] | StrictInt
 
 
@@ -451,9 +455,14 @@ def create_app(recommender: SessionRecommender, settings: ServeSettings | None =
             if err.get("type") == "json_invalid":  # loc is ("body", character offset)
                 loc = err.get("loc", ())
                 reason = (err.get("ctx") or {}).get("error", err.get("msg", ""))
+                # Python's messages such as "Unterminated string starting at" end in "at"
+                reason = reason.removesuffix(" at")
                 where = f" at character {loc[1]}" if len(loc) > 1 else ""
                 message = f"the body is not valid JSON: {reason}{where}"
                 return _error_response(400, "invalid request", "body", message, "json_invalid")
+            if err.get("type") == "missing" and tuple(err.get("loc", ())) == ("body",):
+                message = 'the request has no body; send a JSON object such as {"session": []}'
+                return _error_response(400, "invalid request", "body", message, "body_missing")
         errors: dict[str, dict[str, str]] = {}
         for err in exc.errors():
             loc = [str(part) for part in err.get("loc", ())]
@@ -475,9 +484,11 @@ def create_app(recommender: SessionRecommender, settings: ServeSettings | None =
                     }
             else:
                 field = ".".join(loc)
+                message = err.get("msg", "")
+                if err.get("type") == "string_unicode":  # e.g. a key holding a lone surrogate
+                    message = _UNICODE_MESSAGE
                 errors.setdefault(
-                    field,
-                    {"field": field, "message": err.get("msg", ""), "type": err.get("type", "")},
+                    field, {"field": field, "message": message, "type": err.get("type", "")}
                 )
         return JSONResponse(
             status_code=422,
