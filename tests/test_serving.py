@@ -3,6 +3,7 @@ metrics, docs, structured logs and the seqrec-serve console script."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -37,12 +38,19 @@ def rec(exported: TinyExport) -> SessionRecommender:
     return SessionRecommender.from_dir(exported.export_dir)
 
 
-@pytest.fixture(scope="module")
-def client(rec: SessionRecommender) -> Iterator[httpx.Client]:
+@contextlib.contextmanager
+def serving(rec: SessionRecommender, settings: ServeSettings) -> Iterator[httpx.Client]:
+    """An HTTP client of the service with ``settings``, running on a loopback socket."""
     with (
-        running_server(create_app(rec, SETTINGS)) as url,
+        running_server(create_app(rec, settings)) as url,
         httpx.Client(base_url=url, timeout=10.0) as http,
     ):
+        yield http
+
+
+@pytest.fixture(scope="module")
+def client(rec: SessionRecommender) -> Iterator[httpx.Client]:
+    with serving(rec, SETTINGS) as http:
         yield http
 
 
@@ -445,11 +453,7 @@ def test_console_script_refuses_bad_limits(
 
 
 def test_smallest_body_limit_serves_the_smallest_request(rec: SessionRecommender) -> None:
-    settings = ServeSettings(max_body_bytes=len(SMALLEST_REQUEST_BODY))
-    with (
-        running_server(create_app(rec, settings)) as url,
-        httpx.Client(base_url=url, timeout=10.0) as http,
-    ):
+    with serving(rec, ServeSettings(max_body_bytes=len(SMALLEST_REQUEST_BODY))) as http:
         json_type = {"content-type": "application/json"}
         smallest = http.post("/recommendations", content=SMALLEST_REQUEST_BODY, headers=json_type)
         assert smallest.status_code == 200, smallest.text
@@ -463,10 +467,7 @@ def test_bodies_over_the_size_limit_get_413_without_being_read(rec: SessionRecom
     ok_body = json.dumps({"session": ["1001", "1002"], "k": 3}).encode()
     big = json.dumps({"session": ["1001"], "deny_items": ["1002"] * 400}).encode()  # 3.2 kB
     assert len(ok_body) < 1_000 < len(big)
-    with (
-        running_server(create_app(rec, settings)) as url,
-        httpx.Client(base_url=url, timeout=10.0) as http,
-    ):
+    with serving(rec, settings) as http:
         json_type = {"content-type": "application/json"}
         want = http.post("/recommendations", content=ok_body, headers=json_type)
         assert want.status_code == 200, want.text
@@ -492,8 +493,8 @@ def test_bodies_over_the_size_limit_get_413_without_being_read(rec: SessionRecom
         assert http.get("/healthz").status_code == 200  # bodiless requests pass untouched
         # a client that announces a large body and waits (Expect: 100-continue style) gets the
         # 413 and a closed connection, not a server reading its next request as body bytes
-        host, port = url.removeprefix("http://").split(":")
-        with socket.create_connection((host, int(port)), timeout=10) as raw:
+        host, port = http.base_url.host, http.base_url.port
+        with socket.create_connection((host, port), timeout=10) as raw:
             raw.sendall(
                 b"POST /recommendations HTTP/1.1\r\nhost: x\r\ncontent-type: application/json"
                 b"\r\ncontent-length: 5000000\r\n\r\n"
