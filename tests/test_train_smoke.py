@@ -51,8 +51,11 @@ def test_demo_pipeline_end_to_end(
     )
     with caplog.at_level(logging.INFO):
         result = pipeline.train(train_cfg)
-    # without a terminal (no progress bar) each new best validation score is still logged
+    # without a terminal (no progress bar) each validation is still logged, with its epoch
     assert "Metric val/mrr@20 improved" in caplog.text
+    lines = [r.getMessage() for r in caplog.records if r.name == "seqrec.lit_module"]
+    assert [line.split(":")[0] for line in lines] == ["epoch 0, step 19", "epoch 1, step 38"]
+    assert all("recall@20 0." in line and "mrr@20 0." in line for line in lines)
     assert Path(result["best_ckpt"]).is_file()
     assert {"val/loss", "val/recall@20", "val/mrr@20", "val/ndcg@20", "val/recall@10"} <= set(
         result["last_val"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytorch_lightning as pl
@@ -13,6 +14,8 @@ from seqrec import losses
 from seqrec.constants import PAD_IDX
 from seqrec.metrics import NextItemMetrics
 from seqrec.models.sasrec import SASRec, SASRecConfig
+
+log = logging.getLogger(__name__)
 
 METRIC_KS = (10, 20)
 
@@ -183,9 +186,18 @@ class SASRecModule(pl.LightningModule):
         self._eval_step(batch, "val", self.val_metrics)
 
     def on_validation_epoch_end(self) -> None:
-        for key, value in self.val_metrics.compute().items():
+        values = self.val_metrics.compute()
+        for key, value in values.items():
             self.log(f"val/{key}", value, prog_bar=key == "mrr@20", sync_dist=False)
         self.val_metrics.reset()
+        if not self.trainer.sanity_checking and self.trainer.is_global_zero:
+            # one line per validation, so a run without a terminal (no progress bar) shows progress
+            log.info(
+                "epoch %d, step %d: validation %s",
+                self.current_epoch,
+                self.global_step,
+                ", ".join(f"{key} {float(value):.4f}" for key, value in values.items()),
+            )
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "test", self.test_metrics)
