@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from seqrec.filters import mask_scores
+from seqrec.filters import mask_scores, set_excluded
 
 
 def test_pad_always_excluded_and_seen_items_on_request() -> None:
@@ -27,3 +27,25 @@ def test_allow_and_deny_lists() -> None:
 def test_shape_mismatch_raises() -> None:
     with pytest.raises(ValueError, match="B=2"):
         mask_scores(np.zeros((1, 3)), [[1], [2]])
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        {"exclude_seen": True},
+        {"deny_idxs": np.array([3, 3, 9])},
+        {"allow_idxs": np.array([2, 4, 6])},
+        {"exclude_seen": True, "allow_idxs": np.array([1, 5]), "deny_idxs": np.array([5])},
+        {},
+    ],
+)
+def test_set_excluded_is_the_rule_of_mask_scores_and_value_zero_takes_it_back(rule: dict) -> None:
+    prefixes = [[5, 5, 7], [], [1, 9, 2, 9]]  # a repeat, an empty session
+    scores = np.random.default_rng(0).standard_normal((3, 10)).astype(np.float32)
+    want = mask_scores(scores, prefixes, **rule)
+    got = set_excluded(scores.copy(), prefixes, **rule)
+    np.testing.assert_array_equal(got, want)
+    mask = set_excluded(np.zeros((3, 10), dtype=np.float32), prefixes, **rule)
+    np.testing.assert_array_equal(np.isneginf(mask), np.isneginf(want))
+    assert set_excluded(mask, prefixes, **rule, value=0.0) is mask
+    assert not mask.any()  # all zeros again, ready for the next request

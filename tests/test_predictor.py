@@ -528,3 +528,38 @@ def test_argument_types_are_named(rec: SessionRecommender, exported: TinyExport)
     assert SessionRecommender.from_dir(exported.export_dir, num_threads=np.int64(1))
     # numpy numbers are numbers
     assert SessionRecommender.from_dir(exported.export_dir, state_cache_mb=np.int64(4))
+
+
+def test_reused_score_mask_carries_nothing_from_one_request_to_the_next(
+    rec: SessionRecommender, rec_top_k: SessionRecommender, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The top-k layout keeps one zero score mask per thread and takes each request's
+    exclusions back out: a sequence of different filters and batch sizes in one thread, and a
+    request whose graph call fails, leave no -inf behind (checked against the numpy top-k,
+    which builds its masks fresh)."""
+    rng = np.random.default_rng(5)
+    filter_kinds = [
+        {"exclude_seen": True},
+        {"allow_items": ["1002", "1005", "1011"]},
+        {"deny_items": ["1003", "1017"]},
+        {"exclude_seen": True, "deny_items": ["1001"]},
+        {},
+    ]
+    for step in range(25):
+        sessions = _random_sessions(int(rng.integers(1, 6)), int(rng.integers(1, 8)), seed=step)
+        filters = filter_kinds[step % len(filter_kinds)]
+        got = rec_top_k.recommend_batch(sessions, k=NUM_ITEMS, **filters)
+        want = rec.recommend_batch(sessions, k=NUM_ITEMS, **filters)
+        assert [_ids(a) for a in got] == [_ids(b) for b in want], (step, filters)
+
+    def fail(*args: object) -> None:
+        raise RuntimeError("graph failed")
+
+    monkeypatch.setattr(rec_top_k, "_run_top_k", fail)
+    with pytest.raises(RuntimeError, match="graph failed"):
+        rec_top_k.recommend(["1004", "1008"], k=5, allow_items=["1001"])  # excludes all but one
+    monkeypatch.undo()
+    session = ["1004", "1008"]
+    assert _ids(rec_top_k.recommend(session, k=NUM_ITEMS, exclude_seen=True)) == _ids(
+        rec.recommend(session, k=NUM_ITEMS, exclude_seen=True)
+    )

@@ -6,6 +6,7 @@ function with the same flags, so what is measured offline is what is served.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -42,17 +43,46 @@ def mask_scores(
     if scores.ndim != 2 or scores.shape[0] != len(prefixes):
         raise ValueError(f"scores must be (B, C) with B={len(prefixes)}, got {scores.shape}")
     out = np.array(scores, dtype=np.result_type(scores.dtype, np.float32), copy=True)
-    out[:, PAD_IDX] = EXCLUDED
+    return set_excluded(out, prefixes, exclude_seen, allow_idxs, deny_idxs)
+
+
+def set_excluded(
+    out: np.ndarray,
+    prefixes: Sequence[Sequence[int] | np.ndarray],
+    exclude_seen: bool = False,
+    allow_idxs: np.ndarray | None = None,
+    deny_idxs: np.ndarray | None = None,
+    value: float = EXCLUDED,
+) -> np.ndarray:
+    """Write ``value`` in place into every entry of ``out`` that :func:`mask_scores` excludes
+    (the rule itself; :func:`mask_scores` is this on a copy).
+
+    Called again with ``value=0.0`` on a score mask built from zeros, it restores the zeros: the
+    predictor keeps one zero (B, C) mask per thread this way instead of allocating and filling a
+    new one for every filtered request.
+
+    Args:
+        out: (B, C) float array, written in place; B = len(prefixes).
+        prefixes, exclude_seen, allow_idxs, deny_idxs: as in :func:`mask_scores`.
+        value: what excluded entries get (-inf by default).
+
+    Returns:
+        ``out``.
+    """
+    out[:, PAD_IDX] = value
     if allow_idxs is not None:
         is_allowed = np.zeros(out.shape[1], dtype=bool)
         is_allowed[np.asarray(allow_idxs, dtype=np.int64)] = True
-        out[:, ~is_allowed] = EXCLUDED
+        out[:, ~is_allowed] = value
     if deny_idxs is not None and len(deny_idxs):
-        out[:, np.asarray(deny_idxs, dtype=np.int64)] = EXCLUDED
+        out[:, np.asarray(deny_idxs, dtype=np.int64)] = value
     if exclude_seen:
-        for row, prefix in enumerate(prefixes):
-            if len(prefix):
-                out[row, np.asarray(prefix, dtype=np.int64)] = EXCLUDED
+        lengths = np.fromiter(map(len, prefixes), dtype=np.int64, count=len(prefixes))
+        rows = np.repeat(np.arange(len(prefixes)), lengths)  # one entry per seen item
+        cols = np.fromiter(
+            itertools.chain.from_iterable(prefixes), dtype=np.int64, count=int(lengths.sum())
+        )
+        out[rows, cols] = value
     return out
 
 

@@ -14,6 +14,7 @@ the positions it was computed for.
 from __future__ import annotations
 
 import functools
+import math
 import threading
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
@@ -199,7 +200,8 @@ def past_kv_feed(past_kv: np.ndarray, input_names: Sequence[str]) -> dict[str, n
 
 
 class StackScratch:
-    """Reusable memory for :func:`stack_past`, one buffer per thread and input.
+    """Reusable memory for :func:`stack_past` (and the predictor's score mask, see
+    :meth:`zeros`), one buffer per thread and input.
 
     A batch of 64 sessions of 50 items stacks 6.5 MB of states per step; a fresh ``np.zeros``
     of that size costs page faults on every call (about 1 ms on the benchmark machine), a buffer
@@ -217,10 +219,26 @@ class StackScratch:
         self.max_bytes = max_bytes
         self._local = threading.local()
 
+    def zeros(self, shape: tuple[int, ...], slot: int) -> np.ndarray:
+        """A C-contiguous float32 array of ``shape`` filled with zeros for input number ``slot``.
+
+        The buffer is kept for the thread's next call, so the caller must leave it all zeros
+        again when done (the predictor's score mask: ``filters.set_excluded`` writes the
+        exclusions, then the same call with ``value=0.0`` takes them back out).
+        """
+        size = math.prod(shape)
+        if 4 * size > self.max_bytes:
+            return np.zeros(shape, dtype=np.float32)
+        buffers: dict[int, np.ndarray] = self._local.__dict__.setdefault("buffers", {})
+        flat = buffers.get(slot)
+        if flat is None or flat.size < size:
+            flat = buffers[slot] = np.zeros(size, dtype=np.float32)
+        return flat[:size].reshape(shape)
+
     def empty(self, shape: tuple[int, ...], slot: int) -> np.ndarray:
         """An uninitialised C-contiguous float32 array of ``shape`` for input number ``slot``
         (the stacked keys and values are slot 0, the pointer keys slot 1)."""
-        size = int(np.prod(shape))
+        size = math.prod(shape)
         if 4 * size > self.max_bytes:
             return np.empty(shape, dtype=np.float32)
         buffers: dict[int, np.ndarray] = self._local.__dict__.setdefault("buffers", {})

@@ -39,7 +39,7 @@ import numpy as np
 import onnxruntime as ort
 
 from seqrec.constants import PAD_IDX
-from seqrec.filters import mask_scores
+from seqrec.filters import mask_scores, set_excluded
 from seqrec.kv_cache import (
     SessionState,
     StackScratch,
@@ -660,20 +660,20 @@ class SessionRecommender:
             return []
         has_filter = exclude_seen or allow_idxs is not None or deny_idxs is not None
         if self._top_k_in_graph:
-            if has_filter:  # (B, C): 0 keeps an item, -inf excludes it; same rule as offline
-                zeros = np.zeros((len(prefixes), self.num_items + 1), dtype=np.float32)
-                mask = mask_scores(zeros, prefixes, exclude_seen, allow_idxs, deny_idxs)
-            else:
-                mask = self._pad_mask  # (1, C), broadcast over the batch in the graph
             k_arr = np.array([min(k, self.num_items)], dtype=np.int64)
-            if self._state_cache is not None:
-                top_scores, top_idx = self._run_incremental(prefixes, mask, k_arr)
-            else:
-                item_ids = encode_prefixes(prefixes, self._max_len)  # (B, L') int64, left-padded
-                top_scores, top_idx = self._session.run(
-                    ["top_scores", "top_idx"],
-                    {self._input_name: item_ids, "score_mask": mask, "k": k_arr},
-                )  # (B, K) float32, (B, K) int64, best first
+            if not has_filter:  # the (1, C) PAD mask, broadcast over the batch in the graph
+                top_scores, top_idx = self._run_top_k(prefixes, self._pad_mask, k_arr)
+                return self._recommendation_rows(top_idx, top_scores)
+            # (B, C): 0 keeps an item, -inf excludes it, by the offline evaluator's rule
+            # (filters.set_excluded, which mask_scores applies); this thread's zero mask is
+            # reused and its exclusions are taken back out after the call
+            mask = self._scratch.zeros((len(prefixes), self.num_items + 1), slot=2)
+            rule = (prefixes, exclude_seen, allow_idxs, deny_idxs)
+            set_excluded(mask, *rule)
+            try:
+                top_scores, top_idx = self._run_top_k(prefixes, mask, k_arr)
+            finally:
+                set_excluded(mask, *rule, value=0.0)
             return self._recommendation_rows(top_idx, top_scores)
         item_ids = encode_prefixes(prefixes, self._max_len)  # (B, L') int64, left-padded
         scores = self._session.run([self._output_name], {self._input_name: item_ids})[0]  # (B, C)
@@ -683,6 +683,20 @@ class SessionRecommender:
             self._recommendations(top.tolist(), row_scores[top].tolist())
             for top, row_scores in zip(tops, scores, strict=True)
         ]
+
+    def _run_top_k(
+        self, prefixes: list[list[int]], mask: np.ndarray, k_arr: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(B, K) float32 scores and (B, K) int64 item indices (best first) of the top-k graph:
+        from cached states when the export has a step graph, else the whole sessions."""
+        if self._state_cache is not None:
+            return self._run_incremental(prefixes, mask, k_arr)
+        item_ids = encode_prefixes(prefixes, self._max_len)  # (B, L') int64, left-padded
+        top_scores, top_idx = self._session.run(
+            ["top_scores", "top_idx"],
+            {self._input_name: item_ids, "score_mask": mask, "k": k_arr},
+        )
+        return top_scores, top_idx
 
     def _run_incremental(
         self, prefixes: list[list[int]], mask: np.ndarray, k_arr: np.ndarray
