@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import math
 import threading
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -226,25 +226,25 @@ class StackScratch:
         again when done (the predictor's score mask: ``filters.set_excluded`` writes the
         exclusions, then the same call with ``value=0.0`` takes them back out).
         """
-        size = math.prod(shape)
-        if 4 * size > self.max_bytes:
-            return np.zeros(shape, dtype=np.float32)
-        buffers: dict[int, np.ndarray] = self._local.__dict__.setdefault("buffers", {})
-        flat = buffers.get(slot)
-        if flat is None or flat.size < size:
-            flat = buffers[slot] = np.zeros(size, dtype=np.float32)
-        return flat[:size].reshape(shape)
+        return self._kept(shape, slot, np.zeros)
 
     def empty(self, shape: tuple[int, ...], slot: int) -> np.ndarray:
         """An uninitialised C-contiguous float32 array of ``shape`` for input number ``slot``
         (the stacked keys and values are slot 0, the pointer keys slot 1)."""
+        return self._kept(shape, slot, np.empty)
+
+    def _kept(
+        self, shape: tuple[int, ...], slot: int, new: Callable[..., np.ndarray]
+    ) -> np.ndarray:
+        """This thread's kept buffer of ``slot`` as ``shape`` (made by ``new`` when missing or
+        too small; arrays over ``max_bytes`` are made by ``new`` for the call only)."""
         size = math.prod(shape)
         if 4 * size > self.max_bytes:
-            return np.empty(shape, dtype=np.float32)
+            return new(shape, dtype=np.float32)
         buffers: dict[int, np.ndarray] = self._local.__dict__.setdefault("buffers", {})
         flat = buffers.get(slot)
         if flat is None or flat.size < size:
-            flat = buffers[slot] = np.empty(size, dtype=np.float32)
+            flat = buffers[slot] = new(size, dtype=np.float32)
         return flat[:size].reshape(shape)
 
 
