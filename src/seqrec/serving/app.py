@@ -126,13 +126,9 @@ class ServeSettings:
 
 _UNION_BRANCHES = {"constrained-str", "int", "str"}
 _ITEM_ID_MESSAGE = "item ids must be strings of 1 to 64 characters or integers"
-_ITEM_ID_UNICODE_MESSAGE = (
-    "this item id is not valid Unicode text: it holds a lone UTF-16 surrogate escape (such as "
-    "\\ud800) without its pair"
-)
 _UNICODE_MESSAGE = (
-    "not valid Unicode text: a string here (a key or a value) holds a lone UTF-16 surrogate "
-    "escape (such as \\ud800) without its pair"
+    "not valid Unicode text: a string here holds a lone UTF-16 surrogate escape (such as "
+    "\\ud800) without its pair"
 )
 ItemId = Annotated[str, StringConstraints(strict=True, min_length=1, max_length=64)] | StrictInt
 
@@ -466,27 +462,19 @@ def create_app(recommender: SessionRecommender, settings: ServeSettings | None =
         errors: dict[str, dict[str, str]] = {}
         for err in exc.errors():
             loc = [str(part) for part in err.get("loc", ())]
+            is_unicode = err.get("type") == "string_unicode"  # JSON "\ud800": a lone surrogate
             if loc and loc[-1] in _UNION_BRANCHES:  # an item id that is neither str nor int
                 field = ".".join(loc[:-1])
-                if errors.get(field, {}).get("type") == "item_id_unicode":
-                    continue  # the int branch's error says less
-                if err.get("type") == "string_unicode":  # JSON "\ud800": a lone surrogate
-                    errors[field] = {
-                        "field": field,
-                        "message": _ITEM_ID_UNICODE_MESSAGE,
-                        "type": "item_id_unicode",
-                    }
-                else:
-                    errors[field] = {
-                        "field": field,
-                        "message": _ITEM_ID_MESSAGE,
-                        "type": "item_id",
-                    }
+                if is_unicode or field not in errors:  # the str branch's error says the most
+                    kind, message = (
+                        ("item_id_unicode", _UNICODE_MESSAGE)
+                        if is_unicode
+                        else ("item_id", _ITEM_ID_MESSAGE)
+                    )
+                    errors[field] = {"field": field, "message": message, "type": kind}
             else:
                 field = ".".join(loc)
-                message = err.get("msg", "")
-                if err.get("type") == "string_unicode":  # e.g. a key holding a lone surrogate
-                    message = _UNICODE_MESSAGE
+                message = _UNICODE_MESSAGE if is_unicode else err.get("msg", "")
                 errors.setdefault(
                     field, {"field": field, "message": message, "type": err.get("type", "")}
                 )
