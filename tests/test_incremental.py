@@ -20,6 +20,7 @@ from seqrec.incremental import (
     INT8_SCORE_ATOL,
     STEP_FILE,
     quantize_catalog,
+    skip_empty_score_mask,
     validate_incremental,
 )
 from seqrec.kv_cache import (
@@ -262,6 +263,117 @@ def test_validation_catches_a_wrong_step_graph(inc_export, tmp_path: Path) -> No
     other = _model(model.cfg.copy_mechanism, seed=1)  # same shapes, different weights
     with pytest.raises(ExportValidationError, match="graph"):
         validate_incremental(other, out / "model.onnx", out / STEP_FILE)
+
+
+def _top_k_graph(path: Path, columns: int, slice_mask: bool = True) -> None:
+    """``TopK(scores + score_mask[:, 1:], k)`` (or ``+ score_mask`` unsliced) as the exports end."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    width = columns + 1 if slice_mask else columns
+    nodes = [
+        helper.make_node("Slice", ["score_mask", "one", "end", "one"], ["real_mask"]),
+        helper.make_node("Add", ["scores", "real_mask" if slice_mask else "score_mask"], ["s"]),
+        helper.make_node("TopK", ["s", "k"], ["top_scores", "top_idx"], axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes if slice_mask else nodes[1:],
+        "top_k",
+        [
+            helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["B", columns]),
+            helper.make_tensor_value_info("score_mask", TensorProto.FLOAT, ["M", width]),
+            helper.make_tensor_value_info("k", TensorProto.INT64, [1]),
+        ],
+        [
+            helper.make_tensor_value_info("top_scores", TensorProto.FLOAT, ["B", "K"]),
+            helper.make_tensor_value_info("top_idx", TensorProto.INT64, ["B", "K"]),
+        ],
+        [
+            numpy_helper.from_array(np.array([1], dtype=np.int64), "one"),
+            numpy_helper.from_array(np.array([width], dtype=np.int64), "end"),
+        ],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+
+
+def test_skip_empty_score_mask_runs_top_k_without_the_mask_only_for_an_empty_mask(
+    tmp_path: Path,
+) -> None:
+    import onnx
+    import onnxruntime as ort
+
+    columns, k = 30, 5
+    path = tmp_path / "top_k.onnx"
+    _top_k_graph(path, columns)
+    assert skip_empty_score_mask(path) is True
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert "If" in ops and "Add" not in ops and "TopK" not in ops
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    scores = rng.standard_normal((4, columns)).astype(np.float32)
+    k_arr = np.array([k], dtype=np.int64)
+
+    def top_k(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        values, idx = session.run(None, {"scores": scores, "score_mask": mask, "k": k_arr})
+        return values, idx
+
+    def numpy_top_k(masked: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        idx = np.argsort(-masked, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(masked, idx, axis=1), idx
+
+    no_filter = top_k(np.zeros((0, columns + 1), dtype=np.float32))
+    np.testing.assert_array_equal(no_filter[1], numpy_top_k(scores)[1])
+    np.testing.assert_array_equal(no_filter[0], numpy_top_k(scores)[0])
+    best = int(no_filter[1][0, 0])  # a (1, C) and a (B, C) mask still exclude items
+    one_row = np.zeros((1, columns + 1), dtype=np.float32)
+    one_row[0, 1 + best] = -np.inf
+    got = top_k(one_row)
+    assert best not in got[1].tolist()[0]
+    np.testing.assert_array_equal(got[1], numpy_top_k(scores + one_row[:, 1:])[1])
+    rows = np.zeros((4, columns + 1), dtype=np.float32)
+    rows[2, 1:] = -np.inf
+    rows[2, 1 + 3] = 0.0  # row 2 may only get item 3
+    got = top_k(rows)
+    assert got[1][2, 0] == 3 and np.isneginf(got[0][2, 1:]).all()
+    np.testing.assert_array_equal(got[1][[0, 1, 3]], no_filter[1][[0, 1, 3]])
+    before = path.read_bytes()  # already rewritten: nothing left to match
+    assert skip_empty_score_mask(path) is False and path.read_bytes() == before
+
+
+def test_skip_empty_score_mask_leaves_a_graph_whose_mask_also_excludes_pad(tmp_path: Path) -> None:
+    """Without the slice the mask covers the PAD column, which only the mask excludes."""
+    path = tmp_path / "unsliced.onnx"
+    _top_k_graph(path, 30, slice_mask=False)
+    before = path.read_bytes()
+    assert skip_empty_score_mask(path) is False and path.read_bytes() == before
+
+
+def test_predictor_sends_an_empty_mask_without_filters_and_ranks_the_same(inc_export) -> None:
+    """The export records that its graphs take a (0, C) mask; a predictor told otherwise (as for
+    exports written before the rewrite) sends the (1, C) PAD mask and returns the same items and
+    scores, from whole sessions and from cached states."""
+    _, out = inc_export
+    rec = SessionRecommender.from_dir(out)
+    assert rec.meta["empty_score_mask"] is True
+    old_meta = {**rec.meta, "empty_score_mask": False}
+    old = SessionRecommender.from_dir(out)
+    old = SessionRecommender(
+        old._session, old._item_ids, old_meta, old._step_session, StateCache(2**24)
+    )
+    assert rec._unfiltered_mask.shape == (0, NUM_ITEMS + 1)
+    assert old._unfiltered_mask.shape == (1, NUM_ITEMS + 1)
+    rng = np.random.default_rng(3)
+    sessions = [_random_session(rng, int(n)) for n in rng.integers(2, MAX_LEN + 1, size=9)]
+    for grow in (-1, 0):  # whole sessions minus their last item, then the next click (cached)
+        batch = [s[: len(s) + grow] for s in sessions]
+        got_rows, want_rows = rec.recommend_batch(batch, k=7), old.recommend_batch(batch, k=7)
+        for got, want in zip(got_rows, want_rows, strict=True):
+            assert [(r.item_id, r.score) for r in got] == [(r.item_id, r.score) for r in want]
+        single = rec.recommend(batch[0], k=7)
+        assert [(r.item_id, r.score) for r in single] == [
+            (r.item_id, r.score) for r in old.recommend(batch[0], k=7)
+        ]
+    assert rec.state_cache_info()["hits"] > 0 and old.state_cache_info()["hits"] > 0
 
 
 # --------------------------------------------------------------------------------- predictor
@@ -554,6 +666,16 @@ def _catalog_graph(path: Path, weights: np.ndarray) -> None:
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
 
 
+def _branch_ops(proto, name_prefix: str = "seqrec_catalog_") -> dict[str, list[str]]:
+    """Operator types of each branch of the one ``If`` whose branches are named ``name_prefix``."""
+    (node,) = [
+        n
+        for n in proto.graph.node
+        if n.op_type == "If" and n.attribute[0].g.name.startswith(name_prefix)
+    ]
+    return {a.name: [n.op_type for n in a.g.node] for a in node.attribute}
+
+
 def test_quantize_catalog_computes_the_int8_formula(tmp_path: Path) -> None:
     """scores = (round(h / s) @ Wq) * s * col_scale with s = max|h| / 127 per row and Wq =
     round(W / col_scale), col_scale = max|W[:, j]| / 127, written out in numpy."""
@@ -568,7 +690,11 @@ def test_quantize_catalog_computes_the_int8_formula(tmp_path: Path) -> None:
     report = quantize_catalog(path)
     proto = onnx.load(str(path))
     assert CATALOG_NAME not in {t.name for t in proto.graph.initializer}
-    assert "MatMulInteger" in {n.op_type for n in proto.graph.node}
+    # one row: MatMulInteger; batches: the fused MatMulIntegerToFloat, chosen by an If on B
+    assert _branch_ops(proto) == {
+        "then_branch": ["MatMulInteger", "Cast", "Mul"],
+        "else_branch": ["MatMulIntegerToFloat"],
+    }
     col_scale = np.abs(weights).max(axis=0) / 127.0
     col_scale[7] = 1.0
     quantized = np.clip(np.rint(weights / col_scale), -127, 127)
@@ -587,6 +713,9 @@ def test_quantize_catalog_computes_the_int8_formula(tmp_path: Path) -> None:
     want = (np.rint(hidden / row_scale) @ quantized) * row_scale * col_scale
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-9)
     assert (got[2] == 0).all() and (got[:, 7] == 0).all()
+    for row in range(len(hidden)):  # one row at a time takes the other branch: same numbers
+        (alone,) = session.run(None, {"hidden": hidden[row : row + 1]})
+        np.testing.assert_allclose(alone[0], got[row], rtol=1e-6, atol=0)
     exact = hidden @ weights  # and it is close to the float32 product
     assert np.abs(got - exact).max() <= 0.02 * np.abs(exact).max()
 
@@ -633,9 +762,10 @@ def test_int8_catalog_export_is_validated_and_recorded(int8_export) -> None:
     assert int8["validation"]["max_state_diff"] <= 1e-4  # states stay float32
     assert int8["validation"]["max_abs_diff"] <= int8["validation"]["score_atol"]
     assert meta["quality"]["top_k_overlap_mean"] >= 0.9
+    assert meta["empty_score_mask"] is True
     for name in ("model.onnx", STEP_FILE):
         proto = onnx.load(str(out / name))
-        assert sum(n.op_type == "MatMulInteger" for n in proto.graph.node) == 1, name
+        assert _branch_ops(proto)["else_branch"] == ["MatMulIntegerToFloat"], name
         assert CATALOG_NAME not in {t.name for t in proto.graph.initializer}, name
 
 

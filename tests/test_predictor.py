@@ -303,6 +303,8 @@ def test_batch_parity_with_eager_for_both_layouts(
     length: int,
 ) -> None:
     sessions = _random_sessions(batch, length, seed=batch * 100 + length)
+    # the top-k graph ends in Concat(PAD, scores) -> TopK: unfiltered calls send no mask rows
+    assert rec_top_k.meta["empty_score_mask"] is True and not rec.meta["empty_score_mask"]
     for recommender in (rec, rec_top_k):
         got = recommender.recommend_batch(sessions, k=10)
         for session, recs in zip(sessions, got, strict=True):

@@ -48,7 +48,7 @@ from torch import Tensor, nn
 
 from seqrec.constants import PAD_IDX
 from seqrec.data.vocab import ItemVocab
-from seqrec.incremental import STEP_FILE, export_incremental
+from seqrec.incremental import STEP_FILE, export_incremental, skip_empty_score_mask
 from seqrec.models.sasrec import SASRec
 from seqrec.predictor import file_sha256
 from seqrec.sequence import encode_prefixes
@@ -470,8 +470,17 @@ def export_onnx(
                 actual_opset = _onnx_opset(base_path)
                 build_variant(base_path, tmp_dir / MODEL_FILE, variant, cfg.num_items + 1)
                 base_path.unlink()
+            # top-k graphs take a (0, C) score_mask for no filter where the rewrite applies
+            empty_mask = variant.top_k_in_graph and (
+                incremental is not None or skip_empty_score_mask(tmp_dir / MODEL_FILE)
+            )
             quality = check_variant(
-                cpu_model, tmp_dir / MODEL_FILE, variant, quality_examples, k=quality_k
+                cpu_model,
+                tmp_dir / MODEL_FILE,
+                variant,
+                quality_examples,
+                k=quality_k,
+                empty_mask=empty_mask,
             )
         if actual_opset != opset:
             logger.warning(
@@ -506,6 +515,7 @@ def export_onnx(
             "input_names": input_names,
             "output_names": output_names,
             "variant": asdict(variant),
+            "empty_score_mask": empty_mask,
             "d_model": cfg.d_model,
             "n_layers": cfg.n_layers,
             "n_heads": cfg.n_heads,
@@ -721,20 +731,28 @@ def ort_session(
 
 
 def onnx_top_k_scorer(
-    session: Any, top_k_in_graph: bool, k: int, max_len: int, num_columns: int
+    session: Any,
+    top_k_in_graph: bool,
+    k: int,
+    max_len: int,
+    num_columns: int,
+    empty_mask: bool = False,
 ) -> Callable[[list[np.ndarray]], np.ndarray]:
     """``score(prefixes) -> (B, C)`` over an exported graph, for :func:`evaluate_scorer`.
 
     A full-scores graph returns its scores. A top-k graph returns a (B, C) matrix that holds the
-    k best scores at their items and -inf elsewhere, so metrics at cut-offs <= k are exact.
+    k best scores at their items and -inf elsewhere, so metrics at cut-offs <= k are exact. Its
+    ``score_mask`` is the (1, C) PAD-only mask, or with ``empty_mask`` the (0, C) one that
+    graphs rewritten by ``seqrec.incremental.skip_empty_score_mask`` take for no filter (what
+    the predictor sends them).
     """
+    mask = np.zeros((0 if empty_mask else 1, num_columns), dtype=np.float32)
+    mask[:, PAD_IDX] = -np.inf
 
     def score(prefixes: list[np.ndarray]) -> np.ndarray:
         item_ids = encode_prefixes(prefixes, max_len)  # (B, L') int64
         if not top_k_in_graph:
             return session.run([OUTPUT_NAME], {INPUT_NAME: item_ids})[0]
-        mask = np.zeros((1, num_columns), dtype=np.float32)
-        mask[:, PAD_IDX] = -np.inf
         top_scores, top_idx = session.run(
             [TOP_SCORES_NAME, TOP_IDX_NAME],
             {INPUT_NAME: item_ids, MASK_NAME: mask, K_NAME: np.array([k], dtype=np.int64)},
@@ -754,6 +772,7 @@ def check_variant(
     k: int = 20,
     seed: int = 0,
     batch_size: int = 256,
+    empty_mask: bool = False,
 ) -> dict[str, Any]:
     """Compare the published graph with eager PyTorch: top-k overlap and metric change.
 
@@ -766,6 +785,8 @@ def check_variant(
         k: overlap cut-off; metrics are computed at 10 and k.
         seed: seed of the random sessions.
         batch_size: sessions per call.
+        empty_mask: run a top-k graph with the (0, C) no-filter mask (:func:`onnx_top_k_scorer`),
+            as the predictor does for graphs that take one.
 
     Returns:
         ``{"k", "num_examples", "source", "top_k_overlap_mean", "top_k_overlap_min",
@@ -794,7 +815,7 @@ def check_variant(
         source = "validation examples"
     session = ort_session(onnx_path, 1, variant.graph_optimization_level)
     onnx_score = onnx_top_k_scorer(
-        session, variant.top_k_in_graph, k, max_len, model.cfg.num_items + 1
+        session, variant.top_k_in_graph, k, max_len, model.cfg.num_items + 1, empty_mask
     )
 
     def eager_score(batch: list[np.ndarray]) -> np.ndarray:

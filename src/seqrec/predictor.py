@@ -277,9 +277,14 @@ class SessionRecommender:
         self._top_k_in_graph = bool(meta.get("variant", {}).get("top_k_in_graph", False))
         self._fallback_ids = [str(i) for i in meta["fallback_items"]]
         num_columns = len(self._item_ids) + 1
-        # (1, C) mask that excludes PAD only, for top-k graphs without filters (read-only, shared)
-        self._pad_mask = mask_scores(np.zeros((1, num_columns), dtype=np.float32), [[]])
-        self._pad_mask.flags.writeable = False
+        # the score mask of requests without filters (read-only, shared): (0, C) where the
+        # export's top-k graphs skip an empty mask (seqrec.incremental.skip_empty_score_mask),
+        # else (1, C) excluding PAD only
+        if meta.get("empty_score_mask", False):
+            self._unfiltered_mask = np.zeros((0, num_columns), dtype=np.float32)
+        else:
+            self._unfiltered_mask = mask_scores(np.zeros((1, num_columns), dtype=np.float32), [[]])
+        self._unfiltered_mask.flags.writeable = False
 
     @classmethod
     def from_dir(
@@ -661,8 +666,8 @@ class SessionRecommender:
         has_filter = exclude_seen or allow_idxs is not None or deny_idxs is not None
         if self._top_k_in_graph:
             k_arr = np.array([min(k, self.num_items)], dtype=np.int64)
-            if not has_filter:  # the (1, C) PAD mask, broadcast over the batch in the graph
-                top_scores, top_idx = self._run_top_k(prefixes, self._pad_mask, k_arr)
+            if not has_filter:  # no mask, or the (1, C) PAD mask broadcast over the batch
+                top_scores, top_idx = self._run_top_k(prefixes, self._unfiltered_mask, k_arr)
                 return self._recommendation_rows(top_idx, top_scores)
             # (B, C): 0 keeps an item, -inf excludes it, by the offline evaluator's rule
             # (filters.set_excluded, which mask_scores applies); this thread's zero mask is
@@ -707,7 +712,7 @@ class SessionRecommender:
 
         Args:
             prefixes: B non-empty sessions of item indices; only the last ``max_len`` count.
-            mask: (1 or B, C) float32 score mask; k_arr: (1,) int64.
+            mask: (0, 1 or B, C) float32 score mask; k_arr: (1,) int64.
 
         Returns:
             (B, K) float32 scores and (B, K) int64 item indices, best first.
@@ -726,7 +731,7 @@ class SessionRecommender:
             top_scores[rows], top_idx[rows] = self._run_graph(
                 [windows[r] for r in rows],
                 [states[r] for r in rows],
-                mask if len(mask) == 1 else mask[rows],
+                mask if len(mask) <= 1 else mask[rows],
                 k_arr,
                 whole,
             )
