@@ -4,6 +4,7 @@ metrics, docs, structured logs and the seqrec-serve console script."""
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import logging
 import os
@@ -202,9 +203,14 @@ def test_malformed_json_and_wrong_method(client: httpx.Client) -> None:
          "the body is not valid JSON: Unterminated string starting at character 13"),
         (b'{"session": ["a\nb"]}', {"content-type": "application/json"}, 400, "json_invalid",
          "the body is not valid JSON: Invalid control character at character 15"),
+        (gzip.compress(b'{"session": ["1001"]}'),
+         {"content-type": "application/json", "content-encoding": "gzip"}, 415,
+         "content_encoding", "Content-Encoding 'gzip', which this service does not decode"),
+        (b'{"session": 5}', {"content-type": "application/json", "content-encoding": "br"}, 415,
+         "content_encoding", "send the JSON body uncompressed"),
     ],
     ids=["no-content-type", "text-plain", "not-utf8", "nested-too-deeply", "huge-integer",
-         "empty", "unterminated-string", "control-character"],
+         "empty", "unterminated-string", "control-character", "gzip", "brotli-invalid-body"],
 )  # fmt: skip
 def test_bodies_that_are_not_json_get_clear_errors(
     client: httpx.Client, content: bytes, headers: dict, status: int, error_type: str, message: str

@@ -9,6 +9,9 @@ The export directory holds everything the torch-free predictor needs:
   - top-k in the graph: ``item_ids``, ``score_mask`` (1 or batch, C) float32 (0 = keep,
     -inf = excluded; built by ``seqrec.filters.mask_scores``) and ``k`` (1,) int64
     -> ``top_scores`` (batch, k) float32 and ``top_idx`` (batch, k) int64, best first;
+    where ``export_meta.json`` has ``empty_score_mask: true`` a (0, C) ``score_mask`` means no
+    filter and skips the mask's pass over the scores
+    (``seqrec.incremental.skip_empty_score_mask``);
 
   in float32, float16 weights or dynamically quantised int8 weights; incremental exports
   (``seqrec.incremental``) add ``model_step.onnx`` and may keep an int8 copy of the item table
@@ -91,7 +94,8 @@ class ExportVariant:
 
     Attributes:
         top_k_in_graph: append ``Add(score_mask)`` + ``TopK(k)`` to the graph instead of returning
-            the full (B, C) scores (the predictor then needs no numpy top-k).
+            the full (B, C) scores (the predictor then needs no numpy top-k); the ``Add`` is
+            skipped for a (0, C) mask (no filter) where the PAD column is never scored.
         precision: ``fp32``; ``fp16`` (float16 weights and compute, float32 inputs/outputs);
             ``int8`` (``onnxruntime.quantization.quantize_dynamic``: int8 weights, activations
             quantised per call); or ``int8_catalog`` (incremental exports only: float32

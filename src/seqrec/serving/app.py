@@ -419,9 +419,24 @@ def create_app(recommender: SessionRecommender, settings: ServeSettings | None =
     )
     state: dict[str, Any] = {"ready": False}
 
+    def encoding_error(request: Request) -> JSONResponse | None:
+        """415 for a compressed (or otherwise encoded) body, which the service does not decode:
+        its bytes would otherwise be reported as invalid UTF-8 or JSON."""
+        encoding = request.headers.get("content-encoding", "").strip()
+        if encoding.lower() in ("", "identity"):
+            return None
+        message = (
+            f"the body is sent with Content-Encoding {encoding!r}, which this service does not "
+            "decode; send the JSON body uncompressed (no Content-Encoding header)"
+        )
+        return _error_response(415, "unsupported media type", "body", message, "content_encoding")
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         if exc.status_code == 400 and request.method == "POST":  # the body could not be decoded
+            encoded = encoding_error(request)
+            if encoded is not None:
+                return encoded
             message = (
                 "the body could not be parsed as JSON text (invalid UTF-8, nested too deeply, "
                 "or an integer of more than 4,300 digits)"
@@ -437,6 +452,9 @@ def create_app(recommender: SessionRecommender, settings: ServeSettings | None =
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        encoded = encoding_error(request)
+        if encoded is not None:
+            return encoded
         content_type = request.headers.get("content-type", "")
         media_type = content_type.split(";")[0].strip().lower()
         if request.method == "POST" and not (
@@ -490,7 +508,7 @@ def create_app(recommender: SessionRecommender, settings: ServeSettings | None =
         responses={
             400: {"description": "the body is not valid UTF-8 JSON text"},
             413: {"description": "the body is larger than the service's max_body_bytes"},
-            415: {"description": "the body is not sent as application/json"},
+            415: {"description": "the body is not sent as uncompressed application/json"},
             422: {"description": "invalid request: the body names the field and why"},
         },
     )
