@@ -198,6 +198,9 @@ def _copy_export(src: Path, dst: Path) -> Path:
 def test_from_dir_errors_name_the_file(exported: TinyExport, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="export directory not found"):
         SessionRecommender.from_dir(tmp_path / "missing")
+    model_file = exported.export_dir / "model.onnx"  # the model file instead of its directory
+    with pytest.raises(FileNotFoundError, match=r"model\.onnx is a file; pass the directory"):
+        SessionRecommender.from_dir(model_file)
 
     no_meta = _copy_export(exported.export_dir, tmp_path / "no_meta")
     (no_meta / "export_meta.json").unlink()
@@ -238,6 +241,27 @@ def test_cli_json(exported: TinyExport, capsys: pytest.CaptureFixture[str]) -> N
     assert (payload["num_known"], payload["num_unknown"]) == (1, 1)
     assert [r["rank"] for r in payload["recommendations"]] == [1, 2, 3]
     assert "1001" not in [r["item_id"] for r in payload["recommendations"]]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--k", "abc"], "argument --k: expected a positive integer, got 'abc'"),
+        (["--k", "0"], "argument --k: must be >= 1, got 0"),
+        (
+            ["--num-threads", "1.5"],
+            "argument --num-threads: expected a positive integer, got '1.5'",
+        ),
+    ],
+)
+def test_cli_bad_numbers_name_the_value(
+    exported: TinyExport, flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main([str(exported.export_dir), "1001", *flags])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "_positive_int" not in err
 
 
 def test_cli_missing_dir_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

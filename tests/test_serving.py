@@ -208,9 +208,12 @@ def test_malformed_json_and_wrong_method(client: httpx.Client) -> None:
          "content_encoding", "Content-Encoding 'gzip', which this service does not decode"),
         (b'{"session": 5}', {"content-type": "application/json", "content-encoding": "br"}, 415,
          "content_encoding", "send the JSON body uncompressed"),
+        (b'{"session": []}', {"content-type": "application/json", "content-encoding": "gzip"},
+         415, "content_encoding", "Content-Encoding 'gzip'"),  # even when it reads as JSON
     ],
     ids=["no-content-type", "text-plain", "not-utf8", "nested-too-deeply", "huge-integer",
-         "empty", "unterminated-string", "control-character", "gzip", "brotli-invalid-body"],
+         "empty", "unterminated-string", "control-character", "gzip", "brotli-invalid-body",
+         "gzip-header-plain-body"],
 )  # fmt: skip
 def test_bodies_that_are_not_json_get_clear_errors(
     client: httpx.Client, content: bytes, headers: dict, status: int, error_type: str, message: str
@@ -432,6 +435,8 @@ def test_console_script_with_two_workers(exported: TinyExport, tmp_path: Path) -
         ({"max_filter_items": -1}, "max_filter_items"),
         ({"num_threads": 0}, "num_threads"),
         ({"max_body_bytes": 13}, "max_body_bytes must be >= 14"),
+        ({"body_timeout_s": 0}, "body_timeout_s must be > 0 seconds, got 0"),
+        ({"body_timeout_s": float("nan")}, "body_timeout_s must be > 0 seconds, got nan"),
     ],
 )
 def test_settings_that_break_every_request_are_refused(kwargs: dict, message: str) -> None:
@@ -446,6 +451,8 @@ def test_settings_that_break_every_request_are_refused(kwargs: dict, message: st
         (["--max-filter-items", "-1"], "max_filter_items must be >= 0"),
         (["--max-k", "0"], "default_k"),  # 5 is allowed: it lowers the default k
         (["--max-body-bytes", "1"], "max_body_bytes must be >= 14"),
+        (["--body-timeout-s", "-1"], "body_timeout_s must be > 0 seconds, got -1"),
+        (["--log-level", "loud"], "argument --log-level: invalid choice: 'LOUD'"),
     ],
 )
 def test_console_script_refuses_bad_limits(
@@ -456,6 +463,7 @@ def test_console_script_refuses_bad_limits(
         [script, str(exported.export_dir), *flags], capture_output=True, text=True, timeout=60
     )
     assert bad.returncode == 2 and message in bad.stderr
+    assert "Traceback" not in bad.stderr
 
 
 def test_smallest_body_limit_serves_the_smallest_request(rec: SessionRecommender) -> None:
@@ -513,3 +521,65 @@ def test_bodies_over_the_size_limit_get_413_without_being_read(rec: SessionRecom
         assert 'path="/recommendations",status="413"} 3.0' in metrics
     with pytest.raises(ValueError, match="max_body_bytes must be >= 1"):
         ServeSettings(max_body_bytes=0)
+
+
+def _raw_exchange(http: httpx.Client, request: bytes, close_after_s: float | None = None) -> bytes:
+    """Send ``request`` bytes on a new connection and read until the server closes it, or close
+    it ourselves after ``close_after_s`` seconds (a client that goes away); returns the reply."""
+    with socket.create_connection((http.base_url.host, http.base_url.port), timeout=10) as raw:
+        raw.sendall(request)
+        if close_after_s is not None:
+            time.sleep(close_after_s)
+            return b""
+        reply = b""
+        while chunk := raw.recv(65536):
+            reply += chunk
+        return reply
+
+
+def _status_count(http: httpx.Client, status: int) -> float:
+    """``seqrec_http_requests_total`` of POST /recommendations with ``status`` (0 if none)."""
+    for line in http.get("/metrics").text.splitlines():
+        if line.startswith("seqrec_http_requests_total{") and (
+            f'status="{status}"' in line and 'path="/recommendations"' in line
+        ):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_bodies_that_never_finish_get_408_and_vanished_clients_count_as_499(
+    rec: SessionRecommender,
+) -> None:
+    """A body shorter than its Content-Length, or a chunked body that stalls, gets 408 after
+    body_timeout_s and a closed connection; a client that disconnects mid-body gets nothing and
+    is counted as 499 (client closed request), not as a server error."""
+    head = b"POST /recommendations HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+    with serving(rec, ServeSettings(body_timeout_s=0.5)) as http:
+        start = time.monotonic()
+        short = _raw_exchange(http, head + b"content-length: 100\r\n\r\n" + b'{"session": [')
+        assert time.monotonic() - start < 8  # answered after about 0.5 s, not held open
+        assert short.startswith(b"HTTP/1.1 408 ") and b"connection: close" in short.lower()
+        error = json.loads(short.split(b"\r\n\r\n", 1)[1])["detail"][0]
+        assert error == {
+            "field": "body",
+            "message": "the request body was not received within 0.5 s (13 bytes of 100 arrived)",
+            "type": "body_timeout",
+        }
+        stalled = _raw_exchange(http, head + b'transfer-encoding: chunked\r\n\r\n5\r\n{"ses\r\n')
+        assert stalled.startswith(b"HTTP/1.1 408 ")
+        assert b"(5 bytes, chunked arrived)" in stalled
+        before = _status_count(http, 499)
+        _raw_exchange(http, head + b'transfer-encoding: chunked\r\n\r\n5\r\n{"ses\r\n', 0.1)
+        _raw_exchange(http, head + b"content-length: 100\r\n\r\n{", 0.1)
+        deadline = time.monotonic() + 10  # the server notices the disconnects on its own time
+        while _status_count(http, 499) < before + 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _status_count(http, 499) == before + 2
+        assert _status_count(http, 500) == 0
+        assert _status_count(http, 408) == 2
+        # a complete body sent slowly but within the timeout is served
+        ok = _raw_exchange(
+            http,
+            head + b"content-length: 14\r\nconnection: close\r\n\r\n" + SMALLEST_REQUEST_BODY,
+        )
+        assert ok.startswith(b"HTTP/1.1 200 ")

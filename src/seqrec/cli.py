@@ -24,7 +24,11 @@ EXIT_USAGE = 2
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    """argparse type: an integer >= 1 (errors name the value, not this function)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
@@ -60,7 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument(
-        "--num-threads", type=_positive_int, default=1, help="onnxruntime intra-op threads"
+        "--num-threads",
+        type=_positive_int,
+        default=1,
+        help="onnxruntime intra-op threads (default 1)",
     )
     return parser
 

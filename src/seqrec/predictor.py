@@ -333,6 +333,11 @@ class SessionRecommender:
         ):
             raise ValueError(f"state_cache_mb must be a finite number >= 0, got {state_cache_mb!r}")
         directory = Path(path)
+        if directory.is_file():
+            raise FileNotFoundError(
+                f"export directory not found: {directory} is a file; pass the directory that "
+                f"holds {MODEL_FILE}, {VOCAB_FILE} and {META_FILE} ({directory.parent})"
+            )
         if not directory.is_dir():
             raise FileNotFoundError(f"export directory not found: {directory}")
         meta_path, vocab_path, model_path = (
@@ -549,7 +554,9 @@ class SessionRecommender:
         """Recommend for many sessions with one onnxruntime call; see :meth:`recommend`.
 
         Returns:
-            One list per session, in input order; identical to calling :meth:`recommend` on each.
+            One list per session, in input order; the items of calling :meth:`recommend` on
+            each, with the same scores up to float32 rounding (a batched matrix product may
+            round its last bits differently, about 1e-6).
 
         Raises:
             ValueError: if k < 1.

@@ -9,6 +9,7 @@ No model logic lives here: everything goes through the predictor, torch is never
 # No `from __future__ import annotations`: FastAPI must see the request model class that
 # create_app builds locally (string annotations would not resolve).
 import argparse
+import asyncio
 import json
 import logging
 import os
@@ -92,6 +93,10 @@ class ServeSettings:
             bound), and the connection is closed. The default holds the largest request the
             other limits allow even with every id character ``\\u``-escaped (two filter lists
             of 10,000 ids of 64 characters and a 200-id session: about 7.9 MB).
+        body_timeout_s: seconds a client has to send a request's whole body; a body still
+            incomplete then (a client that declared more bytes than it sends, or a stalled
+            chunked upload) gets 408 and the connection is closed, so a slow client cannot hold
+            a connection forever (uvicorn itself has no body timeout).
     """
 
     num_threads: int = 1
@@ -102,6 +107,7 @@ class ServeSettings:
     log_requests: bool = True
     state_cache_mb: float = 256.0
     max_body_bytes: int = 8 * 1024 * 1024
+    body_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         """Refuse limits that would break every request (clear ValueError, before startup)."""
@@ -122,6 +128,14 @@ class ServeSettings:
                 f"smallest request, {SMALLEST_REQUEST_BODY.decode()}), got {self.max_body_bytes};"
                 " set --max-body-bytes to at least the largest request body you serve"
             )
+        if not self.body_timeout_s > 0:  # also refuses NaN
+            raise ValueError(f"body_timeout_s must be > 0 seconds, got {self.body_timeout_s}")
+
+
+CLIENT_CLOSED_REQUEST = 499
+"""Status recorded (metrics, request log) for a request whose client went away before an answer
+was sent (nginx's convention): no response is sent, so it is not counted as a server error."""
+_REFUSALS = {408: "request timeout", 413: "payload too large", 415: "unsupported media type"}
 
 
 _UNION_BRANCHES = {"constrained-str", "int", "str"}
@@ -225,7 +239,8 @@ class _MetricsAndLogs:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
-        status = 500
+        status = 500  # when the app raises (the server error middleware answers 500)
+        started = False
         request_id = ""
         for name, value in scope.get("headers", ()):
             if name == b"x-request-id":
@@ -233,9 +248,9 @@ class _MetricsAndLogs:
         request_id = request_id or uuid.uuid4().hex
 
         async def send_wrapper(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
-                status = int(message["status"])
+                status, started = int(message["status"]), True
                 message.setdefault("headers", [])
                 message["headers"] = [
                     *message["headers"],
@@ -248,6 +263,8 @@ class _MetricsAndLogs:
         original["method"] = scope.get("method", "")
         try:
             await self.app(scope, receive, send_wrapper)
+            if not started:  # the client went away before an answer: nobody got a 5xx
+                status = CLIENT_CLOSED_REQUEST
         finally:
             elapsed_s = time.perf_counter() - start
             route = scope.get("route")  # FastAPI's own routes set it
@@ -270,25 +287,35 @@ class _MetricsAndLogs:
 
 
 class _BodyLimit:
-    """Pure ASGI middleware: a request body over ``max_bytes`` gets 413 (the service's JSON error
-    body) without being read whole. A ``Content-Length`` above the bound is refused at once (the
-    server never reads more than the declared length); a body without one (chunked transfer) is
-    read here up to the bound, then handed on to the app or refused."""
+    """Pure ASGI middleware that reads a request's body before the app does, within bounds:
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    * a body over ``max_bytes`` gets 413 without being read whole (a ``Content-Length`` above
+      the bound at once; a chunked body as soon as it passes the bound);
+    * a body not received completely within ``timeout_s`` gets 408;
+    * a body sent with a ``Content-Encoding`` (gzip, br, ...) gets 415, whatever it holds: the
+      service does not decode compressed bodies.
+
+    Refusals carry the service's JSON error body and ``Connection: close`` (the rest of the
+    body is not read, so the connection cannot carry another request). A client that
+    disconnects first gets nothing (the request is counted with status 499). The body read here
+    is replayed to the app.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send, size: str) -> None:
-        """413, and ``Connection: close``: the rest of the body is not read, so the connection
-        cannot carry another request (its next bytes would be taken for one)."""
-        message = f"the request body ({size}) is larger than the limit of {self.max_bytes} bytes"
+    @staticmethod
+    async def _refuse(
+        scope: Scope, receive: Receive, send: Send, status: int, message: str, kind: str
+    ) -> None:
         response = _error_response(
-            413,
-            "payload too large",
+            status,
+            _REFUSALS[status],
             "body",
             message,
-            "body_too_large",
+            kind,
             headers={"connection": "close"},
         )
         await response(scope, receive, send)
@@ -299,25 +326,51 @@ class _BodyLimit:
             return
         headers = dict(scope.get("headers", ()))
         declared = headers.get(b"content-length")
-        if declared is not None:  # uvicorn has already refused a malformed Content-Length
-            if int(declared) > self.max_bytes:
-                await self._refuse(scope, receive, send, f"{int(declared)} bytes")
-                return
-            await self.app(scope, receive, send)
-            return
-        if b"chunked" not in headers.get(b"transfer-encoding", b"").lower():
+        chunked = b"chunked" in headers.get(b"transfer-encoding", b"").lower()
+        if not chunked and declared in (None, b"0"):
             await self.app(scope, receive, send)  # no body
+            return
+        encoding = headers.get(b"content-encoding", b"").decode("latin-1").strip()
+        if encoding.lower() not in ("", "identity"):
+            message = (
+                f"the body is sent with Content-Encoding {encoding!r}, which this service does "
+                "not decode; send the JSON body uncompressed (no Content-Encoding header)"
+            )
+            await self._refuse(scope, receive, send, 415, message, "content_encoding")
+            return
+        # uvicorn has already refused a malformed Content-Length
+        if declared is not None and int(declared) > self.max_bytes:
+            message = (
+                f"the request body ({int(declared)} bytes) is larger than the limit of "
+                f"{self.max_bytes} bytes"
+            )
+            await self._refuse(scope, receive, send, 413, message, "body_too_large")
             return
         chunks: list[bytes] = []
         size = 0
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
         while True:
-            message = await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                expected = f" of {int(declared)}" if declared is not None else ", chunked"
+                text = (
+                    f"the request body was not received within {self.timeout_s:g} s "
+                    f"({size} bytes{expected} arrived)"
+                )
+                await self._refuse(scope, receive, send, 408, text, "body_timeout")
+                return
             if message["type"] != "http.request":  # the client went away
                 return
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self.max_bytes:
-                await self._refuse(scope, receive, send, f"over {self.max_bytes} bytes, chunked")
+                text = (
+                    f"the request body (over {self.max_bytes} bytes, chunked) is larger than "
+                    f"the limit of {self.max_bytes} bytes"
+                )
+                await self._refuse(scope, receive, send, 413, text, "body_too_large")
                 return
             if not message.get("more_body", False):
                 break
@@ -419,24 +472,9 @@ def create_app(recommender: SessionRecommender, settings: ServeSettings | None =
     )
     state: dict[str, Any] = {"ready": False}
 
-    def encoding_error(request: Request) -> JSONResponse | None:
-        """415 for a compressed (or otherwise encoded) body, which the service does not decode:
-        its bytes would otherwise be reported as invalid UTF-8 or JSON."""
-        encoding = request.headers.get("content-encoding", "").strip()
-        if encoding.lower() in ("", "identity"):
-            return None
-        message = (
-            f"the body is sent with Content-Encoding {encoding!r}, which this service does not "
-            "decode; send the JSON body uncompressed (no Content-Encoding header)"
-        )
-        return _error_response(415, "unsupported media type", "body", message, "content_encoding")
-
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         if exc.status_code == 400 and request.method == "POST":  # the body could not be decoded
-            encoded = encoding_error(request)
-            if encoded is not None:
-                return encoded
             message = (
                 "the body could not be parsed as JSON text (invalid UTF-8, nested too deeply, "
                 "or an integer of more than 4,300 digits)"
@@ -452,9 +490,6 @@ def create_app(recommender: SessionRecommender, settings: ServeSettings | None =
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        encoded = encoding_error(request)
-        if encoded is not None:
-            return encoded
         content_type = request.headers.get("content-type", "")
         media_type = content_type.split(";")[0].strip().lower()
         if request.method == "POST" and not (
@@ -507,6 +542,7 @@ def create_app(recommender: SessionRecommender, settings: ServeSettings | None =
         summary="Recommend the next items for a session",
         responses={
             400: {"description": "the body is not valid UTF-8 JSON text"},
+            408: {"description": "the body did not arrive within the service's body timeout"},
             413: {"description": "the body is larger than the service's max_body_bytes"},
             415: {"description": "the body is not sent as uncompressed application/json"},
             422: {"description": "invalid request: the body names the field and why"},
@@ -579,7 +615,9 @@ def create_app(recommender: SessionRecommender, settings: ServeSettings | None =
 
     app.mount("/widget", StaticFiles(directory=STATIC_DIR, html=True), name="widget")
     # inner to outer: the body limit, then metrics and logs (which count its 413s)
-    app.add_middleware(_BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        _BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s
+    )
     app.add_middleware(
         _MetricsAndLogs,
         requests=requests,
@@ -633,6 +671,13 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"{text} (default {default})",
         )
     parser.add_argument(
+        "--body-timeout-s",
+        type=float,
+        default=defaults.body_timeout_s,
+        help="seconds a client has to send a request's whole body; later gets 408 "
+        f"(default {defaults.body_timeout_s:g})",
+    )
+    parser.add_argument(
         "--graph-optimization-level",
         choices=["disable", "basic", "extended", "all"],
         default=None,
@@ -652,7 +697,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="worker processes (default 1); each loads the model and keeps its own state cache",
     )
     parser.add_argument(
-        "--log-level", default="INFO", help="DEBUG | INFO | WARNING | ERROR (default INFO)"
+        "--log-level",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        default="INFO",
+        help="log level (default INFO)",
     )
     parser.add_argument(
         "--no-request-logs", action="store_true", help="no log line per request (load tests)"
@@ -688,6 +737,7 @@ def main(argv: list[str] | None = None) -> int:
             log_requests=not args.no_request_logs,
             state_cache_mb=args.state_cache_mb,
             max_body_bytes=args.max_body_bytes,
+            body_timeout_s=args.body_timeout_s,
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
