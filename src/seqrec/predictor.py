@@ -335,7 +335,7 @@ class SessionRecommender:
         directory = Path(path)
         if directory.is_file():
             raise FileNotFoundError(
-                f"export directory not found: {directory} is a file; pass the directory that "
+                f"not an export directory: {directory} is a file; pass the directory that "
                 f"holds {MODEL_FILE}, {VOCAB_FILE} and {META_FILE} ({directory.parent})"
             )
         if not directory.is_dir():

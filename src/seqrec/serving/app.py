@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -93,10 +94,12 @@ class ServeSettings:
             bound), and the connection is closed. The default holds the largest request the
             other limits allow even with every id character ``\\u``-escaped (two filter lists
             of 10,000 ids of 64 characters and a 200-id session: about 7.9 MB).
-        body_timeout_s: seconds a client has to send a request's whole body; a body still
-            incomplete then (a client that declared more bytes than it sends, or a stalled
-            chunked upload) gets 408 and the connection is closed, so a slow client cannot hold
-            a connection forever (uvicorn itself has no body timeout).
+        body_timeout_s: seconds a client has to send a request's whole body (finite); a body
+            still incomplete then (a client that declared more bytes than it sends, or a stalled
+            chunked upload) gets 408 and the connection is closed (uvicorn itself has no body
+            timeout). Request lines and headers are not covered: a client that sends them
+            slowly still holds its connection, so in production put a proxy with header
+            timeouts in front (as for any uvicorn service).
     """
 
     num_threads: int = 1
@@ -128,13 +131,17 @@ class ServeSettings:
                 f"smallest request, {SMALLEST_REQUEST_BODY.decode()}), got {self.max_body_bytes};"
                 " set --max-body-bytes to at least the largest request body you serve"
             )
-        if not self.body_timeout_s > 0:  # also refuses NaN
-            raise ValueError(f"body_timeout_s must be > 0 seconds, got {self.body_timeout_s}")
+        if not (math.isfinite(self.body_timeout_s) and self.body_timeout_s > 0):
+            raise ValueError(
+                f"body_timeout_s must be a finite number of seconds > 0, got {self.body_timeout_s}"
+            )
 
 
 CLIENT_CLOSED_REQUEST = 499
 """Status recorded (metrics, request log) for a request whose client went away before an answer
-was sent (nginx's convention): no response is sent, so it is not counted as a server error."""
+was sent (nginx's convention): no response is sent, so it is not counted as a server error. The
+service notices this while it reads the body; a client that leaves after sending its whole body
+is recorded with the status of the answer it did not wait for."""
 _REFUSALS = {408: "request timeout", 413: "payload too large", 415: "unsupported media type"}
 
 
@@ -297,7 +304,7 @@ class _BodyLimit:
 
     Refusals carry the service's JSON error body and ``Connection: close`` (the rest of the
     body is not read, so the connection cannot carry another request). A client that
-    disconnects first gets nothing (the request is counted with status 499). The body read here
+    disconnects while its body is read gets nothing (counted with status 499). The body read here
     is replayed to the app.
     """
 
@@ -330,8 +337,10 @@ class _BodyLimit:
         if not chunked and declared in (None, b"0"):
             await self.app(scope, receive, send)  # no body
             return
-        encoding = headers.get(b"content-encoding", b"").decode("latin-1").strip()
-        if encoding.lower() not in ("", "identity"):
+        # every Content-Encoding header counts (a later "identity" does not undo a "gzip")
+        encodings = [v for k, v in scope.get("headers", ()) if k == b"content-encoding"]
+        encoding = b", ".join(encodings).decode("latin-1").strip()
+        if any(v.strip().lower() not in (b"", b"identity") for v in encodings):
             message = (
                 f"the body is sent with Content-Encoding {encoding!r}, which this service does "
                 "not decode; send the JSON body uncompressed (no Content-Encoding header)"
@@ -354,7 +363,7 @@ class _BodyLimit:
                 async with asyncio.timeout_at(deadline):
                     message = await receive()
             except TimeoutError:
-                expected = f" of {int(declared)}" if declared is not None else ", chunked"
+                expected = f" of {int(declared)}" if declared is not None else " of a chunked body"
                 text = (
                     f"the request body was not received within {self.timeout_s:g} s "
                     f"({size} bytes{expected} arrived)"
