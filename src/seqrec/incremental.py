@@ -69,8 +69,8 @@ PRESENT_COPY_KEYS_NAME = "present_copy_keys"
 _INPUT, _MASK, _K = "item_ids", "score_mask", "k"
 _TOP_SCORES, _TOP_IDX = "top_scores", "top_idx"
 CATALOG_NAME = "catalog"
-MS_DOMAIN = "com.microsoft"  # onnxruntime's contrib operators (MatMulIntegerToFloat)
 """Initializer of the (D, C-1) catalog matrix in graphs exported for :func:`quantize_catalog`."""
+MS_DOMAIN = "com.microsoft"  # onnxruntime's contrib operators (MatMulIntegerToFloat)
 INT8_SCORE_ATOL = 0.05
 """Step-versus-prefill score tolerance of int8 catalogs: a hidden state that differs in the last
 float32 bit between the two graphs may round one of its D values to the next int8 step, which
@@ -311,6 +311,17 @@ def int8_columns(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(np.rint(weights / scale), -127, 127).astype(np.int8), scale
 
 
+def _if_branch(name: str, nodes: list[Any], outputs: dict[str, int]) -> Any:
+    """An ``If`` branch: a subgraph named ``name`` of ``nodes`` (each named after its first
+    output) with ``outputs`` (value name -> ONNX element type, shapes left to inference)."""
+    from onnx import helper
+
+    for node in nodes:
+        node.name = node.output[0]
+    values = [helper.make_tensor_value_info(out, kind, None) for out, kind in outputs.items()]
+    return helper.make_graph(nodes, name, [], values)
+
+
 def quantize_catalog(path: Path) -> dict[str, Any]:
     """Rewrite the catalog product of a graph exported with ``catalog_constant`` in int8.
 
@@ -326,7 +337,8 @@ def quantize_catalog(path: Path) -> dict[str, Any]:
     (``com.microsoft``, the same numbers) for batches, chosen by an ``If`` on B: the fused
     operator saves two passes over the (B, C-1) product (measured on a 37k catalog: 2.7 -> 2.0
     ms at batch 64) and is slower for one row (0.29 -> 0.38 ms). Everything else in the graph
-    stays float32. This is post-training dynamic quantisation (Jacob et al., CVPR 2018; ONNX ``MatMulInteger``) of one matrix product.
+    stays float32. This is post-training dynamic quantisation (Jacob et al., CVPR 2018; ONNX
+    ``MatMulInteger``) of one matrix product.
 
     Args:
         path: an ONNX file whose ``MatMul`` reads the (D, C-1) float32 initializer
@@ -373,7 +385,8 @@ def quantize_catalog(path: Path) -> dict[str, Any]:
     )
     # one session (B = 1): MatMulInteger, Cast and the column Mul; batches: onnxruntime's fused
     # MatMulIntegerToFloat (same numbers; measured slower for one row, faster for 64 rows)
-    single = helper.make_graph(
+    single = _if_branch(
+        p + "one_row",
         [
             helper.make_node(
                 "MatMulInteger", [p + "uint8", p + "int8", p + "zero_point"], [p + "int32"]
@@ -381,11 +394,10 @@ def quantize_catalog(path: Path) -> dict[str, Any]:
             helper.make_node("Cast", [p + "int32"], [p + "float"], to=TensorProto.FLOAT),
             helper.make_node("Mul", [p + "float", p + "col_scale"], [p + "col_scaled_1"]),
         ],
-        p + "one_row",
-        [],
-        [helper.make_tensor_value_info(p + "col_scaled_1", TensorProto.FLOAT, None)],
+        {p + "col_scaled_1": TensorProto.FLOAT},
     )
-    batch = helper.make_graph(
+    batch = _if_branch(
+        p + "rows",
         [
             helper.make_node(
                 "MatMulIntegerToFloat",
@@ -394,13 +406,8 @@ def quantize_catalog(path: Path) -> dict[str, Any]:
                 domain=MS_DOMAIN,
             )  # (B, C-1) float32: the int32 product times col_scale
         ],
-        p + "rows",
-        [],
-        [helper.make_tensor_value_info(p + "col_scaled_b", TensorProto.FLOAT, None)],
+        {p + "col_scaled_b": TensorProto.FLOAT},
     )
-    for sub in (single, batch):
-        for n in sub.node:
-            n.name = n.output[0]
     new_nodes = [
         helper.make_node("Abs", [hidden], [p + "abs"]),
         helper.make_node("ReduceMax", [p + "abs", p + "axis"], [p + "max"], keepdims=1),
@@ -469,37 +476,26 @@ def skip_empty_score_mask(path: Path) -> bool:
     top = tops[0]
     scores = add.input[1 - mask_side[0]]  # (B, C-1); the other input is score_mask[:, 1:]
     p = "seqrec_mask_"  # prefix of every name added here
-    attributes = list(top.attribute)
 
-    def branch(name: str, nodes: list[Any], values: str, indices: str) -> Any:
-        for n in nodes:
-            n.name = n.output[0]
-        return helper.make_graph(
-            nodes,
-            p + name,
-            [],
-            [
-                helper.make_tensor_value_info(values, TensorProto.FLOAT, None),
-                helper.make_tensor_value_info(indices, TensorProto.INT64, None),
-            ],
+    def top_k(source: str, branch: str) -> list[Any]:
+        """The TopK of ``source`` as ``top`` computes it, with its outputs named for ``branch``."""
+        node = helper.make_node(
+            "TopK", [source, top.input[1]], [p + "values_" + branch, p + "indices_" + branch]
         )
+        node.attribute.extend(top.attribute)
+        return [node]
 
-    def top_k(source: str, values: str, indices: str) -> Any:
-        node = helper.make_node("TopK", [source, top.input[1]], [values, indices])
-        node.attribute.extend(attributes)
-        return node
+    def outputs(branch: str) -> dict[str, int]:
+        return {
+            p + "values_" + branch: TensorProto.FLOAT,
+            p + "indices_" + branch: TensorProto.INT64,
+        }
 
-    unmasked = branch(
-        "none", [top_k(scores, p + "values_0", p + "indices_0")], p + "values_0", p + "indices_0"
-    )
-    masked = branch(
-        "rows",
-        [
-            helper.make_node("Add", list(add.input), [p + "masked"]),
-            top_k(p + "masked", p + "values_1", p + "indices_1"),
-        ],
-        p + "values_1",
-        p + "indices_1",
+    unmasked = _if_branch(p + "none", top_k(scores, "0"), outputs("0"))
+    masked = _if_branch(
+        p + "rows",
+        [helper.make_node("Add", list(add.input), [p + "masked"]), *top_k(p + "masked", "1")],
+        outputs("1"),
     )
     graph.initializer.append(numpy_helper.from_array(np.array([0], dtype=np.int64), p + "zero"))
     new_nodes = [

@@ -347,12 +347,13 @@ class _BodyLimit:
             )
             await self._refuse(scope, receive, send, 415, message, "content_encoding")
             return
+
+        def too_large(size: str) -> str:
+            return f"the request body ({size}) is larger than the limit of {self.max_bytes} bytes"
+
         # uvicorn has already refused a malformed Content-Length
         if declared is not None and int(declared) > self.max_bytes:
-            message = (
-                f"the request body ({int(declared)} bytes) is larger than the limit of "
-                f"{self.max_bytes} bytes"
-            )
+            message = too_large(f"{int(declared)} bytes")
             await self._refuse(scope, receive, send, 413, message, "body_too_large")
             return
         chunks: list[bytes] = []
@@ -375,10 +376,7 @@ class _BodyLimit:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self.max_bytes:
-                text = (
-                    f"the request body (over {self.max_bytes} bytes, chunked) is larger than "
-                    f"the limit of {self.max_bytes} bytes"
-                )
+                text = too_large(f"over {self.max_bytes} bytes, chunked")
                 await self._refuse(scope, receive, send, 413, text, "body_too_large")
                 return
             if not message.get("more_body", False):
