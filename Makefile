@@ -29,7 +29,8 @@ demo: setup
 	$(PY) scripts/evaluate.py data=$(DATA)
 	$(PY) scripts/export_onnx.py data=$(DATA)
 	$(PY) scripts/show_recommendations.py artifacts/export/$(DATA) data/processed/$(DATA) --num 3 --k 10
-	@echo; cat artifacts/reports/$(DATA)/test_metrics.md
+	@echo; echo "Test metrics again, as a summary (artifacts/reports/$(DATA)/test_metrics.md):"; \
+		cat artifacts/reports/$(DATA)/test_metrics.md
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -222,6 +222,57 @@ def test_from_dir_errors_name_the_file(exported: TinyExport, tmp_path: Path) -> 
         SessionRecommender.from_dir(mismatch, verify_integrity=False)
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("max_len", 0, "max_len is 0, expected an integer >= 1"),
+        ("max_len", "abc", "max_len is 'abc', expected an integer >= 1"),
+        ("max_len", True, "max_len is True, expected an integer >= 1"),
+        ("num_items", 2.5, "num_items is 2.5, expected an integer >= 1"),
+        ("pad_idx", 1, "pad_idx is 1, expected 0"),
+        ("fallback_items", None, "fallback_items is None, expected a list of item ids"),
+        ("fallback_items", [1.5], r"fallback_items is \[1.5\], expected a list of item ids"),
+        ("input_name", 7, "input_name is 7, expected a string"),
+        ("variant", [], r"variant is \[\], expected an object"),
+        ("empty_score_mask", "yes", "empty_score_mask is 'yes', expected true or false"),
+    ],
+)
+def test_from_dir_refuses_metadata_values_it_cannot_use(
+    exported: TinyExport, tmp_path: Path, key: str, value: object, message: str
+) -> None:
+    bad = _copy_export(exported.export_dir, tmp_path / "bad")
+    meta = json.loads((bad / "export_meta.json").read_text())
+    meta[key] = value
+    (bad / "export_meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=rf"export_meta.json: {message}"):
+        SessionRecommender.from_dir(bad)
+
+
+def test_from_dir_refuses_damaged_files_with_a_value_error(
+    exported: TinyExport, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    not_utf8 = _copy_export(exported.export_dir, tmp_path / "not_utf8")
+    (not_utf8 / "export_meta.json").write_bytes(b'{"max_len": "\xff"}')
+    with pytest.raises(ValueError, match=r"export_meta.json: not UTF-8 text"):
+        SessionRecommender.from_dir(not_utf8)
+    # a damaged model whose hash was recorded for it (integrity cannot catch it): onnxruntime's
+    # InvalidProtobuf becomes a ValueError naming the file, and the CLI exits 2 with one line
+    damaged = _copy_export(exported.export_dir, tmp_path / "damaged")
+    model = damaged / "model.onnx"
+    model.write_bytes(model.read_bytes()[:200])
+    meta = json.loads((damaged / "export_meta.json").read_text())
+    meta["sha256"]["model.onnx"] = file_sha256(model)
+    (damaged / "export_meta.json").write_text(json.dumps(meta))
+    with pytest.raises(
+        ValueError, match=r"model\.onnx: onnxruntime .* cannot load this model \(InvalidProtobuf"
+    ) as error:
+        SessionRecommender.from_dir(damaged)
+    assert type(error.value) is ValueError
+    assert cli_main([str(damaged), "1001"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot load this model" in err and "Traceback" not in err
+
+
 def test_cli_prints_ranked_table(exported: TinyExport, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main([str(exported.export_dir), "1001", "1002", "--k", "4"]) == 0
     out = capsys.readouterr().out
@@ -496,6 +547,13 @@ def test_cli_filters(exported: TinyExport, capsys: pytest.CaptureFixture[str]) -
     assert cli_main([*args, "--allow", "1002", "1003", "1004", "--deny", "1003"]) == 0
     payload = json.loads(capsys.readouterr().out)
     assert {r["item_id"] for r in payload["recommendations"]} == {"1002", "1004"}
+    assert payload["num_unknown_filter_items"] == 0
+    # unknown filter ids are counted, not silently dropped (table and JSON)
+    assert cli_main([*args[:-1], "--allow", "9998", "9999"]) == 0
+    assert "2 --allow/--deny item(s) not in the catalog, ignored" in capsys.readouterr().out
+    assert cli_main([*args, "--allow", "9998", "--deny", "1002", "zz"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert (payload["recommendations"], payload["num_unknown_filter_items"]) == ([], 2)
     assert (
         payload["model_version"]
         == json.loads((exported.export_dir / "export_meta.json").read_text())["model_version"]

@@ -67,6 +67,7 @@ def test_recommendations_happy_path(client: httpx.Client, rec: SessionRecommende
     payload = response.json()
     assert payload["model_version"] == rec.model_version == rec.meta["model_version"]
     assert (payload["num_known"], payload["num_unknown"], payload["used_fallback"]) == (2, 0, False)
+    assert payload["num_unknown_filter_items"] == 0
     want = rec.recommend(["1001", "1002"], k=5)
     assert _ids(payload) == [r.item_id for r in want]
     assert [item["score"] for item in payload["items"]] == pytest.approx([r.score for r in want])
@@ -85,6 +86,13 @@ def test_filters_and_fallback(client: httpx.Client) -> None:
         "/recommendations", json={"session": session, "k": 10, "allow_items": allow}
     ).json()
     assert set(_ids(payload)) == {"1003", "1020", "1021"}
+    assert payload["num_unknown_filter_items"] == 1  # "9999" is not in the catalog
+    # an allow-list of only unknown ids leaves nothing, and the reply says why
+    payload = client.post(
+        "/recommendations",
+        json={"session": session, "k": 3, "allow_items": ["9998", "9999"], "deny_items": ["x"]},
+    ).json()
+    assert (payload["items"], payload["num_unknown_filter_items"]) == ([], 3)
 
     payload = client.post("/recommendations", json={"session": ["nope"], "k": 3}).json()
     assert payload["used_fallback"] is True
@@ -199,6 +207,8 @@ def test_malformed_json_and_wrong_method(client: httpx.Client) -> None:
          "body_unreadable", "an integer of more than 4,300 digits"),
         (b"", {"content-type": "application/json"}, 400, "body_missing",
          'the request has no body; send a JSON object such as {"session": []}'),
+        (b"", {}, 400, "body_missing", "the request has no body"),  # a bare POST
+        (b"", {"content-type": "text/plain"}, 415, "content_type", "text/plain"),
         (b'{"session": ["abc', {"content-type": "application/json"}, 400, "json_invalid",
          "the body is not valid JSON: Unterminated string starting at character 13"),
         (b'{"session": ["a\nb"]}', {"content-type": "application/json"}, 400, "json_invalid",
@@ -215,7 +225,7 @@ def test_malformed_json_and_wrong_method(client: httpx.Client) -> None:
          415, "content_encoding", "Content-Encoding 'gzip, identity'"),  # a later one won't undo
     ],
     ids=["no-content-type", "text-plain", "not-utf8", "nested-too-deeply", "huge-integer",
-         "empty", "unterminated-string", "control-character", "gzip", "brotli-invalid-body",
+         "empty", "bare-post", "empty-text-plain", "unterminated-string", "control-character", "gzip", "brotli-invalid-body",
          "gzip-header-plain-body", "gzip-then-identity"],
 )  # fmt: skip
 def test_bodies_that_are_not_json_get_clear_errors(
@@ -287,6 +297,8 @@ def test_metrics_label_docs_and_widget_by_route(client: httpx.Client) -> None:
     assert client.get("/docs").status_code == 200
     assert client.get("/widget/").status_code == 200
     assert client.get("/widget/widget.js").status_code == 200
+    redirect = client.get("/widget", follow_redirects=False)  # the router adds the slash
+    assert (redirect.status_code, redirect.headers["location"].endswith("/widget/")) == (307, True)
     for path in ("/nope-1", "/nope-2"):
         assert client.get(path).status_code == 404
     labels = {
@@ -296,6 +308,7 @@ def test_metrics_label_docs_and_widget_by_route(client: httpx.Client) -> None:
     }
     assert 'method="GET",path="/docs",status="200"' in labels
     assert 'method="GET",path="/widget",status="200"' in labels
+    assert 'method="GET",path="/widget",status="307"' in labels
     unmatched = [label for label in labels if 'path="unmatched"' in label]
     assert unmatched == ['method="GET",path="unmatched",status="404"']
 
@@ -461,7 +474,7 @@ def test_settings_that_break_every_request_are_refused(kwargs: dict, message: st
         (["--max-k", "0"], "default_k"),  # 5 is allowed: it lowers the default k
         (["--max-body-bytes", "1"], "max_body_bytes must be >= 14"),
         (["--body-timeout-s", "-1"], "body_timeout_s must be a finite number of seconds > 0"),
-        (["--log-level", "loud"], "argument --log-level: invalid choice: 'LOUD'"),
+        (["--log-level", "loud"], "argument --log-level: invalid choice: 'loud' (choose from"),
     ],
 )
 def test_console_script_refuses_bad_limits(

@@ -75,7 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _format_table(recs: Sequence[Recommendation], info: RecommendInfo) -> str:
     lines = [
         f"session: {info.num_known} known, {info.num_unknown} unknown item(s)"
-        + ("; no known item, popularity fallback" if info.used_fallback else ""),
+        + ("; no known item, popularity fallback" if info.used_fallback else "")
+        + (
+            f"; {info.num_unknown_filter_items} --allow/--deny item(s) not in the catalog, ignored"
+            if info.num_unknown_filter_items
+            else ""
+        ),
         f"{'rank':>4}  {'item_id':<20} {'score':>10}",
     ]
     for rank, rec in enumerate(recs, start=1):
@@ -90,6 +95,7 @@ def _format_json(recs: Sequence[Recommendation], info: RecommendInfo, model_vers
             "num_known": info.num_known,
             "num_unknown": info.num_unknown,
             "used_fallback": info.used_fallback,
+            "num_unknown_filter_items": info.num_unknown_filter_items,
             "model_version": model_version,
             "recommendations": [
                 {"rank": rank, "item_id": rec.item_id, "score": rec.score, "source": rec.source}

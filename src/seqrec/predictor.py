@@ -33,7 +33,7 @@ from collections.abc import Callable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, NoReturn
 
 import numpy as np
 import onnxruntime as ort
@@ -94,20 +94,123 @@ class RecommendInfo:
             ``max_len``).
         num_unknown: session items not in the catalog (skipped).
         used_fallback: True when no item was known and the popularity fallback was returned.
+        num_unknown_filter_items: entries of ``allow_items`` and ``deny_items`` not in the
+            catalog (ignored: an allow-list of only such items leaves nothing to recommend).
     """
 
     num_known: int
     num_unknown: int
     used_fallback: bool
+    num_unknown_filter_items: int = 0
 
 
 def _read_json(path: Path) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"missing export file: {path}")
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text ({exc})") from exc
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+
+
+def _check_meta(meta: Any, path: Path) -> None:
+    """Refuse an ``export_meta.json`` whose values the predictor cannot use, naming the key, the
+    value and the type wanted (rather than failing later inside numpy or onnxruntime).
+
+    Raises:
+        ValueError: not a JSON object; a required key missing; a value of the wrong type or out
+            of range (``pad_idx`` not 0, ``max_len`` / ``num_items`` not an integer >= 1, ...).
+    """
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    missing = [key for key in _REQUIRED_META_KEYS if key not in meta]
+    if missing:
+        raise ValueError(f"{path}: missing keys {missing}")
+
+    def refuse(key: str, want: str) -> NoReturn:
+        raise ValueError(f"{path}: {key} is {meta.get(key)!r:.80}, expected {want}")
+
+    def is_int(value: Any, minimum: int) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+    def is_str_list(value: Any) -> bool:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+    if meta["pad_idx"] != PAD_IDX or isinstance(meta["pad_idx"], bool):
+        refuse("pad_idx", str(PAD_IDX))
+    for key in ("max_len", "num_items"):
+        if not is_int(meta[key], 1):
+            refuse(key, "an integer >= 1")
+    for key in ("input_name", "output_name"):
+        if not isinstance(meta[key], str):
+            refuse(key, "a string")
+    for key in ("input_names", "output_names"):
+        if key in meta and not is_str_list(meta[key]):
+            refuse(key, "a list of strings")
+    if not isinstance(meta["fallback_items"], list) or not all(
+        isinstance(i, str | int) and not isinstance(i, bool) for i in meta["fallback_items"]
+    ):
+        refuse("fallback_items", "a list of item ids")
+    if not isinstance(meta.get("variant", {}), dict):
+        refuse("variant", "an object")
+    if not isinstance(meta.get("sha256", {}), dict):
+        refuse("sha256", "an object of file name -> hex digest")
+    if not isinstance(meta.get("empty_score_mask", False), bool):
+        refuse("empty_score_mask", "true or false")
+    incremental = meta.get("incremental")
+    if incremental:
+        if not isinstance(incremental, dict):
+            refuse("incremental", "an object")
+        if not isinstance(incremental.get("step_file"), str) or not is_str_list(
+            incremental.get("step_input_names")
+        ):
+            refuse("incremental", "an object with step_file and step_input_names")
+        for key in ("n_layers", "d_model"):
+            if not is_int(meta.get(key), 1):
+                refuse(key, "an integer >= 1 (an incremental export)")
+        if "output_names" not in meta:
+            refuse("output_names", "a list of strings (an incremental export)")
+
+
+_ORT_ERRORS: tuple[type[Exception], ...] = tuple(
+    error
+    for name in (
+        "Fail",
+        "InvalidArgument",
+        "NoSuchFile",
+        "NoModel",
+        "EngineError",
+        "RuntimeException",
+        "InvalidProtobuf",
+        "ModelLoaded",
+        "NotImplemented",
+        "InvalidGraph",
+        "EPFail",
+    )
+    if isinstance(error := getattr(ort.capi.onnxruntime_pybind11_state, name, None), type)
+)
+"""onnxruntime's own exception classes (they derive from Exception only)."""
+
+
+def _load_graph(path: Path, options: ort.SessionOptions) -> ort.InferenceSession:
+    """An onnxruntime CPU session of the ONNX file ``path``.
+
+    Raises:
+        ValueError: onnxruntime cannot load the file (damaged, truncated, not ONNX, or an
+            operator this onnxruntime lacks); the message names the file and onnxruntime's
+            error.
+    """
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except _ORT_ERRORS as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(
+            f"{path}: onnxruntime {ort.__version__} cannot load this model "
+            f"({type(exc).__name__}: {reason[:300]}); the file is damaged or not an ONNX model "
+            "from seqrec's export: copy the export directory again or re-export"
+        ) from exc
 
 
 def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
@@ -317,9 +420,11 @@ class SessionRecommender:
             FileNotFoundError: the directory or one of the three files is missing.
             ArtifactIntegrityError: (a ValueError) the model or vocabulary file is not the one
                 the metadata was written for.
-            ValueError: a file is malformed: missing keys, PAD index not 0, vocab size differs
-                from ``num_items`` in the metadata, fallback items outside the vocab, or graph
-                input/output names that do not match the metadata; bad thread count or level;
+            ValueError: a file is malformed: not UTF-8 JSON, missing keys, metadata values of
+                the wrong type or range (see ``_check_meta``), PAD index not 0, vocab size
+                differs from ``num_items`` in the metadata, fallback items outside the vocab, a
+                graph onnxruntime cannot load (damaged file), or graph input/output names that do
+                not match the metadata; bad thread count or level;
                 ``state_cache_mb`` not a finite number >= 0 or too small for one item's state.
         """
         if isinstance(num_threads, bool) or not isinstance(num_threads, int | np.integer):
@@ -346,13 +451,7 @@ class SessionRecommender:
             directory / MODEL_FILE,
         )
         meta = _read_json(meta_path)
-        if not isinstance(meta, dict):
-            raise ValueError(f"{meta_path}: expected a JSON object")
-        missing = [key for key in _REQUIRED_META_KEYS if key not in meta]
-        if missing:
-            raise ValueError(f"{meta_path}: missing keys {missing}")
-        if meta["pad_idx"] != PAD_IDX:
-            raise ValueError(f"{meta_path}: pad_idx is {meta['pad_idx']}, expected {PAD_IDX}")
+        _check_meta(meta, meta_path)
         if not model_path.is_file():
             raise FileNotFoundError(f"missing export file: {model_path}")
         if not vocab_path.is_file():
@@ -388,7 +487,7 @@ class SessionRecommender:
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = _graph_optimization_level(level)
-        session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        session = _load_graph(model_path, options)
         inputs = [i.name for i in session.get_inputs()]
         outputs = [o.name for o in session.get_outputs()]
         want_inputs = list(meta.get("input_names", [meta["input_name"]]))
@@ -413,9 +512,7 @@ class SessionRecommender:
             step_path = directory / str(incremental.get("step_file", ""))
             if not step_path.is_file():
                 raise FileNotFoundError(f"missing export file: {step_path}")
-            step_session = ort.InferenceSession(
-                str(step_path), options, providers=["CPUExecutionProvider"]
-            )
+            step_session = _load_graph(step_path, options)
             step_inputs = [i.name for i in step_session.get_inputs()]
             if step_inputs != list(incremental.get("step_input_names", [])):
                 raise ValueError(
@@ -605,6 +702,11 @@ class SessionRecommender:
         sessions = list(sessions)  # read once, even from a generator
         allow_items, deny_items = _filter_list(allow_items), _filter_list(deny_items)
         allow_idxs, deny_idxs = self._idxs(allow_items), self._idxs(deny_items)
+        unknown_filter_items = sum(
+            len(items) - len(idxs)
+            for items, idxs in ((allow_items, allow_idxs), (deny_items, deny_idxs))
+            if items is not None and idxs is not None
+        )
         encoded: list[list[int]] = []
         infos: list[RecommendInfo] = []
         index_get = self._index.get
@@ -633,6 +735,7 @@ class SessionRecommender:
                     num_known=len(known),
                     num_unknown=len(idxs) - len(known),
                     used_fallback=not known,
+                    num_unknown_filter_items=unknown_filter_items,
                 )
             )
 

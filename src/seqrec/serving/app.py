@@ -172,6 +172,10 @@ class RecommendationResponse(BaseModel):
     num_known: int = Field(description="session items found in the catalog")
     num_unknown: int = Field(description="session items not in the catalog (skipped)")
     used_fallback: bool = Field(description="no known item: popularity fallback returned")
+    num_unknown_filter_items: int = Field(
+        description="allow_items / deny_items entries not in the catalog (ignored; an allow-list "
+        "of only such items leaves no items)"
+    )
 
 
 def _request_model(settings: ServeSettings) -> type[BaseModel]:
@@ -234,11 +238,15 @@ class _MetricsAndLogs:
 
     def _route_label(self, scope: Scope) -> str:
         """The path template of the route ``scope`` matches (e.g. ``/docs``, ``/widget`` for
-        the static files), or ``unmatched`` (404s: one label, however many paths are tried)."""
-        for route in self.routes:
-            match, _ = route.matches(scope)
-            if match == Match.FULL:
-                return str(getattr(route, "path", "unmatched"))
+        the static files), or ``unmatched`` (404s: one label, however many paths are tried).
+        A path that matches only with a trailing slash added (``/widget``, which the router
+        redirects to ``/widget/`` with 307) gets that route's label."""
+        path = scope.get("path", "")
+        for candidate in (scope, {**scope, "path": path + "/"} if path else None):
+            for route in self.routes if candidate else ():
+                match, _ = route.matches(candidate)
+                if match == Match.FULL:
+                    return str(getattr(route, "path", "unmatched"))
         return "unmatched"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -499,6 +507,13 @@ def create_app(recommender: SessionRecommender, settings: ServeSettings | None =
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         content_type = request.headers.get("content-type", "")
         media_type = content_type.split(";")[0].strip().lower()
+        no_body = any(
+            err.get("type") == "missing" and tuple(err.get("loc", ())) == ("body",)
+            for err in exc.errors()
+        )
+        if no_body and not content_type:  # a bare POST: say what is missing first
+            message = 'the request has no body; send a JSON object such as {"session": []}'
+            return _error_response(400, "invalid request", "body", message, "body_missing")
         if request.method == "POST" and not (
             media_type == "application/json" or media_type.endswith("+json")
         ):
@@ -516,9 +531,9 @@ def create_app(recommender: SessionRecommender, settings: ServeSettings | None =
                 where = f" at character {loc[1]}" if len(loc) > 1 else ""
                 message = f"the body is not valid JSON: {reason}{where}"
                 return _error_response(400, "invalid request", "body", message, "json_invalid")
-            if err.get("type") == "missing" and tuple(err.get("loc", ())) == ("body",):
-                message = 'the request has no body; send a JSON object such as {"session": []}'
-                return _error_response(400, "invalid request", "body", message, "body_missing")
+        if no_body:
+            message = 'the request has no body; send a JSON object such as {"session": []}'
+            return _error_response(400, "invalid request", "body", message, "body_missing")
         errors: dict[str, dict[str, str]] = {}
         for err in exc.errors():
             loc = [str(part) for part in err.get("loc", ())]
@@ -574,6 +589,7 @@ def create_app(recommender: SessionRecommender, settings: ServeSettings | None =
             "num_known": info.num_known,
             "num_unknown": info.num_unknown,
             "used_fallback": info.used_fallback,
+            "num_unknown_filter_items": info.num_unknown_filter_items,
         }
         # Serialised here (the shape is RecommendationResponse, which documents it): FastAPI's
         # response-model validation would cost about as much as the top-k.
@@ -645,6 +661,23 @@ def create_app(recommender: SessionRecommender, settings: ServeSettings | None =
     return app
 
 
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _log_level(value: str) -> str:
+    """``--log-level`` in any case, as the upper-case name ``logging`` takes.
+
+    Raises:
+        argparse.ArgumentTypeError: not one of :data:`_LOG_LEVELS` (the message echoes the
+            value as typed).
+    """
+    if value.upper() not in _LOG_LEVELS:
+        raise argparse.ArgumentTypeError(
+            f"invalid choice: {value!r} (choose from {', '.join(_LOG_LEVELS)}, any case)"
+        )
+    return value.upper()
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of :func:`main`."""
     defaults = ServeSettings()
@@ -705,10 +738,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--log-level",
-        type=str.upper,
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        type=_log_level,
         default="INFO",
-        help="log level (default INFO)",
+        metavar="{DEBUG,INFO,WARNING,ERROR}",
+        help="log level, any case (default INFO)",
     )
     parser.add_argument(
         "--no-request-logs", action="store_true", help="no log line per request (load tests)"
