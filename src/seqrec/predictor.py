@@ -908,9 +908,11 @@ class SessionRecommender:
         scores of a top-k (best first), with one array lookup for all raw ids; items scored
         -inf (excluded by the score mask, when fewer than k were left) are left out."""
         item_ids = self._item_id_array[top_idx - (PAD_IDX + 1)].tolist()  # (B, K) str
-        model = itertools.repeat("model")
+        # tuple.__new__ builds each named tuple from C (what Recommendation._make does), about
+        # half the cost of calling the class: 1,280 of them per batch of 64 at k = 20
+        new, cls, model = tuple.__new__, itertools.repeat(Recommendation), itertools.repeat("model")
         rows = [
-            list(map(Recommendation, id_row, score_row, model))
+            list(map(new, cls, zip(id_row, score_row, model)))
             for id_row, score_row in zip(item_ids, top_scores.tolist(), strict=True)
         ]
         # rows are sorted best first: a row holds -inf exactly when its last score is -inf
