@@ -4,6 +4,7 @@ them give exactly the rankings of the whole-session model."""
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -677,8 +678,9 @@ def _branch_ops(proto, name_prefix: str = "seqrec_catalog_") -> dict[str, list[s
 
 
 def test_quantize_catalog_computes_the_int8_formula(tmp_path: Path) -> None:
-    """scores = (round(h / s) @ Wq) * s * col_scale with s = max|h| / 127 per row and Wq =
-    round(W / col_scale), col_scale = max|W[:, j]| / 127, written out in numpy."""
+    """scores = (round(h / s) @ Wq) * s * col_scale with s = max|h| / 63 per row (7-bit
+    activations) and Wq = round(W / col_scale), col_scale = max|W[:, j]| / 127, written out in
+    numpy."""
     import onnx
     import onnxruntime as ort
 
@@ -709,7 +711,7 @@ def test_quantize_catalog_computes_the_int8_formula(tmp_path: Path) -> None:
     hidden[3] *= 1e-3  # a small row keeps its own scale
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (got,) = session.run(None, {"hidden": hidden})
-    row_scale = np.maximum(np.abs(hidden).max(axis=1, keepdims=True), 1e-30) / 127.0
+    row_scale = np.maximum(np.abs(hidden).max(axis=1, keepdims=True), 1e-30) / 63.0
     want = (np.rint(hidden / row_scale) @ quantized) * row_scale * col_scale
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-9)
     assert (got[2] == 0).all() and (got[:, 7] == 0).all()
@@ -718,6 +720,37 @@ def test_quantize_catalog_computes_the_int8_formula(tmp_path: Path) -> None:
         np.testing.assert_allclose(alone[0], got[row], rtol=1e-6, atol=0)
     exact = hidden @ weights  # and it is close to the float32 product
     assert np.abs(got - exact).max() <= 0.02 * np.abs(exact).max()
+
+
+def test_quantize_catalog_is_exact_where_int16_pair_sums_would_saturate(tmp_path: Path) -> None:
+    """Regression: with 8-bit activations (uint8 up to 255) x86 kernels without VNNI (AVX2's
+    vpmaddubsw) add two u8 x s8 products in a saturating int16 (255 * 127 * 2 > 32,767), and an
+    AMD EPYC AVX2 machine returned wrong scores for 6.8% of a random product. Rows and columns
+    at full scale with equal signs make every pair sum as large as it can be: the graph must
+    still give the integer product exactly (on every CPU; 7-bit activations cap a pair at
+    2 * 127 * 127 = 32,258)."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(3)
+    dim, cols = 64, 40
+    weights = np.where(rng.random((dim, cols)) < 0.5, -1.0, 1.0).astype(np.float32)
+    weights[:, : cols // 2] = 1.0  # columns of +1: every product positive, pair sums largest
+    path = tmp_path / "catalog.onnx"
+    _catalog_graph(path, weights)
+    quantize_catalog(path)  # col_scale = 1 / 127: Wq = +-127
+    hidden = np.ones((3, dim), dtype=np.float32)  # quantised to the largest level of each row
+    hidden[1] = -1.0
+    hidden[2, ::2] = 0.5  # levels 32 and 63
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    row_scale = np.abs(hidden).max(axis=1, keepdims=True) / 63.0
+    levels = np.rint(hidden / row_scale)  # (3, 64) in [-63, 63]
+    want = (levels @ np.rint(weights * 127.0)) * row_scale / 127.0  # the int8 formula, exactly
+    assert want[0, 0] == pytest.approx(64.0)  # and what it means: 64 products of 1 x 1
+    (batch,) = session.run(None, {"hidden": hidden})
+    np.testing.assert_allclose(batch, want, rtol=1e-6, atol=1e-6)
+    for row in range(len(hidden)):  # the one-row branch (MatMulInteger) as well
+        (alone,) = session.run(None, {"hidden": hidden[row : row + 1]})
+        np.testing.assert_allclose(alone[0], want[row], rtol=1e-6, atol=1e-6)
 
 
 def test_quantize_catalog_needs_the_catalog_initializer(tmp_path: Path) -> None:
@@ -763,10 +796,32 @@ def test_int8_catalog_export_is_validated_and_recorded(int8_export) -> None:
     assert int8["validation"]["max_abs_diff"] <= int8["validation"]["score_atol"]
     assert meta["quality"]["top_k_overlap_mean"] >= 0.9
     assert meta["empty_score_mask"] is True
+    assert meta["int8_saturation_safe"] is True  # 7-bit hidden states (quantize_catalog)
     for name in ("model.onnx", STEP_FILE):
         proto = onnx.load(str(out / name))
         assert _branch_ops(proto)["else_branch"] == ["MatMulIntegerToFloat"], name
         assert CATALOG_NAME not in {t.name for t in proto.graph.initializer}, name
+
+
+def test_predictor_warns_about_int8_exports_from_before_the_7_bit_fix(
+    int8_export, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An int8 export without ``int8_saturation_safe`` rounds hidden states to 8 bits, which
+    x86 CPUs without VNNI multiply wrongly: it still loads (the hashes do not cover the
+    metadata), with a warning that says to re-export; a current export loads silently."""
+    _, out = int8_export
+    with caplog.at_level(logging.WARNING, logger="seqrec.predictor"):
+        SessionRecommender.from_dir(out)
+    assert "Re-export" not in caplog.text
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    meta = json.loads((old / "export_meta.json").read_text())
+    del meta["int8_saturation_safe"]
+    (old / "export_meta.json").write_text(json.dumps(meta))
+    with caplog.at_level(logging.WARNING, logger="seqrec.predictor"):
+        assert SessionRecommender.from_dir(old).recommend(["1001"], k=3)
+    assert "int8_catalog export was made before seqrec kept one side" in caplog.text
+    assert "without VNNI" in caplog.text and "Re-export the model" in caplog.text
 
 
 def test_int8_catalog_predictor_ranks_like_the_model(int8_export) -> None:

@@ -5,6 +5,14 @@ from typing import Final
 PAD_IDX: Final[int] = 0
 """Item index reserved for left padding; never a real item, never recommended."""
 
+INT8_PRECISIONS: Final[tuple[str, ...]] = ("int8", "int8_catalog")
+"""Export precisions whose graphs multiply 8-bit integers (``seqrec.export.ExportVariant``)."""
+INT8_SATURATION_SAFE: Final[str] = "int8_saturation_safe"
+"""``export_meta.json`` key, true in int8 exports whose integer products no CPU kernel saturates:
+x86 kernels without VNNI (AVX2's ``vpmaddubsw``) add two u8 x s8 products in a saturating int16,
+so seqrec keeps one side at 7 bits (``int8_catalog``: the hidden states; ``int8``: the weights,
+``reduce_range``). Int8 exports without the key were made before and may score wrongly there."""
+
 # Canonical event / session frame columns.
 VISITOR_ID: Final[str] = "visitor_id"
 """Raw visitor id (str); sessions are cut per visitor."""

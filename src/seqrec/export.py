@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from seqrec.constants import PAD_IDX
+from seqrec.constants import INT8_PRECISIONS, INT8_SATURATION_SAFE, PAD_IDX
 from seqrec.data.vocab import ItemVocab
 from seqrec.incremental import STEP_FILE, export_incremental, skip_empty_score_mask
 from seqrec.models.sasrec import SASRec
@@ -97,8 +97,8 @@ class ExportVariant:
             the full (B, C) scores (the predictor then needs no numpy top-k); the ``Add`` is
             skipped for a (0, C) mask (no filter) where the PAD column is never scored.
         precision: ``fp32``; ``fp16`` (float16 weights and compute, float32 inputs/outputs);
-            ``int8`` (``onnxruntime.quantization.quantize_dynamic``: int8 weights, activations
-            quantised per call); or ``int8_catalog`` (incremental exports only: float32
+            ``int8`` (``onnxruntime.quantization.quantize_dynamic``: int8 weights in 7 bits,
+            ``reduce_range``, activations quantised per call); or ``int8_catalog`` (incremental exports only: float32
             everywhere but the product of the hidden state with the item table, which reads an
             int8 copy of the table with one scale per item,
             :func:`seqrec.incremental.quantize_catalog`).
@@ -533,6 +533,10 @@ def export_onnx(
         }
         if fallback_reason is not None:
             meta["exporter_fallback_reason"] = fallback_reason
+        if variant.precision in INT8_PRECISIONS:
+            # integer inputs every CPU kernel multiplies exactly (7-bit activations or weights);
+            # the predictor warns about int8 exports made before (see INT8_SATURATION_SAFE)
+            meta[INT8_SATURATION_SAFE] = True
         if incremental:
             meta["incremental"] = incremental
         clashes = sorted(set(meta) & set(extra_meta or {}))
@@ -595,7 +599,12 @@ def _convert_precision(src: Path, dst: Path, precision: str) -> None:
     elif precision == "int8":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=False)
+        # reduce_range: 7-bit weights, so that x86 kernels without VNNI (AVX2's saturating
+        # int16 pair sums of u8 x s8 products) compute the product exactly; onnxruntime's own
+        # advice for such CPUs (see seqrec.incremental.quantize_catalog for what 8 bits did)
+        quantize_dynamic(
+            src, dst, weight_type=QuantType.QInt8, per_channel=False, reduce_range=True
+        )
     else:  # pragma: no cover - ExportVariant validates the name
         raise ValueError(f"unknown precision {precision!r}")
 

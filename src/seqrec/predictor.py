@@ -38,7 +38,7 @@ from typing import Any, Literal, NamedTuple, NoReturn
 import numpy as np
 import onnxruntime as ort
 
-from seqrec.constants import PAD_IDX
+from seqrec.constants import INT8_PRECISIONS, INT8_SATURATION_SAFE, PAD_IDX
 from seqrec.filters import mask_scores, set_excluded
 from seqrec.kv_cache import (
     SessionState,
@@ -479,6 +479,16 @@ class SessionRecommender:
                 f"{meta_path}: fallback_items not in the vocab: {unknown_fallback[:5]}"
             )
 
+        precision = meta.get("variant", {}).get("precision", "fp32")
+        if precision in INT8_PRECISIONS and meta.get(INT8_SATURATION_SAFE) is not True:
+            logger.warning(
+                "%s: this %s export was made before seqrec kept one side of its integer "
+                "products at 7 bits; on x86 CPUs without VNNI (AVX2 only, e.g. many AMD EPYC and "
+                "older Intel Xeon) onnxruntime's kernel can saturate and return wrong scores. "
+                "Re-export the model with this version.",
+                meta_path,
+                precision,
+            )
         level = graph_optimization_level or meta.get("variant", {}).get(
             "graph_optimization_level", "all"
         )
@@ -912,7 +922,7 @@ class SessionRecommender:
         # half the cost of calling the class: 1,280 of them per batch of 64 at k = 20
         new, cls, model = tuple.__new__, itertools.repeat(Recommendation), itertools.repeat("model")
         rows = [
-            list(map(new, cls, zip(id_row, score_row, model)))
+            list(map(new, cls, zip(id_row, score_row, model, strict=False)))  # model: endless
             for id_row, score_row in zip(item_ids, top_scores.tolist(), strict=True)
         ]
         # rows are sorted best first: a row holds -inf exactly when its last score is -inf
