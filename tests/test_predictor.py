@@ -235,6 +235,8 @@ def test_from_dir_errors_name_the_file(exported: TinyExport, tmp_path: Path) -> 
         ("input_name", 7, "input_name is 7, expected a string"),
         ("variant", [], r"variant is \[\], expected an object"),
         ("empty_score_mask", "yes", "empty_score_mask is 'yes', expected true or false"),
+        ("format_version", "2", "format_version is '2', expected an integer >= 1"),
+        ("incremental", "yes", "incremental is 'yes', expected an object"),
     ],
 )
 def test_from_dir_refuses_metadata_values_it_cannot_use(

@@ -143,6 +143,8 @@ def _check_meta(meta: Any, path: Path) -> None:
     for key in ("max_len", "num_items"):
         if not is_int(meta[key], 1):
             refuse(key, "an integer >= 1")
+    if "format_version" in meta and not is_int(meta["format_version"], 1):
+        refuse("format_version", "an integer >= 1")
     for key in ("input_name", "output_name"):
         if not isinstance(meta[key], str):
             refuse(key, "a string")
