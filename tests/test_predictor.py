@@ -250,6 +250,66 @@ def test_from_dir_refuses_metadata_values_it_cannot_use(
         SessionRecommender.from_dir(bad)
 
 
+def test_from_dir_checks_that_the_metadata_fits_its_graphs(
+    exported: TinyExport, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Metadata that passes the type checks but does not fit the graph fails at load with a
+    ValueError (CLI: exit 2), not later as an onnxruntime error (HTTP 500): a max_len above the
+    model's context (its position table has MAX_LEN rows), a variant naming other inputs (a
+    top-k graph for this plain export)."""
+
+    def damaged(name: str, **changes: object) -> Path:
+        directory = _copy_export(exported.export_dir, tmp_path / name)
+        meta = json.loads((directory / "export_meta.json").read_text())
+        meta.update(changes)
+        (directory / "export_meta.json").write_text(json.dumps(meta))
+        return directory
+
+    too_long = damaged("too_long", max_len=MAX_LEN * 3)
+    with pytest.raises(
+        ValueError, match=r"does not fit its graphs: scoring a session of max_len=36"
+    ):
+        SessionRecommender.from_dir(too_long)
+    assert cli_main([str(too_long), "1001"]) == 2
+    assert "does not fit its graphs" in capsys.readouterr().err
+    meta = json.loads((exported.export_dir / "export_meta.json").read_text())
+    other_inputs = damaged("other_inputs", variant={**meta["variant"], "top_k_in_graph": True})
+    with pytest.raises(ValueError, match=r"does not fit its graphs: .*Invalid input name: k"):
+        SessionRecommender.from_dir(other_inputs)
+    deep = _copy_export(exported.export_dir, tmp_path / "deep")
+    (deep / "export_meta.json").write_bytes(b"[" * 100_000 + b"]" * 100_000)
+    with pytest.raises(ValueError, match=r"export_meta.json: not valid JSON \(nested too deeply"):
+        SessionRecommender.from_dir(deep)
+    for step_file in ("/etc/passwd", "../model.onnx", ".."):
+        escaped = damaged(
+            "escaped" + str(len(step_file)),
+            incremental={"step_file": step_file, "step_input_names": []},
+        )
+        with pytest.raises(ValueError, match=r"incremental.step_file is .*expected a file name"):
+            SessionRecommender.from_dir(escaped)
+    level = damaged("level", variant={**meta["variant"], "graph_optimization_level": "turbo"})
+    with pytest.raises(ValueError, match=r"export_meta.json: variant.graph_optimization_level"):
+        SessionRecommender.from_dir(level)
+    with pytest.raises(ValueError, match=r"num_threads=1000000 is more than"):
+        SessionRecommender.from_dir(exported.export_dir, num_threads=1_000_000)
+
+
+def test_cli_output_into_a_closed_pipe_is_not_an_error(exported: TinyExport) -> None:
+    """``seqrec-recommend ... | head -1``: the reader leaves early; no BrokenPipeError
+    traceback (the pipe is closed here before the CLI has loaded the model and printed)."""
+    script = Path(sys.executable).parent / "seqrec-recommend"
+    proc = subprocess.Popen(
+        [str(script), str(exported.export_dir), "1001", "--k", "5"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0, err
+    assert "Traceback" not in err and "BrokenPipe" not in err
+
+
 def test_from_dir_refuses_damaged_files_with_a_value_error(
     exported: TinyExport, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -127,10 +128,14 @@ def main(argv: list[str] | None = None) -> int:
         allow_items=args.allow,
         deny_items=args.deny,
     )
-    if args.json:
-        print(_format_json(recs, info, recommender.model_version))
-    else:
-        print(_format_table(recs, info))
+    try:
+        if args.json:
+            print(_format_json(recs, info, recommender.model_version))
+        else:
+            print(_format_table(recs, info))
+        sys.stdout.flush()
+    except BrokenPipeError:  # e.g. piped into `head`: the reader left, nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return EXIT_OK
 
 

@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import numbers
+import os
 from collections.abc import Callable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
@@ -113,6 +114,8 @@ def _read_json(path: Path) -> Any:
         raise ValueError(f"{path}: not UTF-8 text ({exc})") from exc
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+    except RecursionError as exc:
+        raise ValueError(f"{path}: not valid JSON (nested too deeply)") from exc
 
 
 def _check_meta(meta: Any, path: Path) -> None:
@@ -169,6 +172,12 @@ def _check_meta(meta: Any, path: Path) -> None:
             incremental.get("step_input_names")
         ):
             refuse("incremental", "an object with step_file and step_input_names")
+        step_file = incremental["step_file"]
+        if not step_file or Path(step_file).name != step_file or step_file in (".", ".."):
+            raise ValueError(
+                f"{path}: incremental.step_file is {step_file!r}, expected a file name in the "
+                "export directory (no path)"
+            )
         for key in ("n_layers", "d_model"):
             if not is_int(meta.get(key), 1):
                 refuse(key, "an integer >= 1 (an incremental export)")
@@ -425,14 +434,22 @@ class SessionRecommender:
             ValueError: a file is malformed: not UTF-8 JSON, missing keys, metadata values of
                 the wrong type or range (see ``_check_meta``), PAD index not 0, vocab size
                 differs from ``num_items`` in the metadata, fallback items outside the vocab, a
-                graph onnxruntime cannot load (damaged file), or graph input/output names that do
-                not match the metadata; bad thread count or level;
+                graph onnxruntime cannot load (damaged file), graph input/output names that do
+                not match the metadata, or metadata the graphs cannot run with (a session of
+                ``max_len`` items is scored at load); a thread count below 1 or above
+                max(64, 8 per core), or a bad level;
                 ``state_cache_mb`` not a finite number >= 0 or too small for one item's state.
         """
         if isinstance(num_threads, bool) or not isinstance(num_threads, int | np.integer):
             raise ValueError(f"num_threads must be an integer >= 1, got {num_threads!r}")
         if num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+        most_threads = max(64, 8 * (os.cpu_count() or 1))
+        if num_threads > most_threads:
+            raise ValueError(
+                f"num_threads={num_threads} is more than {most_threads} (8 per core of this "
+                "machine); onnxruntime would start that many threads"
+            )
         if (
             isinstance(state_cache_mb, bool)
             or not isinstance(state_cache_mb, numbers.Real)
@@ -465,7 +482,9 @@ class SessionRecommender:
         if not isinstance(vocab, dict) or not isinstance(vocab.get("item_ids"), list):
             raise ValueError(f"{vocab_path}: missing key 'item_ids' (a list of raw ids)")
         if vocab.get("pad_idx") != PAD_IDX:
-            raise ValueError(f"{vocab_path}: pad_idx is {vocab.get('pad_idx')}, expected {PAD_IDX}")
+            raise ValueError(
+                f"{vocab_path}: pad_idx is {vocab.get('pad_idx')!r}, expected {PAD_IDX}"
+            )
         item_ids = [str(i) for i in vocab["item_ids"]]
         if len(item_ids) != int(meta["num_items"]):
             raise ValueError(
@@ -494,6 +513,11 @@ class SessionRecommender:
         level = graph_optimization_level or meta.get("variant", {}).get(
             "graph_optimization_level", "all"
         )
+        if graph_optimization_level is None:
+            try:
+                _graph_optimization_level(level)
+            except ValueError as exc:
+                raise ValueError(f"{meta_path}: variant.{exc}") from exc
         options = ort.SessionOptions()
         options.intra_op_num_threads = num_threads
         options.inter_op_num_threads = 1
@@ -519,7 +543,8 @@ class SessionRecommender:
             if state_cache_mb * 2**20 < one_item_bytes:
                 raise ValueError(
                     f"state_cache_mb={state_cache_mb!r} cannot hold the state of a single item "
-                    f"({one_item_bytes} bytes for this model); use 0 to turn the cache off"
+                    f"({one_item_bytes} bytes for n_layers={meta['n_layers']}, d_model="
+                    f"{meta['d_model']} in {meta_path}); use 0 to turn the cache off"
                 )
             step_path = directory / str(incremental.get("step_file", ""))
             if not step_path.is_file():
@@ -544,7 +569,32 @@ class SessionRecommender:
             level,
             f"{state_cache_mb:g} MiB" if state_cache else "off",
         )
-        return cls(session, item_ids, meta, step_session, state_cache)
+        recommender = cls(session, item_ids, meta, step_session, state_cache)
+        recommender._self_check(meta_path)
+        return recommender
+
+    def _self_check(self, meta_path: Path) -> None:
+        """Score one session of ``max_len`` items (and, with a state cache, its step from
+        ``max_len - 1`` items) so that metadata that does not fit the graphs (a ``max_len`` above
+        the model's context, a ``variant`` that names other inputs) fails at load instead of on
+        the first long request.
+
+        Raises:
+            ValueError: a graph refused the call; the message names the metadata file.
+        """
+        item = self._item_ids[0]
+        try:
+            self.recommend_batch([[item] * (self._max_len - 1)] if self._max_len > 1 else [], k=1)
+            self.recommend_batch([[item] * self._max_len], k=1)
+        except (*_ORT_ERRORS, ValueError, RuntimeError) as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ValueError(
+                f"{meta_path} does not fit its graphs: scoring a session of max_len="
+                f"{self._max_len} items failed ({type(exc).__name__}: {reason[:300]}); "
+                "re-export the model"
+            ) from exc
+        finally:
+            self.clear_state_cache()
 
     @property
     def num_items(self) -> int:
