@@ -216,12 +216,17 @@ def _load_graph(path: Path, options: ort.SessionOptions) -> ort.InferenceSession
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except _ORT_ERRORS as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(
-            f"{path}: onnxruntime {ort.__version__} cannot load this model "
-            f"({type(exc).__name__}: {reason[:300]}); the file is damaged or not an ONNX model "
-            "from seqrec's export: copy the export directory again or re-export"
+            f"{path}: onnxruntime {ort.__version__} cannot load this model ({_reason(exc)}); the "
+            "file is damaged or not an ONNX model from seqrec's export: copy the export directory "
+            "again or re-export"
         ) from exc
+
+
+def _reason(exc: BaseException) -> str:
+    """``"<exception type>: <first line of its message>"`` (at most 300 characters of it)."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:300] if lines else '(no message)'}"
 
 
 def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
@@ -587,11 +592,9 @@ class SessionRecommender:
             self.recommend_batch([[item] * (self._max_len - 1)] if self._max_len > 1 else [], k=1)
             self.recommend_batch([[item] * self._max_len], k=1)
         except (*_ORT_ERRORS, ValueError, RuntimeError) as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ValueError(
                 f"{meta_path} does not fit its graphs: scoring a session of max_len="
-                f"{self._max_len} items failed ({type(exc).__name__}: {reason[:300]}); "
-                "re-export the model"
+                f"{self._max_len} items failed ({_reason(exc)}); re-export the model"
             ) from exc
         finally:
             self.clear_state_cache()
