@@ -341,12 +341,12 @@ def quantize_catalog(path: Path) -> dict[str, Any]:
     AVX2 machine got 6.8% of the scores of a random 128 x 3,000 product wrong, by up to 13, a
     fifth of the largest score; onnxruntime documents the same issue for ``quantize_dynamic``
     and its ``reduce_range``). Per-row (not per-batch) scales keep a session's scores
-    independent of the other sessions in its batch. The product runs as ``MatMulInteger`` + ``Cast`` + ``Mul(col_scale)``
-    for one session and as onnxruntime's fused contrib operator ``MatMulIntegerToFloat``
-    (``com.microsoft``, the same numbers) for batches, chosen by an ``If`` on B: the fused
-    operator saves two passes over the (B, C-1) product (measured on a 37k catalog: 2.7 -> 2.0
-    ms at batch 64) and is slower for one row (0.29 -> 0.38 ms). Everything else in the graph
-    stays float32. This is post-training dynamic quantisation (Jacob et al., CVPR 2018; ONNX
+    independent of the other sessions in its batch. The product runs as ``MatMulInteger`` +
+    ``Cast`` + ``Mul(col_scale)`` for one session and as onnxruntime's fused contrib operator
+    ``MatMulIntegerToFloat`` (``com.microsoft``, the same numbers) for batches, chosen by an
+    ``If`` on B: the fused operator saves two passes over the (B, C-1) product (measured on a
+    37k catalog: 2.7 -> 2.0 ms at batch 64) and is slower for one row (0.29 -> 0.38 ms).
+    Everything else in the graph stays float32. This is post-training dynamic quantisation (Jacob et al., CVPR 2018; ONNX
     ``MatMulInteger``) of one matrix product.
 
     Args:

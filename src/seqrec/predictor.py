@@ -518,16 +518,17 @@ class SessionRecommender:
         level = graph_optimization_level or meta.get("variant", {}).get(
             "graph_optimization_level", "all"
         )
-        if graph_optimization_level is None:
-            try:
-                _graph_optimization_level(level)
-            except ValueError as exc:
-                raise ValueError(f"{meta_path}: variant.{exc}") from exc
+        try:
+            optimization = _graph_optimization_level(level)
+        except ValueError as exc:
+            if graph_optimization_level is not None:  # the caller's argument, not the file's
+                raise
+            raise ValueError(f"{meta_path}: variant.{exc}") from exc
         options = ort.SessionOptions()
         options.intra_op_num_threads = num_threads
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = _graph_optimization_level(level)
+        options.graph_optimization_level = optimization
         session = _load_graph(model_path, options)
         inputs = [i.name for i in session.get_inputs()]
         outputs = [o.name for o in session.get_outputs()]

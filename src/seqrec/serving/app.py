@@ -241,9 +241,8 @@ class _MetricsAndLogs:
         the static files), or ``unmatched`` (404s: one label, however many paths are tried).
         A path that matches only with a trailing slash added (``/widget``, which the router
         redirects to ``/widget/`` with 307) gets that route's label."""
-        path = scope.get("path", "")
-        for candidate in (scope, {**scope, "path": path + "/"} if path else None):
-            for route in self.routes if candidate else ():
+        for candidate in (scope, {**scope, "path": scope.get("path", "") + "/"}):
+            for route in self.routes:
                 match, _ = route.matches(candidate)
                 if match == Match.FULL:
                     return str(getattr(route, "path", "unmatched"))
@@ -511,11 +510,11 @@ def create_app(recommender: SessionRecommender, settings: ServeSettings | None =
             err.get("type") == "missing" and tuple(err.get("loc", ())) == ("body",)
             for err in exc.errors()
         )
-        if no_body and not content_type:  # a bare POST: say what is missing first
-            message = 'the request has no body; send a JSON object such as {"session": []}'
-            return _error_response(400, "invalid request", "body", message, "body_missing")
-        if request.method == "POST" and not (
-            media_type == "application/json" or media_type.endswith("+json")
+        bare_post = no_body and not content_type  # say what is missing, not the media type
+        if (
+            request.method == "POST"
+            and not bare_post
+            and not (media_type == "application/json" or media_type.endswith("+json"))
         ):
             message = (
                 "send the body as JSON with the header Content-Type: application/json "
@@ -651,7 +650,9 @@ def create_app(recommender: SessionRecommender, settings: ServeSettings | None =
 
     # Warm-up: the first onnxruntime run of each graph allocates; readiness waits for it. Two
     # items run the whole-session graph, then (incremental exports) the step graph; the states
-    # and counts they leave are not a visitor's, so the cache starts empty.
+    # and counts they leave are not a visitor's, so the cache starts empty. (A recommender from
+    # SessionRecommender.from_dir has run both graphs once already, in its load check; this
+    # also warms one built otherwise, for a few milliseconds at startup.)
     warm = recommender.fallback_items[:2]
     recommender.recommend(warm[:1], k=1)
     if len(warm) > 1:
