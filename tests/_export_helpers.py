@@ -6,11 +6,17 @@ pytest only auto-loads ``conftest.py``, so the test modules import this helper a
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import onnx
 import pytest
 import torch
+from onnx import numpy_helper
 
 from seqrec.data.vocab import ItemVocab
 from seqrec.export import export_onnx
@@ -65,3 +71,21 @@ def tiny_export(tmp_path_factory: pytest.TempPathFactory) -> TinyExport:
         )
         _CACHE["default"] = TinyExport(model, vocab, out_dir)
     return _CACHE["default"]
+
+
+def nan_item_rows(src: Path, dst: Path, rows: slice | list[int]) -> Path:
+    """Copy the export directory ``src`` to ``dst`` with the given rows of the input item
+    embedding (``model.item_emb.weight``, index = row) set to NaN, and its sha256 updated so
+    that the integrity check passes: a model damaged the way a bad training run or a broken
+    copy with a regenerated hash would be."""
+    shutil.copytree(src, dst)
+    model = onnx.load(dst / "model.onnx")
+    (table,) = [i for i in model.graph.initializer if i.name == "model.item_emb.weight"]
+    weights = numpy_helper.to_array(table).copy()
+    weights[rows] = np.nan
+    table.CopyFrom(numpy_helper.from_array(weights, table.name))
+    onnx.save(model, dst / "model.onnx")
+    meta = json.loads((dst / "export_meta.json").read_text())
+    meta["sha256"]["model.onnx"] = hashlib.sha256((dst / "model.onnx").read_bytes()).hexdigest()
+    (dst / "export_meta.json").write_text(json.dumps(meta))
+    return dst

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,6 +21,7 @@ from _export_helpers import (
     MAX_LEN,
     NUM_ITEMS,
     TinyExport,
+    nan_item_rows,
     tiny_export,
     tiny_model,
     tiny_vocab,
@@ -25,7 +29,13 @@ from _export_helpers import (
 from seqrec.cli import main as cli_main
 from seqrec.export import ExportVariant, export_onnx
 from seqrec.filters import filtered_scorer
-from seqrec.predictor import ArtifactIntegrityError, Recommendation, SessionRecommender, file_sha256
+from seqrec.predictor import (
+    ArtifactIntegrityError,
+    NonFiniteScoresError,
+    Recommendation,
+    SessionRecommender,
+    file_sha256,
+)
 from seqrec.sequence import encode_prefix, encode_prefixes
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -250,13 +260,158 @@ def test_from_dir_refuses_metadata_values_it_cannot_use(
         SessionRecommender.from_dir(bad)
 
 
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"n_layers": "x"}, "n_layers is 'x', expected an integer >= 1"),
+        ({"d_model": 0}, "d_model is 0, expected an integer >= 1"),
+        ({"format_version": 99}, "format_version is 99, expected at most 2: the export was "
+         "written by a newer seqrec; upgrade seqrec"),
+        ({"variant.top_k_in_graph": "false"}, "variant.top_k_in_graph is 'false', expected true "
+         "or false"),
+        ({"variant.incremental": 1}, "variant.incremental is 1, expected true or false"),
+        ({"variant.precision": "int4"}, r"variant.precision is 'int4', expected one of \['fp32', "
+         r"'fp16', 'int8', 'int8_catalog'\]"),
+        ({"variant.graph_optimization_level": ["all"]}, r"variant.graph_optimization_level is "
+         r"\['all'\], expected one of \['disable'"),
+        ({"variant.graph_optimization_level": {"a": 1}}, "variant.graph_optimization_level is "
+         "{'a': 1}, expected one of"),
+        ({"incremental": {}}, "incremental.step_file is None, expected a file name"),
+        ({"variant.incremental": True}, "incremental is None, expected an object naming the step "
+         r"graph \(variant.incremental is true\)"),
+        ({"incremental": {"step_file": "export_meta.json", "step_input_names": []}},
+         "incremental.step_file is 'export_meta.json', expected the file name of the step graph "
+         r"in the export directory \(no path; not export_meta.json"),
+        ({"incremental": {"step_file": {"a": "b" * 200}, "step_input_names": []}},
+         r"incremental.step_file is \{'a': 'b+, expected a file name$"),
+        ({"incremental": {"step_file": "s.onnx", "step_input_names": [1]}},
+         r"incremental.step_input_names is \[1\], expected a list of strings"),
+    ],
+)  # fmt: skip
+def test_from_dir_refuses_variant_and_incremental_values_it_cannot_use(
+    exported: TinyExport, tmp_path: Path, changes: dict[str, object], message: str
+) -> None:
+    """Every value the predictor reads is checked, nested keys included (named with a dot):
+    before, ``top_k_in_graph: "false"`` counted as true, ``incremental: {}`` served a plain
+    graph, an unknown precision or a newer format loaded, and a list as the optimisation level
+    raised ``TypeError: unhashable type`` with a traceback."""
+    bad = _copy_export(exported.export_dir, tmp_path / "bad")
+    meta = json.loads((bad / "export_meta.json").read_text())
+    for key, value in changes.items():
+        section, _, sub_key = key.partition(".")
+        if sub_key:
+            meta[section][sub_key] = value
+        else:
+            meta[key] = value
+    (bad / "export_meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=rf"export_meta.json: {message}"):
+        SessionRecommender.from_dir(bad)
+
+
+def test_from_dir_refuses_output_names_that_differ_from_the_graph(
+    exported: TinyExport, tmp_path: Path
+) -> None:
+    bad = _copy_export(exported.export_dir, tmp_path / "bad")
+    meta = json.loads((bad / "export_meta.json").read_text())
+    meta["output_names"] = ["scores", "present_kv"]
+    (bad / "export_meta.json").write_text(json.dumps(meta))
+    with pytest.raises(
+        ValueError,
+        match=r"model.onnx: graph has inputs \['item_ids'\] / outputs \['scores'\], but .* "
+        r"\(output_names \['scores', 'present_kv'\]\)",
+    ):
+        SessionRecommender.from_dir(bad)
+
+
+def test_a_model_that_scores_nan_is_refused_at_load_and_never_emits_nan(
+    exported: TinyExport,
+    top_k_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Damaged weights (hash updated, so the integrity check passes) gave "score": NaN in the
+    CLI's JSON, which is not JSON. All rows NaN: the load check refuses the model (CLI exit 2).
+    One item's row NaN (the load check scores another item): loads, and a session with that
+    item raises NonFiniteScoresError (CLI exit 1) in both the numpy and the in-graph top-k
+    layouts, while other sessions are served."""
+    all_nan = nan_item_rows(exported.export_dir, tmp_path / "all_nan", slice(None))
+    with pytest.raises(ValueError, match=r"model.onnx: the model .* returned NaN or infinite"):
+        SessionRecommender.from_dir(all_nan)
+    assert cli_main([str(all_nan), "1001", "--json"]) == 2
+    assert "returned NaN or infinite scores" in capsys.readouterr().err
+
+    for name, src in (("plain", exported.export_dir), ("top_k", top_k_dir)):
+        one_row = SessionRecommender.from_dir(nan_item_rows(src, tmp_path / name, [5]))
+        healthy = SessionRecommender.from_dir(src)
+        assert _ids(one_row.recommend(["1001", "1002"], k=3)) == _ids(
+            healthy.recommend(["1001", "1002"], k=3)
+        )
+        with pytest.raises(NonFiniteScoresError, match=r"returned NaN or infinite scores"):
+            one_row.recommend(["1001", "1005"], k=3)
+        with pytest.raises(NonFiniteScoresError):
+            one_row.recommend_batch([["1001"], ["1005"]], k=3)
+    assert cli_main([str(tmp_path / "plain"), "1005", "--json"]) == 1
+    captured = capsys.readouterr()
+    assert "NaN" not in captured.out and "returned NaN or infinite scores" in captured.err
+
+
+def _as_unprivileged_user(command: list[str]) -> list[str]:
+    """``command`` run as user nobody when the tests run as root (root reads any file), else
+    as is."""
+    if os.geteuid() != 0:
+        return command
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root without util-linux's setpriv: cannot drop read permission")
+    return [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", *command]
+
+
+def test_unreadable_export_files_get_a_one_line_error(exported: TinyExport) -> None:
+    """A file of the export the user may not read (chmod 000) gave a PermissionError traceback
+    (the CLIs caught only FileNotFoundError and ValueError): now exit 2 and one line naming it."""
+    probe = subprocess.run(
+        _as_unprivileged_user([sys.executable, "-c", "import seqrec.cli"]),
+        capture_output=True,
+        text=True,
+    )
+    if probe.returncode != 0:  # e.g. a checkout under a directory only root may enter
+        pytest.skip(f"user nobody cannot import seqrec from this checkout: {probe.stderr[-200:]}")
+    with tempfile.TemporaryDirectory() as tmp:  # in /tmp, which every user may enter
+        export_dir = _copy_export(exported.export_dir, Path(tmp) / "export")
+        for path in (Path(tmp), export_dir, *export_dir.iterdir()):
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        scripts = Path(sys.executable).parent
+        for name in ("export_meta.json", "model.onnx", "item_vocab.json"):
+            (export_dir / name).chmod(0)
+            for command in (
+                [str(scripts / "seqrec-recommend"), str(export_dir), "1001"],
+                [str(scripts / "seqrec-serve"), str(export_dir), "--port", "0"],
+            ):
+                proc = subprocess.run(
+                    _as_unprivileged_user(command), capture_output=True, text=True, timeout=120
+                )
+                assert proc.returncode == 2, proc.stderr
+                assert f"error: [Errno 13] Permission denied: '{export_dir / name}'" in proc.stderr
+                assert "Traceback" not in proc.stderr
+            (export_dir / name).chmod(0o644)
+
+
+def test_integer_ids_too_long_for_str_are_named(rec: SessionRecommender) -> None:
+    """``str(10**5000)`` raises Python's bare "Exceeds the limit (4300 digits)" ValueError."""
+    with pytest.raises(ValueError, match=r"session: the item id at position 1 is an integer of "):
+        rec.recommend(["1001", 10**5000])
+    with pytest.raises(ValueError, match=r"allow_items / deny_items: the item id at position 0"):
+        rec.recommend(["1001"], deny_items=[10**5000])
+
+
 def test_from_dir_checks_that_the_metadata_fits_its_graphs(
-    exported: TinyExport, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    exported: TinyExport, tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     """Metadata that passes the type checks but does not fit the graph fails at load with a
     ValueError (CLI: exit 2), not later as an onnxruntime error (HTTP 500): a max_len above the
     model's context (its position table has MAX_LEN rows), a variant naming other inputs (a
-    top-k graph for this plain export)."""
+    top-k graph for this plain export). The load check runs quietly: onnxruntime's own coloured
+    error line (written to the stderr file descriptor) no longer precedes the message."""
 
     def damaged(name: str, **changes: object) -> Path:
         directory = _copy_export(exported.export_dir, tmp_path / name)
@@ -271,7 +426,9 @@ def test_from_dir_checks_that_the_metadata_fits_its_graphs(
     ):
         SessionRecommender.from_dir(too_long)
     assert cli_main([str(too_long), "1001"]) == 2
-    assert "does not fit its graphs" in capsys.readouterr().err
+    err = capfd.readouterr().err
+    assert "does not fit its graphs" in err and "idx=12 must be within" in err
+    assert "[E:onnxruntime" not in err
     meta = json.loads((exported.export_dir / "export_meta.json").read_text())
     other_inputs = damaged("other_inputs", variant={**meta["variant"], "top_k_in_graph": True})
     with pytest.raises(ValueError, match=r"does not fit its graphs: .*Invalid input name: k"):
@@ -285,7 +442,7 @@ def test_from_dir_checks_that_the_metadata_fits_its_graphs(
             "escaped" + str(len(step_file)),
             incremental={"step_file": step_file, "step_input_names": []},
         )
-        with pytest.raises(ValueError, match=r"incremental.step_file is .*expected a file name"):
+        with pytest.raises(ValueError, match=r"incremental.step_file is .*expected the file name"):
             SessionRecommender.from_dir(escaped)
     level = damaged("level", variant={**meta["variant"], "graph_optimization_level": "turbo"})
     with pytest.raises(ValueError, match=r"export_meta.json: variant.graph_optimization_level"):
@@ -410,18 +567,22 @@ def test_single_string_session_is_rejected(rec: SessionRecommender) -> None:
 
 
 @pytest.fixture(scope="module")
-def rec_top_k(tmp_path_factory: pytest.TempPathFactory, exported: TinyExport) -> SessionRecommender:
+def top_k_dir(tmp_path_factory: pytest.TempPathFactory, exported: TinyExport) -> Path:
     """The same tiny model exported with top-k in the graph (legacy exporter: fast)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.delitem(export_mod._EXPORTERS, "dynamo")
-        out = export_onnx(
+        return export_onnx(
             exported.model,
             exported.vocab,
             tmp_path_factory.mktemp("top_k") / "export",
             fallback_items=FALLBACK_ITEMS,
             variant=ExportVariant(top_k_in_graph=True),
         )
-    return SessionRecommender.from_dir(out)
+
+
+@pytest.fixture(scope="module")
+def rec_top_k(top_k_dir: Path) -> SessionRecommender:
+    return SessionRecommender.from_dir(top_k_dir)
 
 
 def _random_sessions(count: int, length: int, seed: int) -> list[list[str]]:

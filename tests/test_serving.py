@@ -20,7 +20,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from _export_helpers import FALLBACK_ITEMS, MAX_LEN, NUM_ITEMS, TinyExport, tiny_export
+from _export_helpers import (
+    FALLBACK_ITEMS,
+    MAX_LEN,
+    NUM_ITEMS,
+    TinyExport,
+    nan_item_rows,
+    tiny_export,
+)
 from _serving_helpers import running_server
 from seqrec.predictor import SessionRecommender
 from seqrec.serving.app import SMALLEST_REQUEST_BODY, ServeSettings, create_app
@@ -72,6 +79,31 @@ def test_recommendations_happy_path(client: httpx.Client, rec: SessionRecommende
     assert _ids(payload) == [r.item_id for r in want]
     assert [item["score"] for item in payload["items"]] == pytest.approx([r.score for r in want])
     assert {item["source"] for item in payload["items"]} == {"model"}
+
+
+def test_a_model_that_scores_nan_gets_a_json_500_not_nan(
+    exported: TinyExport, tmp_path: Path
+) -> None:
+    """A model whose item 1005 has NaN weights (it passes the load check, which scores another
+    item): its sessions got 200 with "score": NaN, which JSON parsers refuse. Now they get a
+    JSON 500 that says why, counted in the metrics; other sessions are served."""
+    damaged = SessionRecommender.from_dir(nan_item_rows(exported.export_dir, tmp_path / "nan", [5]))
+    with serving(damaged, SETTINGS) as http:
+        ok = http.post("/recommendations", json={"session": ["1001"], "k": 3})
+        assert ok.status_code == 200 and len(ok.json()["items"]) == 3
+        response = http.post("/recommendations", json={"session": ["1001", "1005"], "k": 3})
+        assert response.status_code == 500
+        body = json.loads(
+            response.text, parse_constant=lambda name: pytest.fail(f"not JSON: {name}")
+        )
+        (error,) = body["detail"]
+        assert error["type"] == "non_finite_scores" and error["field"] == "model"
+        assert "returned NaN or infinite scores" in error["message"]
+        metrics = http.get("/metrics").text
+        assert (
+            'seqrec_http_requests_total{method="POST",path="/recommendations",status="500"} 1.0'
+            in metrics
+        )
 
 
 def test_filters_and_fallback(client: httpx.Client) -> None:
@@ -200,11 +232,15 @@ def test_malformed_json_and_wrong_method(client: httpx.Client) -> None:
         (b'{"session": ["1001"]}', {}, 415, "content_type", "no Content-Type"),
         (b'{"session": ["1001"]}', {"content-type": "text/plain"}, 415, "content_type", "text/plain"),
         (b'{"session": ["\xff\xfe"]}', {"content-type": "application/json"}, 400,
-         "body_unreadable", "invalid UTF-8"),
+         "body_unreadable", "the body is not UTF-8 text (byte 0xff at offset 14)"),
+        ('{"session": ["café"]}'.encode("latin-1"), {"content-type": "application/json"}, 400,
+         "body_unreadable", "the body is not UTF-8 text (byte 0xe9 at offset 17); send JSON "
+         "encoded as UTF-8"),
         (b"[" * 100_000, {"content-type": "application/json"}, 400, "body_unreadable",
-         "nested too deeply"),
+         "the body could not be parsed as JSON text: it is nested too deeply"),
         (b'{"session": [' + b"9" * 5_000 + b"]}", {"content-type": "application/json"}, 400,
-         "body_unreadable", "an integer of more than 4,300 digits"),
+         "body_unreadable", "could not be parsed as JSON text: an integer has more than 4,300 "
+         "digits"),
         (b"", {"content-type": "application/json"}, 400, "body_missing",
          'the request has no body; send a JSON object such as {"session": []}'),
         (b"", {}, 400, "body_missing", "the request has no body"),  # a bare POST
@@ -224,7 +260,7 @@ def test_malformed_json_and_wrong_method(client: httpx.Client) -> None:
                               ("content-encoding", "gzip"), ("content-encoding", "identity")],
          415, "content_encoding", "Content-Encoding 'gzip, identity'"),  # a later one won't undo
     ],
-    ids=["no-content-type", "text-plain", "not-utf8", "nested-too-deeply", "huge-integer",
+    ids=["no-content-type", "text-plain", "not-utf8", "latin-1", "nested-too-deeply", "huge-integer",
          "empty", "bare-post", "empty-text-plain", "unterminated-string", "control-character", "gzip", "brotli-invalid-body",
          "gzip-header-plain-body", "gzip-then-identity"],
 )  # fmt: skip

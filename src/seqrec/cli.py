@@ -15,13 +15,20 @@ import os
 import sys
 from collections.abc import Sequence
 
-from seqrec.predictor import Recommendation, RecommendInfo, SessionRecommender
+from seqrec.predictor import (
+    NonFiniteScoresError,
+    Recommendation,
+    RecommendInfo,
+    SessionRecommender,
+)
 
 logger = logging.getLogger(__name__)
 
 EXIT_OK = 0
 EXIT_USAGE = 2
 """Bad arguments or an unusable export directory (argparse uses 2 as well)."""
+EXIT_MODEL = 1
+"""The model scored the session NaN or +inf (damaged weights that passed the load check)."""
 
 
 def _positive_int(text: str) -> int:
@@ -104,6 +111,7 @@ def _format_json(recs: Sequence[Recommendation], info: RecommendInfo, model_vers
             ],
         },
         indent=2,
+        allow_nan=False,  # never emit NaN, which is not JSON
     )
 
 
@@ -111,23 +119,27 @@ def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``), recommend, print the result.
 
     Returns:
-        0 on success; 2 for bad arguments or a missing / malformed export directory (the message
-        goes to stderr, no traceback).
+        0 on success; 2 for bad arguments or a missing, unreadable or malformed export directory;
+        1 when the model scores the session NaN or +inf (messages go to stderr, no traceback).
     """
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         recommender = SessionRecommender.from_dir(args.export_dir, num_threads=args.num_threads)
-    except (FileNotFoundError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # OSError: missing or unreadable files
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    recs, info = recommender.recommend_with_info(
-        args.items,
-        k=args.k,
-        exclude_seen=args.exclude_seen,
-        allow_items=args.allow,
-        deny_items=args.deny,
-    )
+    try:
+        recs, info = recommender.recommend_with_info(
+            args.items,
+            k=args.k,
+            exclude_seen=args.exclude_seen,
+            allow_items=args.allow,
+            deny_items=args.deny,
+        )
+    except NonFiniteScoresError as exc:  # a damaged model that passed the load check
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_MODEL
     try:
         if args.json:
             print(_format_json(recs, info, recommender.model_version))

@@ -5,6 +5,13 @@ from typing import Final
 PAD_IDX: Final[int] = 0
 """Item index reserved for left padding; never a real item, never recommended."""
 
+FORMAT_VERSION: Final[int] = 2
+"""Version of the export directory layout and ``export_meta.json`` schema (2: variants, sha256);
+the predictor refuses a newer one."""
+PRECISIONS: Final[tuple[str, ...]] = ("fp32", "fp16", "int8", "int8_catalog")
+"""Export precisions (``seqrec.export.ExportVariant.precision``)."""
+GRAPH_OPTIMIZATION_LEVELS: Final[tuple[str, ...]] = ("disable", "basic", "extended", "all")
+"""onnxruntime graph optimisation levels by name (``ORT_DISABLE_ALL`` ... ``ORT_ENABLE_ALL``)."""
 INT8_PRECISIONS: Final[tuple[str, ...]] = ("int8", "int8_catalog")
 """Export precisions whose graphs multiply 8-bit integers (``seqrec.export.ExportVariant``)."""
 INT8_SATURATION_SAFE: Final[str] = "int8_saturation_safe"

@@ -49,7 +49,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from seqrec.constants import INT8_PRECISIONS, INT8_SATURATION_SAFE, PAD_IDX
+from seqrec.constants import (
+    FORMAT_VERSION,
+    GRAPH_OPTIMIZATION_LEVELS,
+    INT8_PRECISIONS,
+    INT8_SATURATION_SAFE,
+    PAD_IDX,
+    PRECISIONS,
+)
 from seqrec.data.vocab import ItemVocab
 from seqrec.incremental import STEP_FILE, export_incremental, skip_empty_score_mask
 from seqrec.models.sasrec import SASRec
@@ -58,8 +65,6 @@ from seqrec.sequence import encode_prefixes
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2
-"""Version of the export directory layout and ``export_meta.json`` schema (2: variants, sha256)."""
 MODEL_FILE = "model.onnx"
 VOCAB_FILE = "item_vocab.json"
 META_FILE = "export_meta.json"
@@ -69,8 +74,6 @@ MASK_NAME = "score_mask"
 K_NAME = "k"
 TOP_SCORES_NAME = "top_scores"
 TOP_IDX_NAME = "top_idx"
-PRECISIONS = ("fp32", "fp16", "int8", "int8_catalog")
-GRAPH_OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 SCORING_MODES = ("last_position", "dot", "score_last")
 """Graphs :class:`ScoringModel` can write, fastest first; the export tries them in this order."""
 

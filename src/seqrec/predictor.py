@@ -39,7 +39,14 @@ from typing import Any, Literal, NamedTuple, NoReturn
 import numpy as np
 import onnxruntime as ort
 
-from seqrec.constants import INT8_PRECISIONS, INT8_SATURATION_SAFE, PAD_IDX
+from seqrec.constants import (
+    FORMAT_VERSION,
+    GRAPH_OPTIMIZATION_LEVELS,
+    INT8_PRECISIONS,
+    INT8_SATURATION_SAFE,
+    PAD_IDX,
+    PRECISIONS,
+)
 from seqrec.filters import mask_scores, set_excluded
 from seqrec.kv_cache import (
     SessionState,
@@ -120,11 +127,15 @@ def _read_json(path: Path) -> Any:
 
 def _check_meta(meta: Any, path: Path) -> None:
     """Refuse an ``export_meta.json`` whose values the predictor cannot use, naming the key, the
-    value and the type wanted (rather than failing later inside numpy or onnxruntime).
+    value and the type wanted (rather than failing later inside numpy or onnxruntime, or serving
+    a graph the metadata describes wrongly).
 
     Raises:
         ValueError: not a JSON object; a required key missing; a value of the wrong type or out
-            of range (``pad_idx`` not 0, ``max_len`` / ``num_items`` not an integer >= 1, ...).
+            of range (``pad_idx`` not 0, ``max_len`` / ``num_items`` not an integer >= 1, a
+            ``format_version`` newer than this seqrec reads, an unknown ``variant.precision``,
+            ``variant.top_k_in_graph`` not true/false, an ``incremental`` section without its
+            step graph, ...).
     """
     if not isinstance(meta, dict):
         raise ValueError(f"{path}: expected a JSON object")
@@ -133,7 +144,9 @@ def _check_meta(meta: Any, path: Path) -> None:
         raise ValueError(f"{path}: missing keys {missing}")
 
     def refuse(key: str, want: str) -> NoReturn:
-        raise ValueError(f"{path}: {key} is {meta.get(key)!r:.80}, expected {want}")
+        section, _, sub_key = key.partition(".")
+        value = meta.get(section) if not sub_key else (meta.get(section) or {}).get(sub_key)
+        raise ValueError(f"{path}: {key} is {value!r:.80}, expected {want}")
 
     def is_int(value: Any, minimum: int) -> bool:
         return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
@@ -148,6 +161,12 @@ def _check_meta(meta: Any, path: Path) -> None:
             refuse(key, "an integer >= 1")
     if "format_version" in meta and not is_int(meta["format_version"], 1):
         refuse("format_version", "an integer >= 1")
+    if meta.get("format_version", 1) > FORMAT_VERSION:
+        refuse(
+            "format_version",
+            f"at most {FORMAT_VERSION}: the export was written by a newer seqrec; upgrade seqrec "
+            "to load it",
+        )
     for key in ("input_name", "output_name"):
         if not isinstance(meta[key], str):
             refuse(key, "a string")
@@ -158,31 +177,50 @@ def _check_meta(meta: Any, path: Path) -> None:
         isinstance(i, str | int) and not isinstance(i, bool) for i in meta["fallback_items"]
     ):
         refuse("fallback_items", "a list of item ids")
-    if not isinstance(meta.get("variant", {}), dict):
+    for key in ("n_layers", "d_model"):
+        if key in meta and not is_int(meta[key], 1):
+            refuse(key, "an integer >= 1")
+    variant = meta.get("variant", {})
+    if not isinstance(variant, dict):
         refuse("variant", "an object")
+    for key in ("top_k_in_graph", "incremental"):
+        if not isinstance(variant.get(key, False), bool):
+            refuse(f"variant.{key}", "true or false")
+    if variant.get("precision", "fp32") not in PRECISIONS:
+        refuse("variant.precision", f"one of {list(PRECISIONS)}")
+    if variant.get("graph_optimization_level", "all") not in GRAPH_OPTIMIZATION_LEVELS:
+        refuse("variant.graph_optimization_level", f"one of {list(GRAPH_OPTIMIZATION_LEVELS)}")
     if not isinstance(meta.get("sha256", {}), dict):
         refuse("sha256", "an object of file name -> hex digest")
     if not isinstance(meta.get("empty_score_mask", False), bool):
         refuse("empty_score_mask", "true or false")
     incremental = meta.get("incremental")
-    if incremental:
-        if not isinstance(incremental, dict):
-            refuse("incremental", "an object")
-        if not isinstance(incremental.get("step_file"), str) or not is_str_list(
-            incremental.get("step_input_names")
-        ):
-            refuse("incremental", "an object with step_file and step_input_names")
-        step_file = incremental["step_file"]
-        if not step_file or Path(step_file).name != step_file or step_file in (".", ".."):
-            raise ValueError(
-                f"{path}: incremental.step_file is {step_file!r}, expected a file name in the "
-                "export directory (no path)"
-            )
-        for key in ("n_layers", "d_model"):
-            if not is_int(meta.get(key), 1):
-                refuse(key, "an integer >= 1 (an incremental export)")
-        if "output_names" not in meta:
-            refuse("output_names", "a list of strings (an incremental export)")
+    if incremental is None:
+        if variant.get("incremental"):
+            refuse("incremental", "an object naming the step graph (variant.incremental is true)")
+        return
+    if not isinstance(incremental, dict):
+        refuse("incremental", "an object")
+    if not isinstance(incremental.get("step_file"), str):
+        refuse("incremental.step_file", "a file name")
+    if not is_str_list(incremental.get("step_input_names")):
+        refuse("incremental.step_input_names", "a list of strings")
+    step_file = incremental["step_file"]
+    if (
+        not step_file
+        or Path(step_file).name != step_file
+        or step_file in (".", "..", META_FILE, MODEL_FILE, VOCAB_FILE)
+    ):
+        refuse(
+            "incremental.step_file",
+            f"the file name of the step graph in the export directory (no path; not {META_FILE}, "
+            f"{MODEL_FILE} or {VOCAB_FILE})",
+        )
+    for key in ("n_layers", "d_model"):
+        if key not in meta:
+            refuse(key, "an integer >= 1 (an incremental export)")
+    if "output_names" not in meta:
+        refuse("output_names", "a list of strings (an incremental export)")
 
 
 _ORT_ERRORS: tuple[type[Exception], ...] = tuple(
@@ -209,10 +247,12 @@ def _load_graph(path: Path, options: ort.SessionOptions) -> ort.InferenceSession
     """An onnxruntime CPU session of the ONNX file ``path``.
 
     Raises:
+        OSError: the file cannot be read (e.g. PermissionError).
         ValueError: onnxruntime cannot load the file (damaged, truncated, not ONNX, or an
             operator this onnxruntime lacks); the message names the file and onnxruntime's
             error.
     """
+    path.open("rb").close()  # an unreadable file: PermissionError naming it, not "damaged"
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except _ORT_ERRORS as exc:
@@ -253,6 +293,12 @@ def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
 
 class ArtifactIntegrityError(ValueError):
     """The files of an export directory do not belong together (sha256 mismatch)."""
+
+
+class NonFiniteScoresError(RuntimeError):
+    """The model scored a session NaN or +inf (damaged or overflowing weights): no ranking of
+    such scores is meaningful, and JSON cannot carry them. ``from_dir`` checks one session at
+    load; a model that fails only on some sessions raises this at call time."""
 
 
 def file_sha256(path: str | Path) -> str:
@@ -306,6 +352,7 @@ def _check_item_ids(items: Sequence[Any], what: str) -> None:
 
     Raises:
         TypeError: naming ``what``, the position and the value.
+        ValueError: an integer id too long for ``str`` (more than 4,300 digits).
     """
     for position, item in enumerate(items):
         if type(item) is str:  # the common case, checked first
@@ -315,6 +362,14 @@ def _check_item_ids(items: Sequence[Any], what: str) -> None:
                 f"{what}: item ids must be strings or integers, got {type(item).__name__} "
                 f"{item!r:.40} at position {position}"
             )
+        if type(item) is not str:
+            try:
+                str(item)
+            except ValueError as exc:  # Python refuses str() of integers of > 4,300 digits
+                raise ValueError(
+                    f"{what}: the item id at position {position} is an integer of "
+                    f"{item.bit_length()} bits, too long to be an id ({exc})"
+                ) from exc
 
 
 def _filter_list(items: Any) -> list[Any] | None:
@@ -341,15 +396,23 @@ def _filter_list(items: Any) -> list[Any] | None:
 
 
 def _graph_optimization_level(name: str) -> ort.GraphOptimizationLevel:
-    levels = {
-        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    }
-    if name not in levels:
-        raise ValueError(f"graph_optimization_level must be one of {sorted(levels)}, got {name!r}")
-    return levels[name]
+    """onnxruntime's level for one of :data:`GRAPH_OPTIMIZATION_LEVELS`.
+
+    Raises:
+        ValueError: any other value (the message lists the names).
+    """
+    if not isinstance(name, str) or name not in GRAPH_OPTIMIZATION_LEVELS:
+        raise ValueError(
+            f"graph_optimization_level must be one of {list(GRAPH_OPTIMIZATION_LEVELS)}, got "
+            f"{name!r:.80}"
+        )
+    levels = (
+        ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    )
+    return levels[GRAPH_OPTIMIZATION_LEVELS.index(name)]
 
 
 class SessionRecommender:
@@ -404,6 +467,11 @@ class SessionRecommender:
         else:
             self._unfiltered_mask = mask_scores(np.zeros((1, num_columns), dtype=np.float32), [[]])
         self._unfiltered_mask.flags.writeable = False
+        self._run_options: ort.RunOptions | None = None  # the load check runs quietly
+        self._non_finite_message = (
+            f"the model (version {meta.get('model_version', 'unknown')}) returned NaN or "
+            "infinite scores: its weights are damaged or overflow; re-export it"
+        )
 
     @classmethod
     def from_dir(
@@ -434,16 +502,17 @@ class SessionRecommender:
 
         Raises:
             FileNotFoundError: the directory or one of the three files is missing.
+            OSError: a file exists but cannot be read (PermissionError names it).
             ArtifactIntegrityError: (a ValueError) the model or vocabulary file is not the one
                 the metadata was written for.
             ValueError: a file is malformed: not UTF-8 JSON, missing keys, metadata values of
                 the wrong type or range (see ``_check_meta``), PAD index not 0, vocab size
                 differs from ``num_items`` in the metadata, fallback items outside the vocab, a
                 graph onnxruntime cannot load (damaged file), graph input/output names that do
-                not match the metadata, or metadata the graphs cannot run with (a session of
-                ``max_len`` items is scored at load); a thread count below 1 or above
-                max(64, 8 per core), or a bad level;
-                ``state_cache_mb`` not a finite number >= 0 or too small for one item's state.
+                not match the metadata, metadata the graphs cannot run with, or a model that
+                scores NaN or +inf (a session of ``max_len`` items is scored at load); a thread
+                count below 1 or above max(64, 8 per core), or a bad level; ``state_cache_mb``
+                not a finite number >= 0 or too small for one item's state.
         """
         if isinstance(num_threads, bool) or not isinstance(num_threads, int | np.integer):
             raise ValueError(f"num_threads must be an integer >= 1, got {num_threads!r}")
@@ -515,15 +584,11 @@ class SessionRecommender:
                 meta_path,
                 precision,
             )
+        # the file's level was checked by _check_meta; the caller's is checked here
         level = graph_optimization_level or meta.get("variant", {}).get(
             "graph_optimization_level", "all"
         )
-        try:
-            optimization = _graph_optimization_level(level)
-        except ValueError as exc:
-            if graph_optimization_level is not None:  # the caller's argument, not the file's
-                raise
-            raise ValueError(f"{meta_path}: variant.{exc}") from exc
+        optimization = _graph_optimization_level(level)
         options = ort.SessionOptions()
         options.intra_op_num_threads = num_threads
         options.inter_op_num_threads = 1
@@ -533,10 +598,12 @@ class SessionRecommender:
         inputs = [i.name for i in session.get_inputs()]
         outputs = [o.name for o in session.get_outputs()]
         want_inputs = list(meta.get("input_names", [meta["input_name"]]))
-        if inputs != want_inputs or meta["output_name"] not in outputs:
+        want_outputs = meta.get("output_names", outputs)
+        if inputs != want_inputs or meta["output_name"] not in outputs or outputs != want_outputs:
             raise ValueError(
                 f"{model_path}: graph has inputs {inputs} / outputs {outputs}, but {meta_path} "
                 f"names {want_inputs} -> {meta['output_name']!r}"
+                + (f" (output_names {want_outputs})" if outputs != want_outputs else "")
             )
         step_session, state_cache = None, None
         incremental = meta.get("incremental")
@@ -582,22 +649,30 @@ class SessionRecommender:
     def _self_check(self, meta_path: Path) -> None:
         """Score one session of ``max_len`` items (and, with a state cache, its step from
         ``max_len - 1`` items) so that metadata that does not fit the graphs (a ``max_len`` above
-        the model's context, a ``variant`` that names other inputs) fails at load instead of on
-        the first long request.
+        the model's context, a ``variant`` that names other inputs) or a model that scores NaN
+        fails at load instead of on the first request. onnxruntime's own error log lines are
+        silenced for these calls (the raised error carries the same message).
 
         Raises:
-            ValueError: a graph refused the call; the message names the metadata file.
+            ValueError: a graph refused the call, or returned NaN / infinite scores; the message
+                names the file.
         """
         item = self._item_ids[0]
+        quiet = ort.RunOptions()
+        quiet.log_severity_level = 4  # fatal only
+        self._run_options = quiet
         try:
             self.recommend_batch([[item] * (self._max_len - 1)] if self._max_len > 1 else [], k=1)
             self.recommend_batch([[item] * self._max_len], k=1)
+        except NonFiniteScoresError as exc:
+            raise ValueError(f"{meta_path.parent / MODEL_FILE}: {exc}") from exc
         except (*_ORT_ERRORS, ValueError, RuntimeError) as exc:
             raise ValueError(
                 f"{meta_path} does not fit its graphs: scoring a session of max_len="
                 f"{self._max_len} items failed ({_reason(exc)}); re-export the model"
             ) from exc
         finally:
+            self._run_options = None
             self.clear_state_cache()
 
     @property
@@ -679,9 +754,12 @@ class SessionRecommender:
             gets the popularity fallback (``source="fallback"``, score 0.0).
 
         Raises:
-            ValueError: if k < 1.
+            ValueError: if k < 1, or an integer id has more than 4,300 digits.
             TypeError: if a session is a single string instead of a sequence of ids, or an id
                 is not a string or an integer (the message names its position).
+            NonFiniteScoresError: (a RuntimeError) the model scored NaN or +inf: its weights are
+                damaged (``from_dir`` checks one session at load, so this means a model that
+                fails only on some sessions).
         """
         return self.recommend_with_info(session, k, exclude_seen, allow_items, deny_items)[0]
 
@@ -732,7 +810,11 @@ class SessionRecommender:
         """(N,) int64 indices of the known raw ids in ``items``; None stays None."""
         if items is None:
             return None
-        idxs = [self._index.get(str(item), PAD_IDX) for item in items]
+        try:
+            idxs = [self._index.get(str(item), PAD_IDX) for item in items]
+        except ValueError:  # str() of an integer of more than 4,300 digits
+            _check_item_ids(items, "allow_items / deny_items")
+            raise
         known = [i for i in idxs if i != PAD_IDX]
         if len(known) < len(idxs):
             _check_item_ids(items, "allow_items / deny_items")
@@ -790,7 +872,11 @@ class SessionRecommender:
                     f"a session must be a sequence of item ids, got {session!r:.80}{hint}"
                 )
             session = sessions[row] = list(session)  # iterators are read once
-            idxs = list(map(index_get, map(str, session), pad))
+            try:
+                idxs = list(map(index_get, map(str, session), pad))
+            except ValueError:  # str() of an integer of more than 4,300 digits
+                _check_item_ids(session, "session")
+                raise
             known = idxs
             if PAD_IDX in idxs:  # unknown ids: checked, then left out
                 _check_item_ids(session, "session")
@@ -857,7 +943,11 @@ class SessionRecommender:
                 set_excluded(mask, *rule, value=0.0)
             return self._recommendation_rows(top_idx, top_scores)
         item_ids = encode_prefixes(prefixes, self._max_len)  # (B, L') int64, left-padded
-        scores = self._session.run([self._output_name], {self._input_name: item_ids})[0]  # (B, C)
+        scores = self._session.run(
+            [self._output_name], {self._input_name: item_ids}, self._run_options
+        )[0]  # (B, C)
+        if not scores.max() < np.inf:  # NaN or +inf anywhere (max propagates NaN)
+            raise NonFiniteScoresError(self._non_finite_message)
         masked = mask_scores(scores, prefixes, exclude_seen, allow_idxs, deny_idxs)  # (B, C)
         tops = [_top_k(row_masked, k) for row_masked in masked]  # B x (K,) int64
         return [
@@ -876,6 +966,7 @@ class SessionRecommender:
         top_scores, top_idx = self._session.run(
             ["top_scores", "top_idx"],
             {self._input_name: item_ids, "score_mask": mask, "k": k_arr},
+            self._run_options,
         )
         return top_scores, top_idx
 
@@ -933,6 +1024,7 @@ class SessionRecommender:
                     "score_mask": mask,
                     "k": k_arr,
                 },
+                self._run_options,
             )  # top_scores, top_idx, present_kv (2 * layers, B, H, L', Dh)[, copy keys]
             new_states = states_from_prefill(
                 outputs[2], outputs[3] if self._is_copy else None, [len(w) for w in windows]
@@ -950,7 +1042,8 @@ class SessionRecommender:
         }
         if self._is_copy:
             feed["past_copy_keys"] = past_copy_keys
-        outputs = self._step_session.run(None, feed)  # present: (2 * layers, B, H, 1, Dh)
+        # present: (2 * layers, B, H, 1, Dh)
+        outputs = self._step_session.run(None, feed, self._run_options)
         for j, window in enumerate(windows):
             copy_key = outputs[3][j] if self._is_copy else None
             self._keep(
@@ -973,6 +1066,8 @@ class SessionRecommender:
         """Recommendations of a batch from the (B, K) int64 item indices and (B, K) float32
         scores of a top-k (best first), with one array lookup for all raw ids; items scored
         -inf (excluded by the score mask, when fewer than k were left) are left out."""
+        if not top_scores.max() < np.inf:  # NaN or +inf anywhere (max propagates NaN)
+            raise NonFiniteScoresError(self._non_finite_message)
         item_ids = self._item_id_array[top_idx - (PAD_IDX + 1)].tolist()  # (B, K) str
         # tuple.__new__ builds each named tuple from C (what Recommendation._make does), about
         # half the cost of calling the class: 1,280 of them per batch of 64 at k = 20

@@ -40,7 +40,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match
 
 from seqrec import __version__
-from seqrec.predictor import SessionRecommender
+from seqrec.predictor import NonFiniteScoresError, SessionRecommender
 
 logger = logging.getLogger("seqrec.serving")
 
@@ -444,6 +444,25 @@ def _error_response(
     )
 
 
+def _unreadable_body_message(exc: Exception) -> str:
+    """Why FastAPI could not parse a request body as JSON text, from the error it chained
+    (``raise HTTPException(400) from error``)."""
+    cause = exc.__cause__
+    if isinstance(cause, UnicodeDecodeError):
+        return (
+            f"the body is not UTF-8 text (byte 0x{cause.object[cause.start]:02x} at offset "
+            f"{cause.start}); send JSON encoded as UTF-8"
+        )
+    if isinstance(cause, RecursionError):
+        return "the body could not be parsed as JSON text: it is nested too deeply"
+    if isinstance(cause, ValueError) and "digits" in str(cause):
+        return "the body could not be parsed as JSON text: an integer has more than 4,300 digits"
+    return (
+        "the body could not be parsed as JSON text (invalid UTF-8, nested too deeply, or an "
+        "integer of more than 4,300 digits)"
+    )
+
+
 def create_app(recommender: SessionRecommender, settings: ServeSettings | None = None) -> FastAPI:
     """Build the service around a loaded recommender.
 
@@ -489,11 +508,9 @@ def create_app(recommender: SessionRecommender, settings: ServeSettings | None =
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         if exc.status_code == 400 and request.method == "POST":  # the body could not be decoded
-            message = (
-                "the body could not be parsed as JSON text (invalid UTF-8, nested too deeply, "
-                "or an integer of more than 4,300 digits)"
+            return _error_response(
+                400, "invalid request", "body", _unreadable_body_message(exc), "body_unreadable"
             )
-            return _error_response(400, "invalid request", "body", message, "body_unreadable")
         phrase = HTTPStatus(exc.status_code).phrase
         field = {404: "path", 405: "method"}.get(exc.status_code, "request")
         message = f"{exc.detail}: {request.method} {request.url.path}"
@@ -501,6 +518,12 @@ def create_app(recommender: SessionRecommender, settings: ServeSettings | None =
         return _error_response(
             exc.status_code, phrase.lower(), field, message, kind, headers=exc.headers
         )
+
+    @app.exception_handler(NonFiniteScoresError)
+    async def non_finite_scores(request: Request, exc: NonFiniteScoresError) -> JSONResponse:
+        # a damaged model: answered as JSON (NaN is not JSON) and logged as an error
+        logger.error("non-finite model scores", extra={"error": str(exc)})
+        return _error_response(500, "internal error", "model", str(exc), "non_finite_scores")
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -592,7 +615,10 @@ def create_app(recommender: SessionRecommender, settings: ServeSettings | None =
         }
         # Serialised here (the shape is RecommendationResponse, which documents it): FastAPI's
         # response-model validation would cost about as much as the top-k.
-        return Response(json.dumps(payload, separators=(",", ":")), media_type="application/json")
+        return Response(
+            json.dumps(payload, separators=(",", ":"), allow_nan=False),
+            media_type="application/json",
+        )
 
     @app.api_route(
         "/healthz", methods=["GET", "HEAD"], summary="Liveness: the process answers"
@@ -785,7 +811,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         recommender = _load(args.export_dir, args.graph_optimization_level, settings)
-    except (FileNotFoundError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # OSError: missing or unreadable files
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if not recommender.incremental:  # report the cache actually in use
