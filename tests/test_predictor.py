@@ -12,8 +12,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
+from packaging.version import Version
 
 import seqrec.export as export_mod
 from _export_helpers import (
@@ -73,6 +75,37 @@ def test_import_loads_neither_torch_nor_pandas() -> None:
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize(("preset", "telemetry_files"), [(None, False), ("0", True)])
+def test_onnxruntime_telemetry_is_off_unless_the_process_chose(
+    exported: TinyExport, tmp_path: Path, preset: str | None, telemetry_files: bool
+) -> None:
+    """onnxruntime >= 1.29 on Linux writes a device id and an upload cache under
+    ~/.cache/Microsoft/DeveloperTools/.onnxruntime when it starts, unless
+    ORT_DISABLE_TELEMETRY=1. Importing seqrec sets it by default; an explicit choice of the
+    process (here ORT_DISABLE_TELEMETRY=0) is kept. HOME is a fresh directory, so what
+    onnxruntime writes there is visible."""
+    if telemetry_files and Version(ort.__version__) < Version("1.29"):
+        pytest.skip(f"onnxruntime {ort.__version__} has no Linux telemetry to observe")
+    env = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"}
+    env["HOME"] = str(tmp_path)
+    if preset is not None:
+        env["ORT_DISABLE_TELEMETRY"] = preset
+    code = (
+        "import os; from seqrec.predictor import SessionRecommender; "
+        f"SessionRecommender.from_dir({str(exported.export_dir)!r}); "
+        "print(os.environ['ORT_DISABLE_TELEMETRY'])"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert proc.stdout.strip() == (preset or "1")
+    written = sorted(p.name for p in (tmp_path / ".cache").rglob("*") if p.is_file())
+    if telemetry_files:  # onnxruntime's default: the check below can see its files
+        assert "deviceid" in written, written
+    else:
+        assert written == [], written
 
 
 def test_properties(rec: SessionRecommender) -> None:
