@@ -498,6 +498,43 @@ def test_tampered_step_graph_is_refused(inc_export, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"n_layers": 1}, r"n_layers is 1 and d_model 16, but .*model.onnx has 2 block\(s\) of "
+         "width 16"),
+        ({"d_model": 32}, r"n_layers is 2 and d_model 32, but .*model.onnx has 2 block\(s\) of "
+         "width 16"),
+        ({"n_layers": 10**15}, r"n_layers is 1000000000000000 and d_model 16, but"),
+        ({"max_len": MAX_LEN - 1}, rf"max_len is {MAX_LEN - 1}, but .*model.onnx also scores "
+         rf"sessions of {MAX_LEN} items: the model's context is longer"),
+        ({"variant.incremental": False}, r"variant.incremental is False, expected true \(the "
+         r"metadata has an incremental section\)"),
+        ({"format_version": 1}, "format_version is 1, expected 2: variants and step graphs came "
+         "with format 2"),
+    ],
+)  # fmt: skip
+def test_metadata_that_misdescribes_the_graphs_is_refused(
+    inc_export, tmp_path: Path, changes: dict[str, object], message: str
+) -> None:
+    """n_layers / d_model are compared with the states the graph returns (a wrong n_layers
+    was accepted, and 10**15 was blamed on state_cache_mb); a max_len below the model's context
+    (sessions silently cut short) and contradicting variant / format keys are refused."""
+    _, out = inc_export
+    copy = tmp_path / "export"
+    shutil.copytree(out, copy)
+    meta = json.loads((copy / "export_meta.json").read_text())
+    for key, value in changes.items():
+        section, _, sub_key = key.partition(".")
+        if sub_key:
+            meta[section][sub_key] = value
+        else:
+            meta[key] = value
+    (copy / "export_meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=message):
+        SessionRecommender.from_dir(copy)
+
+
+@pytest.mark.parametrize(
     ("value", "message"),
     [
         (-1, "finite number >= 0"),

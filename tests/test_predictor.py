@@ -280,8 +280,14 @@ def test_from_dir_errors_name_the_file(exported: TinyExport, tmp_path: Path) -> 
         ("empty_score_mask", "yes", "empty_score_mask is 'yes', expected true or false"),
         ("format_version", "2", "format_version is '2', expected an integer >= 1"),
         ("incremental", "yes", "incremental is 'yes', expected an object"),
+        ("max_len", 10**12, "max_len is 1000000000000, expected at most 65,536"),
+        ("max_len", MAX_LEN - 1, f"max_len is {MAX_LEN - 1}, but .*model.onnx also scores "
+         f"sessions of {MAX_LEN} items"),
+        ("model_version", {"a": 1}, r"model_version is \{'a': 1\}, expected a string of 1 to 64"),
+        ("model_version", "v" * 65, "model_version is 'v+', expected a string of 1 to 64"),
+        ("int8_saturation_safe", "true", "int8_saturation_safe is 'true', expected true or false"),
     ],
-)
+)  # fmt: skip
 def test_from_dir_refuses_metadata_values_it_cannot_use(
     exported: TinyExport, tmp_path: Path, key: str, value: object, message: str
 ) -> None:
@@ -427,6 +433,49 @@ def test_unreadable_export_files_get_a_one_line_error(exported: TinyExport) -> N
                 assert f"error: [Errno 13] Permission denied: '{export_dir / name}'" in proc.stderr
                 assert "Traceback" not in proc.stderr
             (export_dir / name).chmod(0o644)
+
+
+def test_vocabulary_ids_and_file_kinds_are_checked(exported: TinyExport, tmp_path: Path) -> None:
+    """item_vocab.json ids that are not non-empty strings or integers were loaded as "None",
+    "1.5", "" ...; a JSON integer of more than 4,300 digits gave Python's message without the
+    file; a directory, a FIFO or a symlink loop in place of a file were all "missing"."""
+    vocab = json.loads((exported.export_dir / "item_vocab.json").read_text())
+    for position, bad in ((3, None), (0, ""), (5, 1.5), (2, True), (1, {"a": [1]})):
+        directory = _copy_export(exported.export_dir, tmp_path / f"vocab{position}")
+        ids = list(vocab["item_ids"])
+        ids[position] = bad
+        (directory / "item_vocab.json").write_text(json.dumps({**vocab, "item_ids": ids}))
+        with pytest.raises(
+            ValueError,
+            match=rf"item_vocab.json: item_ids\[{position}\] is .*, expected a non-empty",
+        ):
+            SessionRecommender.from_dir(directory, verify_integrity=False)
+    pad_false = _copy_export(exported.export_dir, tmp_path / "pad_false")
+    (pad_false / "item_vocab.json").write_text(json.dumps({**vocab, "pad_idx": False}))
+    with pytest.raises(ValueError, match=r"item_vocab.json: pad_idx is False, expected 0"):
+        SessionRecommender.from_dir(pad_false, verify_integrity=False)
+
+    huge = _copy_export(exported.export_dir, tmp_path / "huge")
+    text = (huge / "export_meta.json").read_text()
+    (huge / "export_meta.json").write_text(
+        text.replace('"max_len": 12', '"max_len": ' + "9" * 5000)
+    )
+    with pytest.raises(ValueError, match=r"export_meta.json: not valid JSON \(Exceeds the limit"):
+        SessionRecommender.from_dir(huge)
+
+    kinds = _copy_export(exported.export_dir, tmp_path / "kinds")
+    (kinds / "model.onnx").unlink()
+    (kinds / "model.onnx").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"model.onnx is a directory, expected a file"):
+        SessionRecommender.from_dir(kinds)
+    (kinds / "model.onnx").rmdir()
+    os.mkfifo(kinds / "model.onnx")
+    with pytest.raises(FileNotFoundError, match=r"model.onnx is not a regular file"):
+        SessionRecommender.from_dir(kinds)
+    (kinds / "model.onnx").unlink()
+    (kinds / "model.onnx").symlink_to(kinds / "model.onnx")  # a loop
+    with pytest.raises(FileNotFoundError, match=r"model.onnx is a broken or looping symbolic"):
+        SessionRecommender.from_dir(kinds)
 
 
 def test_integer_ids_too_long_for_str_are_named(rec: SessionRecommender) -> None:

@@ -239,8 +239,10 @@ def test_malformed_json_and_wrong_method(client: httpx.Client) -> None:
         (b"[" * 100_000, {"content-type": "application/json"}, 400, "body_unreadable",
          "the body could not be parsed as JSON text: it is nested too deeply"),
         (b'{"session": [' + b"9" * 5_000 + b"]}", {"content-type": "application/json"}, 400,
-         "body_unreadable", "could not be parsed as JSON text: an integer has more than 4,300 "
-         "digits"),
+         "body_unreadable", "could not be parsed as JSON text: an integer has 5,000 digits; item "
+         "ids and k have at most 64"),
+        (b'{"session": [-' + b"9" * 65 + b"]}", {"content-type": "application/json"}, 400,
+         "body_unreadable", "an integer has 65 digits"),
         (b"", {"content-type": "application/json"}, 400, "body_missing",
          'the request has no body; send a JSON object such as {"session": []}'),
         (b"", {}, 400, "body_missing", "the request has no body"),  # a bare POST
@@ -260,7 +262,7 @@ def test_malformed_json_and_wrong_method(client: httpx.Client) -> None:
                               ("content-encoding", "gzip"), ("content-encoding", "identity")],
          415, "content_encoding", "Content-Encoding 'gzip, identity'"),  # a later one won't undo
     ],
-    ids=["no-content-type", "text-plain", "not-utf8", "latin-1", "nested-too-deeply", "huge-integer",
+    ids=["no-content-type", "text-plain", "not-utf8", "latin-1", "nested-too-deeply", "huge-integer", "integer-of-65-digits",
          "empty", "bare-post", "empty-text-plain", "unterminated-string", "control-character", "gzip", "brotli-invalid-body",
          "gzip-header-plain-body", "gzip-then-identity"],
 )  # fmt: skip
@@ -419,6 +421,44 @@ def _start_serve(args: list[str]) -> tuple[subprocess.Popen, int]:
 
 
 @pytest.mark.slow
+def test_integers_of_64_digits_are_ids_and_bodies_of_long_integers_are_cheap(
+    client: httpx.Client,
+) -> None:
+    """Integer ids are bounded like string ids (64): Python converts up to 4,300 digits in
+    quadratic time, and a body of 1,800 such ids held the event loop for over a second before
+    validation refused it. The body is now refused at its first long integer (400)."""
+    for session in ([int("9" * 64)], [-int("9" * 64)]):
+        ok = client.post("/recommendations", json={"session": session, "k": 2})
+        assert ok.status_code == 200 and ok.json()["num_unknown"] == 1
+    body = b'{"session": [], "deny_items": [' + b",".join([b"9" * 4_299] * 100) + b"]}"
+    refused = client.post(
+        "/recommendations", content=body, headers={"content-type": "application/json"}
+    )
+    assert refused.status_code == 400
+    assert "an integer has 4,299 digits" in refused.json()["detail"][0]["message"]
+
+
+def test_console_script_refuses_a_damaged_model_or_unnameable_ids_in_one_line(
+    exported: TinyExport, tmp_path: Path
+) -> None:
+    """A model scoring NaN for a popular item passes from_dir's check (it scores another
+    item) but failed the service's warm-up with a traceback (exit 1); catalog ids longer than a
+    request may name would give items the widget cannot send back (422)."""
+    script = shutil.which("seqrec-serve") or str(Path(sys.executable).parent / "seqrec-serve")
+    damaged = nan_item_rows(exported.export_dir, tmp_path / "nan", [3])  # item 1003: fallback
+    proc = subprocess.run([script, str(damaged)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "returned NaN or infinite scores" in proc.stderr and "Traceback" not in proc.stderr
+
+    long_ids = tmp_path / "long_ids"
+    shutil.copytree(exported.export_dir, long_ids)
+    vocab = json.loads((long_ids / "item_vocab.json").read_text())
+    vocab["item_ids"][7] = "x" * 65
+    (long_ids / "item_vocab.json").write_text(json.dumps(vocab))
+    with pytest.raises(ValueError, match=r"1 catalog item id\(s\) are longer than 64 characters"):
+        create_app(SessionRecommender.from_dir(long_ids, verify_integrity=False))
+
+
 def test_console_script_serves_and_refuses_bad_dirs(exported: TinyExport, tmp_path: Path) -> None:
     script = shutil.which("seqrec-serve") or str(Path(sys.executable).parent / "seqrec-serve")
     bad = subprocess.run(

@@ -73,6 +73,10 @@ _REQUIRED_META_KEYS = (
     "fallback_items",
 )
 
+MOST_MAX_LEN = 1 << 16
+"""Largest ``max_len`` the predictor accepts (far above any session model's context; attention
+memory grows with its square)."""
+
 FALLBACK_SCORE = 0.0
 """Score given to popularity-fallback recommendations; their order is their rank."""
 
@@ -112,17 +116,33 @@ class RecommendInfo:
     num_unknown_filter_items: int = 0
 
 
+def _require_file(path: Path) -> None:
+    """Refuse a path that is not a readable regular file, saying what it is instead.
+
+    Raises:
+        FileNotFoundError: missing, a directory, a broken or looping symbolic link, or not a
+            regular file (a FIFO, a device); the message names the path and which.
+    """
+    if path.is_file():
+        return
+    if path.is_dir():
+        raise FileNotFoundError(f"export file {path} is a directory, expected a file")
+    if os.path.lexists(path):
+        kind = "a broken or looping symbolic link" if path.is_symlink() else "not a regular file"
+        raise FileNotFoundError(f"export file {path} is {kind}")
+    raise FileNotFoundError(f"missing export file: {path}")
+
+
 def _read_json(path: Path) -> Any:
-    if not path.is_file():
-        raise FileNotFoundError(f"missing export file: {path}")
+    _require_file(path)
     try:
         return json.loads(path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise ValueError(f"{path}: not UTF-8 text ({exc})") from exc
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
     except RecursionError as exc:
         raise ValueError(f"{path}: not valid JSON (nested too deeply)") from exc
+    except ValueError as exc:  # JSONDecodeError, or an integer of more than 4,300 digits
+        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
 
 
 def _check_meta(meta: Any, path: Path) -> None:
@@ -159,6 +179,8 @@ def _check_meta(meta: Any, path: Path) -> None:
     for key in ("max_len", "num_items"):
         if not is_int(meta[key], 1):
             refuse(key, "an integer >= 1")
+    if meta["max_len"] > MOST_MAX_LEN:
+        refuse("max_len", f"at most {MOST_MAX_LEN:,} (a session model's context)")
     if "format_version" in meta and not is_int(meta["format_version"], 1):
         refuse("format_version", "an integer >= 1")
     if meta.get("format_version", 1) > FORMAT_VERSION:
@@ -170,6 +192,12 @@ def _check_meta(meta: Any, path: Path) -> None:
     for key in ("input_name", "output_name"):
         if not isinstance(meta[key], str):
             refuse(key, "a string")
+    if "model_version" in meta and not (
+        isinstance(meta["model_version"], str) and 0 < len(meta["model_version"]) <= 64
+    ):
+        refuse("model_version", "a string of 1 to 64 characters")
+    if not isinstance(meta.get(INT8_SATURATION_SAFE, False), bool):
+        refuse(INT8_SATURATION_SAFE, "true or false")
     for key in ("input_names", "output_names"):
         if key in meta and not is_str_list(meta[key]):
             refuse(key, "a list of strings")
@@ -194,6 +222,12 @@ def _check_meta(meta: Any, path: Path) -> None:
         refuse("sha256", "an object of file name -> hex digest")
     if not isinstance(meta.get("empty_score_mask", False), bool):
         refuse("empty_score_mask", "true or false")
+    if meta.get("format_version", 1) < 2 and ("variant" in meta or "incremental" in meta):
+        refuse(
+            "format_version",
+            "2: variants and step graphs came with format 2, whose sha256 section is required "
+            "(a format 1 export is loaded without integrity check)",
+        )
     incremental = meta.get("incremental")
     if incremental is None:
         if variant.get("incremental"):
@@ -221,6 +255,8 @@ def _check_meta(meta: Any, path: Path) -> None:
             refuse(key, "an integer >= 1 (an incremental export)")
     if "output_names" not in meta:
         refuse("output_names", "a list of strings (an incremental export)")
+    if variant.get("incremental") is False:
+        refuse("variant.incremental", "true (the metadata has an incremental section)")
 
 
 _ORT_ERRORS: tuple[type[Exception], ...] = tuple(
@@ -332,8 +368,7 @@ def _verify_hashes(directory: Path, meta: dict[str, Any], with_step: bool = True
     step_file = (meta.get("incremental") or {}).get("step_file")
     names = (MODEL_FILE, VOCAB_FILE) + ((step_file,) if step_file and with_step else ())
     for name in names:
-        if not (directory / name).is_file():
-            raise FileNotFoundError(f"missing export file: {directory / name}")
+        _require_file(directory / name)
         want = hashes.get(name)
         got = file_sha256(directory / name)
         if want != got:
@@ -545,20 +580,26 @@ class SessionRecommender:
         )
         meta = _read_json(meta_path)
         _check_meta(meta, meta_path)
-        if not model_path.is_file():
-            raise FileNotFoundError(f"missing export file: {model_path}")
-        if not vocab_path.is_file():
-            raise FileNotFoundError(f"missing export file: {vocab_path}")
+        _require_file(model_path)
+        _require_file(vocab_path)
         if verify_integrity:
             _verify_hashes(directory, meta, with_step=state_cache_mb > 0)
 
         vocab = _read_json(vocab_path)
         if not isinstance(vocab, dict) or not isinstance(vocab.get("item_ids"), list):
             raise ValueError(f"{vocab_path}: missing key 'item_ids' (a list of raw ids)")
-        if vocab.get("pad_idx") != PAD_IDX:
+        if vocab.get("pad_idx") != PAD_IDX or isinstance(vocab.get("pad_idx"), bool):
             raise ValueError(
                 f"{vocab_path}: pad_idx is {vocab.get('pad_idx')!r}, expected {PAD_IDX}"
             )
+        for position, item in enumerate(vocab["item_ids"]):
+            if not (isinstance(item, str) and item) and (
+                isinstance(item, bool) or not isinstance(item, int)
+            ):
+                raise ValueError(
+                    f"{vocab_path}: item_ids[{position}] is {item!r:.80}, expected a non-empty "
+                    "string or an integer"
+                )
         item_ids = [str(i) for i in vocab["item_ids"]]
         if len(item_ids) != int(meta["num_items"]):
             raise ValueError(
@@ -608,20 +649,8 @@ class SessionRecommender:
         step_session, state_cache = None, None
         incremental = meta.get("incremental")
         if incremental and state_cache_mb > 0:
-            one_item_bytes = state_bytes_per_item(
-                int(meta["n_layers"]),
-                int(meta["d_model"]),
-                "present_copy_keys" in meta["output_names"],
-            )
-            if state_cache_mb * 2**20 < one_item_bytes:
-                raise ValueError(
-                    f"state_cache_mb={state_cache_mb!r} cannot hold the state of a single item "
-                    f"({one_item_bytes} bytes for n_layers={meta['n_layers']}, d_model="
-                    f"{meta['d_model']} in {meta_path}); use 0 to turn the cache off"
-                )
             step_path = directory / str(incremental.get("step_file", ""))
-            if not step_path.is_file():
-                raise FileNotFoundError(f"missing export file: {step_path}")
+            _require_file(step_path)
             step_session = _load_graph(step_path, options)
             step_inputs = [i.name for i in step_session.get_inputs()]
             if step_inputs != list(incremental.get("step_input_names", [])):
@@ -629,7 +658,7 @@ class SessionRecommender:
                     f"{step_path}: graph has inputs {step_inputs}, but {meta_path} names "
                     f"{incremental.get('step_input_names')}"
                 )
-            state_cache = StateCache(int(state_cache_mb * 2**20))
+            state_cache = StateCache(max(1, int(state_cache_mb * 2**20)))  # size checked below
         logger.info(
             "loaded %s: %d items, max_len %d, exporter %s, variant %s, %d thread(s), level %s, "
             "state cache %s",
@@ -644,28 +673,54 @@ class SessionRecommender:
         )
         recommender = cls(session, item_ids, meta, step_session, state_cache)
         recommender._self_check(meta_path)
+        if state_cache is not None:  # n_layers and d_model were checked against the graph
+            one_item_bytes = state_bytes_per_item(
+                int(meta["n_layers"]),
+                int(meta["d_model"]),
+                "present_copy_keys" in meta["output_names"],
+            )
+            if state_cache_mb * 2**20 < one_item_bytes:
+                raise ValueError(
+                    f"state_cache_mb={state_cache_mb!r} cannot hold the state of a single item "
+                    f"({one_item_bytes} bytes for n_layers={meta['n_layers']}, d_model="
+                    f"{meta['d_model']} in {meta_path}); use 0 to turn the cache off"
+                )
         return recommender
 
     def _self_check(self, meta_path: Path) -> None:
-        """Score one session of ``max_len`` items (and, with a state cache, its step from
-        ``max_len - 1`` items) so that metadata that does not fit the graphs (a ``max_len`` above
-        the model's context, a ``variant`` that names other inputs) or a model that scores NaN
-        fails at load instead of on the first request. onnxruntime's own error log lines are
-        silenced for these calls (the raised error carries the same message).
+        """Check at load that the metadata fits the graphs and the model scores finite numbers,
+        instead of failing on the first request (or serving sessions cut short):
+
+        - ``model.onnx`` scores one item; for an incremental export its ``present_kv`` must
+          have the ``n_layers`` and ``d_model`` of the metadata;
+        - it must refuse a session of ``max_len + 1`` items: ``max_len`` is the model's context
+          (a smaller value would silently drop the oldest items of longer sessions);
+        - a session of ``max_len`` items is recommended for (and, with a state cache, its step
+          from ``max_len - 1`` items), with finite scores.
+
+        onnxruntime's own error log lines are silenced for these calls (the raised error carries
+        the same message).
 
         Raises:
-            ValueError: a graph refused the call, or returned NaN / infinite scores; the message
-                names the file.
+            ValueError: a graph refused a call, or accepted the longer session, or returned NaN
+                / infinite scores; the message names the file.
         """
-        item = self._item_ids[0]
         quiet = ort.RunOptions()
         quiet.log_severity_level = 4  # fatal only
         self._run_options = quiet
+        meta, model_path = self._meta, meta_path.parent / MODEL_FILE
         try:
+            present_kv_shape = self._run_raw(1, quiet)[2].shape if meta.get("incremental") else ()
+            try:
+                self._run_raw(self._max_len + 1, quiet)
+                longer_scored = True
+            except _ORT_ERRORS:  # the model's context ends at max_len, as the metadata says
+                longer_scored = False
+            item = self._item_ids[0]
             self.recommend_batch([[item] * (self._max_len - 1)] if self._max_len > 1 else [], k=1)
             self.recommend_batch([[item] * self._max_len], k=1)
         except NonFiniteScoresError as exc:
-            raise ValueError(f"{meta_path.parent / MODEL_FILE}: {exc}") from exc
+            raise ValueError(f"{model_path}: {exc}") from exc
         except (*_ORT_ERRORS, ValueError, RuntimeError) as exc:
             raise ValueError(
                 f"{meta_path} does not fit its graphs: scoring a session of max_len="
@@ -674,6 +729,32 @@ class SessionRecommender:
         finally:
             self._run_options = None
             self.clear_state_cache()
+        if present_kv_shape:  # (2 * n_layers, B, H, 1, Dh)
+            layers2, _, heads, _, head_dim = present_kv_shape
+            if (layers2, heads * head_dim) != (2 * meta["n_layers"], meta["d_model"]):
+                raise ValueError(
+                    f"{meta_path}: n_layers is {meta['n_layers']} and d_model {meta['d_model']}, "
+                    f"but {model_path} has {layers2 // 2} block(s) of width {heads * head_dim}"
+                )
+        if longer_scored:
+            raise ValueError(
+                f"{meta_path}: max_len is {self._max_len}, but {model_path} also scores sessions "
+                f"of {self._max_len + 1} items: the model's context is longer, and longer "
+                "sessions would be cut short; correct max_len or re-export"
+            )
+
+    def _run_raw(self, length: int, options: ort.RunOptions) -> list[np.ndarray]:
+        """``model.onnx``'s outputs for one session of ``length`` copies of item index 1,
+        without the predictor's truncation to ``max_len`` (the load check)."""
+        feed = {
+            self._input_name: np.full((1, length), PAD_IDX + 1, dtype=np.int64),
+            "score_mask": self._unfiltered_mask,
+            "k": np.array([1], dtype=np.int64),
+        }
+        names = [i.name for i in self._session.get_inputs()]
+        return self._session.run(
+            None, {name: feed[name] for name in names if name in feed}, options
+        )
 
     @property
     def num_items(self) -> int:

@@ -26,6 +26,7 @@ from typing import Annotated, Any, Literal
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -146,12 +147,56 @@ _REFUSALS = {408: "request timeout", 413: "payload too large", 415: "unsupported
 
 
 _UNION_BRANCHES = {"constrained-str", "int", "str"}
+MAX_ID_LENGTH = 64
+"""Longest item id the service takes: strings of at most 64 characters, integers of at most 64
+digits (a catalog with longer ids is refused at startup)."""
 _ITEM_ID_MESSAGE = "item ids must be strings of 1 to 64 characters or integers"
 _UNICODE_MESSAGE = (
     "not valid Unicode text: a string here holds a lone UTF-16 surrogate escape (such as "
     "\\ud800) without its pair"
 )
-ItemId = Annotated[str, StringConstraints(strict=True, min_length=1, max_length=64)] | StrictInt
+ItemId = (
+    Annotated[str, StringConstraints(strict=True, min_length=1, max_length=MAX_ID_LENGTH)]
+    | StrictInt
+)
+
+
+class _IntegerTooLong(ValueError):
+    """A JSON integer of more than :data:`MAX_ID_LENGTH` digits in a request body."""
+
+
+def _bounded_int(text: str) -> int:
+    """``json.loads``'s ``parse_int``: integers of at most :data:`MAX_ID_LENGTH` digits. Python
+    converts up to 4,300 digits, in time that grows with the square of the length: a body of
+    such ids held the event loop for seconds before validation could refuse them."""
+    if len(text) > MAX_ID_LENGTH and len(text.lstrip("-")) > MAX_ID_LENGTH:
+        raise _IntegerTooLong(
+            f"an integer has {len(text.lstrip('-')):,} digits; item ids and k have at most "
+            f"{MAX_ID_LENGTH}"
+        )
+    return int(text)
+
+
+class _BoundedJsonRequest(Request):
+    """A request whose JSON body is parsed with :func:`_bounded_int` (FastAPI reads the body
+    through ``Request.json``)."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            self._json = json.loads(await self.body(), parse_int=_bounded_int)
+        return self._json
+
+
+class _BoundedJsonRoute(APIRoute):
+    """The route class of ``POST /recommendations`` (FastAPI's custom request class pattern)."""
+
+    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+        handler = super().get_route_handler()
+
+        async def bounded(request: Request) -> Response:
+            return await handler(_BoundedJsonRequest(request.scope, request.receive))
+
+        return bounded
 
 
 class RecommendedItem(BaseModel):
@@ -444,7 +489,7 @@ def _error_response(
     )
 
 
-def _unreadable_body_message(exc: Exception) -> str:
+def _unreadable_body_message(exc: StarletteHTTPException) -> str:
     """Why FastAPI could not parse a request body as JSON text, from the error it chained
     (``raise HTTPException(400) from error``)."""
     cause = exc.__cause__
@@ -455,12 +500,9 @@ def _unreadable_body_message(exc: Exception) -> str:
         )
     if isinstance(cause, RecursionError):
         return "the body could not be parsed as JSON text: it is nested too deeply"
-    if isinstance(cause, ValueError) and "digits" in str(cause):
-        return "the body could not be parsed as JSON text: an integer has more than 4,300 digits"
-    return (
-        "the body could not be parsed as JSON text (invalid UTF-8, nested too deeply, or an "
-        "integer of more than 4,300 digits)"
-    )
+    if isinstance(cause, _IntegerTooLong):
+        return f"the body could not be parsed as JSON text: {cause}"
+    return f"the body could not be parsed as JSON text ({exc.detail})"
 
 
 def create_app(recommender: SessionRecommender, settings: ServeSettings | None = None) -> FastAPI:
@@ -472,7 +514,18 @@ def create_app(recommender: SessionRecommender, settings: ServeSettings | None =
 
     Returns:
         The FastAPI app (its own Prometheus registry, so several apps can live in one process).
+
+    Raises:
+        ValueError: the catalog has item ids longer than :data:`MAX_ID_LENGTH` characters
+            (requests could not name them).
+        NonFiniteScoresError: the warm-up request scored NaN (a damaged model).
     """
+    too_long = [i for i in recommender.item_ids if len(i) > MAX_ID_LENGTH]
+    if too_long:
+        raise ValueError(
+            f"{len(too_long)} catalog item id(s) are longer than {MAX_ID_LENGTH} characters, "
+            f"which requests cannot name (e.g. {too_long[0]!r:.80})"
+        )
     settings = settings or ServeSettings()
     request_model = _request_model(settings)
     registry = CollectorRegistry()
@@ -580,18 +633,6 @@ def create_app(recommender: SessionRecommender, settings: ServeSettings | None =
             content={"error": "invalid request", "detail": list(errors.values())},
         )
 
-    @app.post(
-        "/recommendations",
-        response_model=RecommendationResponse,
-        summary="Recommend the next items for a session",
-        responses={
-            400: {"description": "the body is not valid UTF-8 JSON text"},
-            408: {"description": "the body did not arrive within the service's body timeout"},
-            413: {"description": "the body is larger than the service's max_body_bytes"},
-            415: {"description": "the body is not sent as uncompressed application/json"},
-            422: {"description": "invalid request: the body names the field and why"},
-        },
-    )
     async def recommendations(body: request_model) -> Response:  # type: ignore[valid-type]
         # `async def` on purpose: the model call (about a millisecond, one intra-op thread) runs
         # on the event loop instead of hopping to a thread pool; measured cheaper per request on
@@ -619,6 +660,26 @@ def create_app(recommender: SessionRecommender, settings: ServeSettings | None =
             json.dumps(payload, separators=(",", ":"), allow_nan=False),
             media_type="application/json",
         )
+
+    # app.post, with the route class that bounds JSON integers (only add_api_route takes one)
+    app.router.add_api_route(
+        "/recommendations",
+        recommendations,
+        methods=["POST"],
+        route_class_override=_BoundedJsonRoute,
+        response_model=RecommendationResponse,
+        summary="Recommend the next items for a session",
+        responses={
+            400: {
+                "description": "the body is not valid UTF-8 JSON text (or holds an integer of "
+                "more than 64 digits)"
+            },
+            408: {"description": "the body did not arrive within the service's body timeout"},
+            413: {"description": "the body is larger than the service's max_body_bytes"},
+            415: {"description": "the body is not sent as uncompressed application/json"},
+            422: {"description": "invalid request: the body names the field and why"},
+        },
+    )
 
     @app.api_route(
         "/healthz", methods=["GET", "HEAD"], summary="Liveness: the process answers"
@@ -816,7 +877,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not recommender.incremental:  # report the cache actually in use
         settings = replace(settings, state_cache_mb=0.0)
-    app = create_app(recommender, settings)
+    try:
+        app = create_app(recommender, settings)
+    except (NonFiniteScoresError, ValueError) as exc:  # a damaged model or an unusable catalog
+        print(f"error: {args.export_dir}: {exc}", file=sys.stderr)
+        return 2
     logger.info(
         "serving",
         extra={
