@@ -73,19 +73,19 @@ def tiny_export(tmp_path_factory: pytest.TempPathFactory) -> TinyExport:
     return _CACHE["default"]
 
 
-def nan_item_rows(src: Path, dst: Path, rows: slice | list[int]) -> Path:
+def nan_item_rows(src: Path, dst: Path, rows: slice | list[int], graph: str = "model.onnx") -> Path:
     """Copy the export directory ``src`` to ``dst`` with the given rows of the input item
-    embedding (``model.item_emb.weight``, index = row) set to NaN, and its sha256 updated so
-    that the integrity check passes: a model damaged the way a bad training run or a broken
-    copy with a regenerated hash would be."""
+    embedding (``model.item_emb.weight``, index = row) of ``graph`` set to NaN, and its sha256
+    updated so that the integrity check passes: a model damaged the way a bad training run or a
+    broken copy with a regenerated hash would be."""
     shutil.copytree(src, dst)
-    model = onnx.load(dst / "model.onnx")
+    model = onnx.load(dst / graph)
     (table,) = [i for i in model.graph.initializer if i.name == "model.item_emb.weight"]
     weights = numpy_helper.to_array(table).copy()
     weights[rows] = np.nan
     table.CopyFrom(numpy_helper.from_array(weights, table.name))
-    onnx.save(model, dst / "model.onnx")
+    onnx.save(model, dst / graph)
     meta = json.loads((dst / "export_meta.json").read_text())
-    meta["sha256"]["model.onnx"] = hashlib.sha256((dst / "model.onnx").read_bytes()).hexdigest()
+    meta["sha256"][graph] = hashlib.sha256((dst / graph).read_bytes()).hexdigest()
     (dst / "export_meta.json").write_text(json.dumps(meta))
     return dst

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from _export_helpers import FALLBACK_ITEMS, MAX_LEN, NUM_ITEMS, tiny_vocab
+from _export_helpers import FALLBACK_ITEMS, MAX_LEN, NUM_ITEMS, nan_item_rows, tiny_vocab
 from seqrec.export import ExportValidationError, ExportVariant, export_onnx
 from seqrec.incremental import (
     CATALOG_NAME,
@@ -495,6 +495,15 @@ def test_tampered_step_graph_is_refused(inc_export, tmp_path: Path) -> None:
     for verify in (True, False):
         with pytest.raises(FileNotFoundError, match=f"missing export file: .*{STEP_FILE}"):
             SessionRecommender.from_dir(copy, verify_integrity=verify)
+
+
+def test_a_step_graph_that_scores_nan_is_named(inc_export, tmp_path: Path) -> None:
+    """NaN weights in model_step.onnx alone were reported as model.onnx's."""
+    _, out = inc_export
+    damaged = nan_item_rows(out, tmp_path / "export", [1], graph=STEP_FILE)  # the checked item
+    with pytest.raises(ValueError, match=rf"export/{STEP_FILE}: the model .* returned NaN"):
+        SessionRecommender.from_dir(damaged)
+    assert not SessionRecommender.from_dir(damaged, state_cache_mb=0).incremental  # not loaded
 
 
 @pytest.mark.parametrize(

@@ -716,11 +716,13 @@ class SessionRecommender:
                 longer_scored = True
             except _ORT_ERRORS:  # the model's context ends at max_len, as the metadata says
                 longer_scored = False
-            item = self._item_ids[0]
+            item, scored_by = self._item_ids[0], model_path
             self.recommend_batch([[item] * (self._max_len - 1)] if self._max_len > 1 else [], k=1)
+            if self._state_cache is not None and self._max_len > 1:  # the step graph's turn
+                scored_by = meta_path.parent / meta["incremental"]["step_file"]
             self.recommend_batch([[item] * self._max_len], k=1)
         except NonFiniteScoresError as exc:
-            raise ValueError(f"{model_path}: {exc}") from exc
+            raise ValueError(f"{scored_by}: {exc}") from exc
         except (*_ORT_ERRORS, ValueError, RuntimeError) as exc:
             raise ValueError(
                 f"{meta_path} does not fit its graphs: scoring a session of max_len="
