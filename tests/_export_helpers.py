@@ -89,3 +89,17 @@ def nan_item_rows(src: Path, dst: Path, rows: slice | list[int], graph: str = "m
     meta["sha256"][graph] = hashlib.sha256((dst / graph).read_bytes()).hexdigest()
     (dst / "export_meta.json").write_text(json.dumps(meta))
     return dst
+
+
+def edit_meta(directory: Path, changes: dict[str, object]) -> Path:
+    """Set keys of ``directory``'s ``export_meta.json``; ``"variant.precision"`` names a key of
+    a section. Returns ``directory``."""
+    meta = json.loads((directory / "export_meta.json").read_text())
+    for key, value in changes.items():
+        section, _, sub_key = key.partition(".")
+        if sub_key:
+            meta[section][sub_key] = value
+        else:
+            meta[key] = value
+    (directory / "export_meta.json").write_text(json.dumps(meta))
+    return directory

@@ -14,7 +14,14 @@ import numpy as np
 import pytest
 import torch
 
-from _export_helpers import FALLBACK_ITEMS, MAX_LEN, NUM_ITEMS, nan_item_rows, tiny_vocab
+from _export_helpers import (
+    FALLBACK_ITEMS,
+    MAX_LEN,
+    NUM_ITEMS,
+    edit_meta,
+    nan_item_rows,
+    tiny_vocab,
+)
 from seqrec.export import ExportValidationError, ExportVariant, export_onnx
 from seqrec.incremental import (
     CATALOG_NAME,
@@ -531,16 +538,8 @@ def test_metadata_that_misdescribes_the_graphs_is_refused(
     _, out = inc_export
     copy = tmp_path / "export"
     shutil.copytree(out, copy)
-    meta = json.loads((copy / "export_meta.json").read_text())
-    for key, value in changes.items():
-        section, _, sub_key = key.partition(".")
-        if sub_key:
-            meta[section][sub_key] = value
-        else:
-            meta[key] = value
-    (copy / "export_meta.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=message):
-        SessionRecommender.from_dir(copy)
+        SessionRecommender.from_dir(edit_meta(copy, changes))
 
 
 @pytest.mark.parametrize(

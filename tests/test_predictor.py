@@ -23,6 +23,7 @@ from _export_helpers import (
     MAX_LEN,
     NUM_ITEMS,
     TinyExport,
+    edit_meta,
     nan_item_rows,
     tiny_export,
     tiny_model,
@@ -340,15 +341,7 @@ def test_from_dir_refuses_variant_and_incremental_values_it_cannot_use(
     before, ``top_k_in_graph: "false"`` counted as true, ``incremental: {}`` served a plain
     graph, an unknown precision or a newer format loaded, and a list as the optimisation level
     raised ``TypeError: unhashable type`` with a traceback."""
-    bad = _copy_export(exported.export_dir, tmp_path / "bad")
-    meta = json.loads((bad / "export_meta.json").read_text())
-    for key, value in changes.items():
-        section, _, sub_key = key.partition(".")
-        if sub_key:
-            meta[section][sub_key] = value
-        else:
-            meta[key] = value
-    (bad / "export_meta.json").write_text(json.dumps(meta))
+    bad = edit_meta(_copy_export(exported.export_dir, tmp_path / "bad"), changes)
     with pytest.raises(ValueError, match=rf"export_meta.json: {message}"):
         SessionRecommender.from_dir(bad)
 
