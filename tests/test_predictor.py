@@ -298,10 +298,7 @@ def test_from_dir_errors_name_the_file(exported: TinyExport, tmp_path: Path) -> 
 def test_from_dir_refuses_metadata_values_it_cannot_use(
     exported: TinyExport, tmp_path: Path, key: str, value: object, message: str
 ) -> None:
-    bad = _copy_export(exported.export_dir, tmp_path / "bad")
-    meta = json.loads((bad / "export_meta.json").read_text())
-    meta[key] = value
-    (bad / "export_meta.json").write_text(json.dumps(meta))
+    bad = edit_meta(_copy_export(exported.export_dir, tmp_path / "bad"), {key: value})
     with pytest.raises(ValueError, match=rf"export_meta.json: {message}"):
         SessionRecommender.from_dir(bad)
 
@@ -349,10 +346,10 @@ def test_from_dir_refuses_variant_and_incremental_values_it_cannot_use(
 def test_from_dir_refuses_output_names_that_differ_from_the_graph(
     exported: TinyExport, tmp_path: Path
 ) -> None:
-    bad = _copy_export(exported.export_dir, tmp_path / "bad")
-    meta = json.loads((bad / "export_meta.json").read_text())
-    meta["output_names"] = ["scores", "present_kv"]
-    (bad / "export_meta.json").write_text(json.dumps(meta))
+    bad = edit_meta(
+        _copy_export(exported.export_dir, tmp_path / "bad"),
+        {"output_names": ["scores", "present_kv"]},
+    )
     with pytest.raises(
         ValueError,
         match=r"model.onnx: graph has inputs \['item_ids'\] / outputs \['scores'\], but .* "
@@ -495,11 +492,7 @@ def test_from_dir_checks_that_the_metadata_fits_its_graphs(
     error line (written to the stderr file descriptor) no longer precedes the message."""
 
     def damaged(name: str, **changes: object) -> Path:
-        directory = _copy_export(exported.export_dir, tmp_path / name)
-        meta = json.loads((directory / "export_meta.json").read_text())
-        meta.update(changes)
-        (directory / "export_meta.json").write_text(json.dumps(meta))
-        return directory
+        return edit_meta(_copy_export(exported.export_dir, tmp_path / name), changes)
 
     too_long = damaged("too_long", max_len=MAX_LEN * 3)
     with pytest.raises(

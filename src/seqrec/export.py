@@ -102,8 +102,8 @@ class ExportVariant:
         precision: ``fp32``; ``fp16`` (float16 weights and compute, float32 inputs/outputs);
             ``int8`` (``onnxruntime.quantization.quantize_dynamic``: int8 weights in 7 bits,
             ``reduce_range``, activations quantised per call); or ``int8_catalog`` (incremental
-            exports only: float32 everywhere but the product of the hidden state with the item table, which reads an
-            int8 copy of the table with one scale per item,
+            exports only: float32 everywhere but the product of the hidden state with the item
+            table, which reads an int8 copy of the table with one scale per item,
             :func:`seqrec.incremental.quantize_catalog`).
         graph_optimization_level: onnxruntime level the predictor should load the graph with
             (``disable``, ``basic``, ``extended``, ``all``); recorded in the metadata.

@@ -346,8 +346,8 @@ def quantize_catalog(path: Path) -> dict[str, Any]:
     ``MatMulIntegerToFloat`` (``com.microsoft``, the same numbers) for batches, chosen by an
     ``If`` on B: the fused operator saves two passes over the (B, C-1) product (measured on a
     37k catalog: 2.7 -> 2.0 ms at batch 64) and is slower for one row (0.29 -> 0.38 ms).
-    Everything else in the graph stays float32. This is post-training dynamic quantisation (Jacob et al., CVPR 2018; ONNX
-    ``MatMulInteger``) of one matrix product.
+    Everything else in the graph stays float32. This is post-training dynamic quantisation
+    (Jacob et al., CVPR 2018; ONNX ``MatMulInteger``) of one matrix product.
 
     Args:
         path: an ONNX file whose ``MatMul`` reads the (D, C-1) float32 initializer

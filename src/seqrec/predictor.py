@@ -397,14 +397,13 @@ def _check_item_ids(items: Sequence[Any], what: str) -> None:
                 f"{what}: item ids must be strings or integers, got {type(item).__name__} "
                 f"{item!r:.40} at position {position}"
             )
-        if type(item) is not str:
-            try:
-                str(item)
-            except ValueError as exc:  # Python refuses str() of integers of > 4,300 digits
-                raise ValueError(
-                    f"{what}: the item id at position {position} is an integer of "
-                    f"{item.bit_length()} bits, too long to be an id ({exc})"
-                ) from exc
+        try:
+            str(item)
+        except ValueError as exc:  # Python refuses str() of integers of > 4,300 digits
+            raise ValueError(
+                f"{what}: the item id at position {position} is an integer of "
+                f"{item.bit_length()} bits, too long to be an id ({exc})"
+            ) from exc
 
 
 def _filter_list(items: Any) -> list[Any] | None:
@@ -710,9 +709,9 @@ class SessionRecommender:
         self._run_options = quiet
         meta, model_path = self._meta, meta_path.parent / MODEL_FILE
         try:
-            present_kv_shape = self._run_raw(1, quiet)[2].shape if meta.get("incremental") else ()
+            present_kv_shape = self._run_raw(1)[2].shape if meta.get("incremental") else ()
             try:
-                self._run_raw(self._max_len + 1, quiet)
+                self._run_raw(self._max_len + 1)
                 longer_scored = True
             except _ORT_ERRORS:  # the model's context ends at max_len, as the metadata says
                 longer_scored = False
@@ -745,7 +744,7 @@ class SessionRecommender:
                 "sessions would be cut short; correct max_len or re-export"
             )
 
-    def _run_raw(self, length: int, options: ort.RunOptions) -> list[np.ndarray]:
+    def _run_raw(self, length: int) -> list[np.ndarray]:
         """``model.onnx``'s outputs for one session of ``length`` copies of item index 1,
         without the predictor's truncation to ``max_len`` (the load check)."""
         feed = {
@@ -755,7 +754,7 @@ class SessionRecommender:
         }
         names = [i.name for i in self._session.get_inputs()]
         return self._session.run(
-            None, {name: feed[name] for name in names if name in feed}, options
+            None, {name: feed[name] for name in names if name in feed}, self._run_options
         )
 
     @property

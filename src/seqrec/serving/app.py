@@ -150,7 +150,10 @@ _UNION_BRANCHES = {"constrained-str", "int", "str"}
 MAX_ID_LENGTH = 64
 """Longest item id the service takes: strings of at most 64 characters, integers of at most 64
 digits (a catalog with longer ids is refused at startup)."""
-_ITEM_ID_MESSAGE = "item ids must be strings of 1 to 64 characters or integers"
+_ITEM_ID_MESSAGE = (
+    f"item ids must be strings of 1 to {MAX_ID_LENGTH} characters or integers of at most "
+    f"{MAX_ID_LENGTH} digits"
+)
 _UNICODE_MESSAGE = (
     "not valid Unicode text: a string here holds a lone UTF-16 surrogate escape (such as "
     "\\ud800) without its pair"
@@ -169,10 +172,10 @@ def _bounded_int(text: str) -> int:
     """``json.loads``'s ``parse_int``: integers of at most :data:`MAX_ID_LENGTH` digits. Python
     converts up to 4,300 digits, in time that grows with the square of the length: a body of
     such ids held the event loop for seconds before validation could refuse them."""
-    if len(text) > MAX_ID_LENGTH and len(text.lstrip("-")) > MAX_ID_LENGTH:
+    digits = len(text) - text.startswith("-")
+    if digits > MAX_ID_LENGTH:
         raise _IntegerTooLong(
-            f"an integer has {len(text.lstrip('-')):,} digits; item ids and k have at most "
-            f"{MAX_ID_LENGTH}"
+            f"an integer has {digits:,} digits; item ids and k have at most {MAX_ID_LENGTH}"
         )
     return int(text)
 
