@@ -470,8 +470,17 @@ def test_vocabulary_ids_and_file_kinds_are_checked(exported: TinyExport, tmp_pat
         SessionRecommender.from_dir(kinds)
     (kinds / "model.onnx").unlink()
     (kinds / "model.onnx").symlink_to(kinds / "model.onnx")  # a loop
-    with pytest.raises(FileNotFoundError, match=r"model.onnx is a broken or looping symbolic"):
+    with pytest.raises(FileNotFoundError, match=r"model.onnx is a symbolic link to no regular"):
         SessionRecommender.from_dir(kinds)
+    (kinds / "model.onnx").unlink()
+    (kinds / "model.onnx").symlink_to("/dev/zero")
+    with pytest.raises(FileNotFoundError, match=r"to no regular file \(broken, looping, or to a"):
+        SessionRecommender.from_dir(kinds)
+    nan = edit_meta(_copy_export(exported.export_dir, tmp_path / "nan"), {})
+    text = (nan / "export_meta.json").read_text()
+    (nan / "export_meta.json").write_text(text.replace('"pad_idx": 0', '"pad_idx": NaN'))
+    with pytest.raises(ValueError, match=r"export_meta.json: not valid JSON \(NaN is not a JSON"):
+        SessionRecommender.from_dir(nan)  # it made the service's /readyz answer 500
 
 
 def test_integer_ids_too_long_for_str_are_named(rec: SessionRecommender) -> None:
@@ -539,6 +548,16 @@ def test_cli_output_into_a_closed_pipe_is_not_an_error(exported: TinyExport) -> 
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 0, err
     assert "Traceback" not in err and "BrokenPipe" not in err
+    # output that cannot be written (a full disk; stdout closed): one line, exit 1
+    command = [str(script), str(exported.export_dir), "1001", "--k", "5"]
+    with open("/dev/full", "w") as full:
+        failed = subprocess.run(command, stdout=full, stderr=subprocess.PIPE, text=True)
+    closed = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            pass_fds=(), preexec_fn=lambda: os.close(1))  # fmt: skip
+    for result in (failed, closed):
+        assert result.returncode == 1, result.stderr
+        assert "error: cannot write the recommendations" in result.stderr
+        assert "Traceback" not in result.stderr
 
 
 def test_from_dir_refuses_damaged_files_with_a_value_error(
@@ -844,6 +863,12 @@ def test_cli_filters(exported: TinyExport, capsys: pytest.CaptureFixture[str]) -
     assert cli_main([*args, "--allow", "1002", "1003", "1004", "--deny", "1003"]) == 0
     payload = json.loads(capsys.readouterr().out)
     assert {r["item_id"] for r in payload["recommendations"]} == {"1002", "1004"}
+    # a repeated --deny / --allow adds to the list (it silently replaced the earlier one)
+    allow = ["--allow", "1002", "1003", "--allow", "1004"]
+    assert cli_main([*args, *allow, "--deny", "1003", "--deny", "1004"]) == 0
+    assert [r["item_id"] for r in json.loads(capsys.readouterr().out)["recommendations"]] == [
+        "1002"
+    ]
     assert payload["num_unknown_filter_items"] == 0
     # unknown filter ids are counted, not silently dropped (table and JSON)
     assert cli_main([*args[:-1], "--allow", "9998", "9999"]) == 0

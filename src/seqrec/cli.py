@@ -28,7 +28,8 @@ EXIT_OK = 0
 EXIT_USAGE = 2
 """Bad arguments or an unusable export directory (argparse uses 2 as well)."""
 EXIT_MODEL = 1
-"""The model scored the session NaN or +inf (damaged weights that passed the load check)."""
+"""The model scored the session NaN or +inf (damaged weights that passed the load check), or
+the output could not be written."""
 
 
 def _positive_int(text: str) -> int:
@@ -63,12 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--allow",
         nargs="+",
+        action="extend",  # a repeated --allow adds to the list (it replaced it)
         metavar="ITEM",
         default=None,
-        help="only these items may be recommended (allow-list)",
+        help="only these items may be recommended (allow-list; repeat to add more)",
     )
     parser.add_argument(
-        "--deny", nargs="+", metavar="ITEM", default=None, help="never recommend these items"
+        "--deny",
+        nargs="+",
+        action="extend",
+        metavar="ITEM",
+        default=None,
+        help="never recommend these items (repeat to add more)",
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument(
@@ -120,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
 
     Returns:
         0 on success; 2 for bad arguments or a missing, unreadable or malformed export directory;
-        1 when the model scores the session NaN or +inf (messages go to stderr, no traceback).
+        1 when the model scores the session NaN or +inf or the output cannot be written
+        (messages go to stderr, no traceback).
     """
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -140,14 +148,21 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteScoresError as exc:  # a damaged model that passed the load check
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_MODEL
+    text = (
+        _format_json(recs, info, recommender.model_version)
+        if args.json
+        else _format_table(recs, info)
+    )
     try:
-        if args.json:
-            print(_format_json(recs, info, recommender.model_version))
-        else:
-            print(_format_table(recs, info))
+        if sys.stdout is None:  # started with stdout closed (`>&-`)
+            raise OSError("standard output is closed")
+        print(text)
         sys.stdout.flush()
     except BrokenPipeError:  # e.g. piped into `head`: the reader left, nothing to report
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except OSError as exc:  # e.g. a full disk (`> /dev/full`)
+        print(f"error: cannot write the recommendations: {exc}", file=sys.stderr)
+        return EXIT_MODEL
     return EXIT_OK
 
 

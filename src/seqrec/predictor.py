@@ -128,15 +128,25 @@ def _require_file(path: Path) -> None:
     if path.is_dir():
         raise FileNotFoundError(f"export file {path} is a directory, expected a file")
     if os.path.lexists(path):
-        kind = "a broken or looping symbolic link" if path.is_symlink() else "not a regular file"
+        kind = (
+            "a symbolic link to no regular file (broken, looping, or to a device)"
+            if path.is_symlink()
+            else "not a regular file"
+        )
         raise FileNotFoundError(f"export file {path} is {kind}")
     raise FileNotFoundError(f"missing export file: {path}")
+
+
+def _not_json_constant(name: str) -> Any:
+    """``json.loads``'s ``parse_constant``: NaN and Infinity are not JSON (Python's reader takes
+    them, and a later JSON writer refuses them, e.g. the service's ``/readyz``)."""
+    raise ValueError(f"{name} is not a JSON value")
 
 
 def _read_json(path: Path) -> Any:
     _require_file(path)
     try:
-        return json.loads(path.read_bytes().decode("utf-8"))
+        return json.loads(path.read_bytes().decode("utf-8"), parse_constant=_not_json_constant)
     except UnicodeDecodeError as exc:
         raise ValueError(f"{path}: not UTF-8 text ({exc})") from exc
     except RecursionError as exc:
