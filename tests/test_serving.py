@@ -309,6 +309,13 @@ def test_health_readiness_docs(client: httpx.Client, rec: SessionRecommender) ->
     assert client.get("/", follow_redirects=False).headers["location"] == "/widget/"
     catalog = client.get("/catalog", params={"limit": 7}).json()
     assert catalog["items"][:5] == FALLBACK_ITEMS and len(catalog["items"]) == 7
+    assert client.get("/limits").json() == {
+        "max_k": 40,
+        "default_k": 10,
+        "max_session_len": 40,
+        "max_filter_items": 50,
+        "model_version": rec.model_version,
+    }
 
 
 def test_prometheus_metrics(client: httpx.Client) -> None:

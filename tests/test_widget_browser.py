@@ -16,7 +16,7 @@ import pytest
 from _export_helpers import FALLBACK_ITEMS, TinyExport, tiny_export
 from _serving_helpers import running_server
 from seqrec.predictor import SessionRecommender
-from seqrec.serving.app import create_app
+from seqrec.serving.app import ServeSettings, create_app
 
 CHROMIUM = Path(os.environ.get("SEQREC_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = [
@@ -119,3 +119,54 @@ def test_strip_follows_clicks_and_hides_viewed_items(
     page.screenshot(path=str(tmp_path / "widget.png"), full_page=True)
     assert not errors, errors
     page.close()
+
+
+@pytest.mark.slow
+def test_strip_keeps_requests_within_the_service_limits(
+    browser,  # noqa: ANN001
+    exported: TinyExport,
+) -> None:
+    """A service with --max-k 3 --max-session-len 2: the widget (which asks for k = 8 and keeps
+    up to 200 clicks) reads GET /limits, so no request gets 422, the strip shows 3 items, and
+    clicks older than the 2 it sends stay out of it (sent as deny_items)."""
+    settings = ServeSettings(max_k=3, default_k=3, max_session_len=2)
+    app = create_app(SessionRecommender.from_dir(exported.export_dir), settings)
+    with running_server(app) as url:
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        bodies: list[dict] = []
+        statuses: list[int] = []
+        page.on(
+            "request",
+            lambda r: bodies.append(r.post_data_json) if r.url.endswith("/recommendations") else 0,
+        )
+        page.on(
+            "response",
+            lambda r: statuses.append(r.status) if r.url.endswith("/recommendations") else 0,
+        )
+        page.goto(f"{url}/widget/")
+        page.wait_for_selector("#grid[data-ready='true'] .grid-card")
+        _wait_for_version(page, 1)
+        grid_ids = page.eval_on_selector_all(
+            "#grid .grid-card", "els => els.map(e => e.dataset.itemId)"
+        )
+        clicked: list[str] = []
+        for step in range(4):
+            strip = _strip_items(page)
+            target = next((i for i in strip if i in grid_ids and i not in clicked), None)
+            target = target or next(i for i in grid_ids if i not in clicked)
+            page.click(f"#grid .grid-card[data-item-id='{target}']")
+            clicked.append(target)
+            _wait_for_version(page, step + 2)
+            strip = _strip_items(page)
+            assert len(strip) == 3, strip
+            assert not set(strip) & set(clicked), f"strip {strip} shows clicked items {clicked}"
+        page.wait_for_load_state("networkidle")
+        assert statuses and set(statuses) == {200}, statuses
+        last = bodies[-1]
+        assert last["k"] == 3 and last["session"] == clicked[-2:]
+        assert last["deny_items"] == clicked[-3::-1]  # the older clicks, newest first
+        assert page.evaluate("JSON.parse(sessionStorage.getItem('seqrec.session'))") == clicked
+        assert not errors, errors
+        page.close()

@@ -710,6 +710,16 @@ def create_app(recommender: SessionRecommender, settings: ServeSettings | None =
             }
         )
 
+    @app.get("/limits", summary="Request limits of this service (the widget reads them)")
+    async def limits() -> dict[str, Any]:
+        return {
+            "max_k": settings.max_k,
+            "default_k": settings.default_k,
+            "max_session_len": settings.max_session_len,
+            "max_filter_items": settings.max_filter_items,
+            "model_version": recommender.model_version,
+        }
+
     @app.get("/catalog", summary="Items for the demo shop grid: popular first, then the vocab")
     async def catalog(
         limit: Annotated[int, Query(ge=1, le=1000, description="number of item ids")] = 24,

@@ -13,7 +13,9 @@
 (function () {
   "use strict";
   const STORAGE_KEY = "seqrec.session";
-  const MAX_SESSION = 200; // the API's default max_session_len; the model uses the most recent items
+  const MAX_SESSION = 200; // clicks kept in the browser (the API's default max_session_len)
+  /* Used when GET /limits cannot be read (an older service): the API's defaults. */
+  const DEFAULT_LIMITS = { max_k: 100, max_session_len: MAX_SESSION, max_filter_items: 10000 };
 
   function hashCode(text) {
     let h = 2166136261;
@@ -78,12 +80,49 @@
     }
   }
 
+  /* The service's request limits (GET /limits), read once per strip. */
+  async function fetchLimits(apiBase) {
+    try {
+      const response = await fetch(apiBase + "/limits");
+      if (response.ok) return Object.assign({}, DEFAULT_LIMITS, await response.json());
+    } catch (e) {
+      /* unreachable now: the request itself then fails and says so */
+    }
+    return DEFAULT_LIMITS;
+  }
+
+  /* The request body for `session` within the service's limits: at most max_k items, the
+   * most recent max_session_len clicks (the model reads only the most recent ones anyway),
+   * and, when seen items are excluded, the older clicks sent as deny_items (newest first, at
+   * most max_filter_items) so that they stay excluded. */
+  function requestBody(session, k, exclude, limits) {
+    const recent = session.slice(-limits.max_session_len);
+    const body = { session: recent, k: Math.max(1, Math.min(k, limits.max_k)), exclude_seen: exclude };
+    if (exclude && recent.length < session.length) {
+      const sent = new Set(recent);
+      const older = [];
+      for (let i = session.length - recent.length - 1; i >= 0; i--) {
+        const id = session[i];
+        if (!sent.has(id)) {
+          sent.add(id);
+          older.push(id);
+        }
+      }
+      const denied = older.slice(0, limits.max_filter_items);
+      if (denied.length) body.deny_items = denied;
+    }
+    return body;
+  }
+
   /* Mount a recommendation strip in `container`.
    * options: apiBase (""), k (8), excludeSeen (true or a function returning a boolean),
    *          onClick(itemId) for clicks on a recommended item, onUpdate(response).
+   * Requests stay within the service's limits (GET /limits): k is lowered to its max_k, and
+   * only the most recent max_session_len clicks are sent as the session.
    */
   function mount(container, options) {
     const opts = Object.assign({ apiBase: "", k: 8, excludeSeen: true }, options || {});
+    const limits = fetchLimits(opts.apiBase);
     let session = loadSession();
     let version = Number(container.dataset.version || 0);
     let pending = null;
@@ -97,8 +136,9 @@
       const controller = new AbortController();
       pending = controller;
       container.dataset.state = "loading";
-      const body = { session: session.slice(-MAX_SESSION), k: opts.k, exclude_seen: excludeSeen() };
       try {
+        const body = requestBody(session, opts.k, excludeSeen(), await limits);
+        if (controller.signal.aborted) return;
         const response = await fetch(opts.apiBase + "/recommendations", {
           method: "POST",
           headers: { "Content-Type": "application/json" },
