@@ -40,7 +40,7 @@ from seqrec.kv_cache import (
     states_from_prefill,
 )
 from seqrec.models.sasrec import SASRec, SASRecConfig
-from seqrec.predictor import ArtifactIntegrityError, SessionRecommender
+from seqrec.predictor import ArtifactIntegrityError, SessionRecommender, file_sha256
 from seqrec.sequence import encode_prefixes
 
 
@@ -867,6 +867,30 @@ def test_predictor_warns_about_int8_exports_from_before_the_7_bit_fix(
         assert SessionRecommender.from_dir(old).recommend(["1001"], k=3)
     assert "int8_catalog export was made before seqrec kept one side" in caplog.text
     assert "without VNNI" in caplog.text and "Re-export the model" in caplog.text
+
+
+@pytest.mark.parametrize("inc_export", [True], indirect=True, ids=["copy"])
+def test_a_step_graph_from_another_export_is_refused(
+    inc_export, int8_export, tmp_path: Path
+) -> None:
+    """The float32 step graph of the same model copied into the int8-catalog export (hash
+    updated) loaded, and the second click of every session was scored differently from the
+    first (helper-30 saw gaps of 0.08 on the demo model)."""
+    mixed = tmp_path / "export"
+    shutil.copytree(int8_export[1], mixed)
+    shutil.copyfile(inc_export[1] / STEP_FILE, mixed / STEP_FILE)
+    meta = json.loads((mixed / "export_meta.json").read_text())
+    edit_meta(mixed, {"sha256": {**meta["sha256"], STEP_FILE: file_sha256(mixed / STEP_FILE)}})
+    with pytest.raises(
+        ValueError,
+        match=rf"export/{STEP_FILE} does not match .*export/model.onnx: a session of max_len="
+        rf"{MAX_LEN} items scored from cached states differs from the same session scored whole "
+        r"by up to [0-9.e-]+ in its top-10 scores .*the step graph is from another export",
+    ):
+        SessionRecommender.from_dir(mixed)
+    assert not SessionRecommender.from_dir(mixed, state_cache_mb=0).incremental  # not used
+    for out in (inc_export[1], int8_export[1]):  # each export's own pair passes
+        assert SessionRecommender.from_dir(out).incremental
 
 
 def test_int8_catalog_predictor_ranks_like_the_model(int8_export) -> None:

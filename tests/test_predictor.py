@@ -280,6 +280,7 @@ def test_from_dir_errors_name_the_file(exported: TinyExport, tmp_path: Path) -> 
         ("max_len", True, "max_len is True, expected an integer >= 1"),
         ("num_items", 2.5, "num_items is 2.5, expected an integer >= 1"),
         ("pad_idx", 1, "pad_idx is 1, expected 0"),
+        ("pad_idx", 0.0, "pad_idx is 0.0, expected 0"),
         ("fallback_items", None, "fallback_items is None, expected a list of item ids"),
         ("fallback_items", [1.5], r"fallback_items is \[1.5\], expected a list of item ids"),
         ("input_name", 7, "input_name is 7, expected a string"),
@@ -450,6 +451,9 @@ def test_vocabulary_ids_and_file_kinds_are_checked(exported: TinyExport, tmp_pat
     (pad_false / "item_vocab.json").write_text(json.dumps({**vocab, "pad_idx": False}))
     with pytest.raises(ValueError, match=r"item_vocab.json: pad_idx is False, expected 0"):
         SessionRecommender.from_dir(pad_false, verify_integrity=False)
+    (pad_false / "item_vocab.json").write_text(json.dumps({**vocab, "pad_idx": 0.0}))
+    with pytest.raises(ValueError, match=r"item_vocab.json: pad_idx is 0.0, expected 0"):
+        SessionRecommender.from_dir(pad_false, verify_integrity=False)
 
     huge = _copy_export(exported.export_dir, tmp_path / "huge")
     text = (huge / "export_meta.json").read_text()
@@ -532,6 +536,8 @@ def test_from_dir_checks_that_the_metadata_fits_its_graphs(
         SessionRecommender.from_dir(level)
     with pytest.raises(ValueError, match=r"num_threads=1000000 is more than"):
         SessionRecommender.from_dir(exported.export_dir, num_threads=1_000_000)
+    with pytest.raises(ValueError, match=r"graph_optimization_level must be one of .*got ''"):
+        SessionRecommender.from_dir(exported.export_dir, graph_optimization_level="")
 
 
 def test_cli_output_into_a_closed_pipe_is_not_an_error(exported: TinyExport) -> None:
@@ -683,6 +689,41 @@ def _random_sessions(count: int, length: int, seed: int) -> list[list[str]]:
     return [
         [str(1000 + i) for i in rng.integers(1, NUM_ITEMS + 1, size=length)] for _ in range(count)
     ]
+
+
+@pytest.mark.parametrize("layout", ["exported", "top_k_dir"])
+def test_a_vocabulary_from_another_export_is_named(
+    layout: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """A vocabulary one item short of the graph (its hash and num_items updated to match) failed
+    in the load check with onnxruntime's bare "Got: 30 Expected: 31" (top-k graph) or loaded and
+    never recommended the last item (plain graph)."""
+    src = request.getfixturevalue(layout)
+    src = getattr(src, "export_dir", src)
+    short = _copy_export(src, tmp_path / "short")
+    vocab = json.loads((short / "item_vocab.json").read_text())
+    vocab["item_ids"] = vocab["item_ids"][:-1]
+    (short / "item_vocab.json").write_text(json.dumps(vocab))
+    meta = json.loads((short / "export_meta.json").read_text())
+    sha256 = {**meta["sha256"], "item_vocab.json": file_sha256(short / "item_vocab.json")}
+    edit_meta(short, {"num_items": NUM_ITEMS - 1, "sha256": sha256})
+    with pytest.raises(
+        ValueError,
+        match=rf"short/model.onnx scores {NUM_ITEMS} items \(and the padding index 0\), but "
+        rf".*short/item_vocab.json lists {NUM_ITEMS - 1}: the two files come from different",
+    ):
+        SessionRecommender.from_dir(short)
+
+
+def test_output_name_must_be_the_graphs_first_output(top_k_dir: Path, tmp_path: Path) -> None:
+    """output_name naming the graph's second output (top_idx) was accepted."""
+    bad = edit_meta(_copy_export(top_k_dir, tmp_path / "bad"), {"output_name": "top_idx"})
+    with pytest.raises(
+        ValueError,
+        match=r"outputs \['top_scores', 'top_idx'\], but .* names "
+        r"\['item_ids', 'score_mask', 'k'\] -> 'top_idx'",
+    ):
+        SessionRecommender.from_dir(bad)
 
 
 @pytest.mark.parametrize(("batch", "length"), [(1, 1), (1, MAX_LEN), (3, 7), (64, MAX_LEN)])

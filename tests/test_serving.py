@@ -25,11 +25,12 @@ from _export_helpers import (
     MAX_LEN,
     NUM_ITEMS,
     TinyExport,
+    edit_meta,
     nan_item_rows,
     tiny_export,
 )
 from _serving_helpers import running_server
-from seqrec.predictor import SessionRecommender
+from seqrec.predictor import SessionRecommender, file_sha256
 from seqrec.serving.app import SMALLEST_REQUEST_BODY, ServeSettings, create_app
 from seqrec.serving.logs import JsonFormatter
 
@@ -464,6 +465,26 @@ def test_console_script_refuses_a_damaged_model_or_unnameable_ids_in_one_line(
     (long_ids / "item_vocab.json").write_text(json.dumps(vocab))
     with pytest.raises(ValueError, match=r"1 catalog item id\(s\) are longer than 64 characters"):
         create_app(SessionRecommender.from_dir(long_ids, verify_integrity=False))
+    meta = json.loads((long_ids / "export_meta.json").read_text())
+    sha256 = {**meta["sha256"], "item_vocab.json": file_sha256(long_ids / "item_vocab.json")}
+    edit_meta(long_ids, {"sha256": sha256})
+    proc = subprocess.run([script, str(long_ids)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines()[-1] == (
+        f"error: {long_ids / 'item_vocab.json'}: 1 catalog item id(s) are longer than 64 "
+        f"characters, which requests cannot name (e.g. an id of 65 characters starting "
+        f"'{'x' * 64}')"
+    )
+    # an unknown --host is named, before the model loads (uvicorn said only "Name or service
+    # not known" and exited 3)
+    proc = subprocess.run(
+        [script, str(exported.export_dir), "--host", "999.1.1.1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: --host '999.1.1.1' is not an address of this machine")
 
 
 def test_console_script_serves_and_refuses_bad_dirs(exported: TinyExport, tmp_path: Path) -> None:

@@ -77,6 +77,14 @@ MOST_MAX_LEN = 1 << 16
 """Largest ``max_len`` the predictor accepts (far above any session model's context; attention
 memory grows with its square)."""
 
+STEP_CHECK_K = 10
+"""Top-k scores compared between the step graph and the whole-session graph at load."""
+
+STEP_CHECK_TOLERANCE = 1e-3
+"""Largest gap allowed at load between a step's top-k scores and the whole session's, relative
+to 1 + |score| (both graphs compute the same float32 or int8 arithmetic; measured gaps are about
+1e-6, a step graph of another export's weights differed by 0.08 on the demo model)."""
+
 FALLBACK_SCORE = 0.0
 """Score given to popularity-fallback recommendations; their order is their rank."""
 
@@ -184,7 +192,7 @@ def _check_meta(meta: Any, path: Path) -> None:
     def is_str_list(value: Any) -> bool:
         return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
-    if meta["pad_idx"] != PAD_IDX or isinstance(meta["pad_idx"], bool):
+    if meta["pad_idx"] != PAD_IDX or type(meta["pad_idx"]) is not int:  # not False, not 0.0
         refuse("pad_idx", str(PAD_IDX))
     for key in ("max_len", "num_items"):
         if not is_int(meta[key], 1):
@@ -307,6 +315,25 @@ def _load_graph(path: Path, options: ort.SessionOptions) -> ort.InferenceSession
             "file is damaged or not an ONNX model from seqrec's export: copy the export directory "
             "again or re-export"
         ) from exc
+
+
+def _check_catalog_width(
+    session: ort.InferenceSession, path: Path, num_items: int, vocab_path: Path
+) -> None:
+    """Refuse a graph whose score columns (its ``score_mask`` input or ``scores`` output, where
+    the width is fixed) are not ``num_items + 1`` (the padding index 0 and each item).
+
+    Raises:
+        ValueError: naming both files and both counts.
+    """
+    widths = [i.shape[-1] for i in session.get_inputs() if i.name == "score_mask"]
+    widths += [o.shape[-1] for o in session.get_outputs() if o.name == "scores"]
+    for width in widths:
+        if isinstance(width, int) and width != num_items + 1:
+            raise ValueError(
+                f"{path} scores {width - 1} items (and the padding index 0), but {vocab_path} "
+                f"lists {num_items}: the two files come from different exports; re-export"
+            )
 
 
 def _reason(exc: BaseException) -> str:
@@ -597,7 +624,7 @@ class SessionRecommender:
         vocab = _read_json(vocab_path)
         if not isinstance(vocab, dict) or not isinstance(vocab.get("item_ids"), list):
             raise ValueError(f"{vocab_path}: missing key 'item_ids' (a list of raw ids)")
-        if vocab.get("pad_idx") != PAD_IDX or isinstance(vocab.get("pad_idx"), bool):
+        if vocab.get("pad_idx") != PAD_IDX or type(vocab.get("pad_idx")) is not int:
             raise ValueError(
                 f"{vocab_path}: pad_idx is {vocab.get('pad_idx')!r}, expected {PAD_IDX}"
             )
@@ -635,9 +662,9 @@ class SessionRecommender:
                 precision,
             )
         # the file's level was checked by _check_meta; the caller's is checked here
-        level = graph_optimization_level or meta.get("variant", {}).get(
-            "graph_optimization_level", "all"
-        )
+        level = graph_optimization_level
+        if level is None:  # "" is the caller's (refused below), not "take the file's"
+            level = meta.get("variant", {}).get("graph_optimization_level", "all")
         optimization = _graph_optimization_level(level)
         options = ort.SessionOptions()
         options.intra_op_num_threads = num_threads
@@ -649,12 +676,13 @@ class SessionRecommender:
         outputs = [o.name for o in session.get_outputs()]
         want_inputs = list(meta.get("input_names", [meta["input_name"]]))
         want_outputs = meta.get("output_names", outputs)
-        if inputs != want_inputs or meta["output_name"] not in outputs or outputs != want_outputs:
+        if inputs != want_inputs or meta["output_name"] != outputs[0] or outputs != want_outputs:
             raise ValueError(
                 f"{model_path}: graph has inputs {inputs} / outputs {outputs}, but {meta_path} "
                 f"names {want_inputs} -> {meta['output_name']!r}"
                 + (f" (output_names {want_outputs})" if outputs != want_outputs else "")
             )
+        _check_catalog_width(session, model_path, len(item_ids), vocab_path)
         step_session, state_cache = None, None
         incremental = meta.get("incremental")
         if incremental and state_cache_mb > 0:
@@ -667,6 +695,7 @@ class SessionRecommender:
                     f"{step_path}: graph has inputs {step_inputs}, but {meta_path} names "
                     f"{incremental.get('step_input_names')}"
                 )
+            _check_catalog_width(step_session, step_path, len(item_ids), vocab_path)
             state_cache = StateCache(max(1, int(state_cache_mb * 2**20)))  # size checked below
         logger.info(
             "loaded %s: %d items, max_len %d, exporter %s, variant %s, %d thread(s), level %s, "
@@ -705,7 +734,10 @@ class SessionRecommender:
         - it must refuse a session of ``max_len + 1`` items: ``max_len`` is the model's context
           (a smaller value would silently drop the oldest items of longer sessions);
         - a session of ``max_len`` items is recommended for (and, with a state cache, its step
-          from ``max_len - 1`` items), with finite scores.
+          from ``max_len - 1`` items), with finite scores;
+        - with a state cache, the step's top-k scores equal those of the same session scored
+          whole, within :data:`STEP_CHECK_TOLERANCE` (a step graph copied from another export
+          would answer the second click of every session differently from the first).
 
         onnxruntime's own error log lines are silenced for these calls (the raised error carries
         the same message).
@@ -718,6 +750,7 @@ class SessionRecommender:
         quiet.log_severity_level = 4  # fatal only
         self._run_options = quiet
         meta, model_path = self._meta, meta_path.parent / MODEL_FILE
+        stepped = False
         try:
             present_kv_shape = self._run_raw(1)[2].shape if meta.get("incremental") else ()
             try:
@@ -725,11 +758,19 @@ class SessionRecommender:
                 longer_scored = True
             except _ORT_ERRORS:  # the model's context ends at max_len, as the metadata says
                 longer_scored = False
-            item, scored_by = self._item_ids[0], model_path
-            self.recommend_batch([[item] * (self._max_len - 1)] if self._max_len > 1 else [], k=1)
-            if self._state_cache is not None and self._max_len > 1:  # the step graph's turn
+            # distinct items (as many as the catalog has), the first item of the vocabulary last
+            n, last = self.num_items, self._max_len - 1
+            session = [self._item_ids[(i - last) % n] for i in range(self._max_len)]
+            k, scored_by = min(STEP_CHECK_K, self.num_items), model_path
+            self.recommend_batch([session[:-1]] if self._max_len > 1 else [], k=1)
+            stepped = self._state_cache is not None and self._max_len > 1
+            if stepped:  # the step graph's turn
                 scored_by = meta_path.parent / meta["incremental"]["step_file"]
-            self.recommend_batch([[item] * self._max_len], k=1)
+            step_scores = [r.score for r in self.recommend_batch([session], k=k)[0]]
+            if stepped:  # the same session whole, without cached states
+                self.clear_state_cache()
+                scored_by = model_path
+                whole_scores = [r.score for r in self.recommend_batch([session], k=k)[0]]
         except NonFiniteScoresError as exc:
             raise ValueError(f"{scored_by}: {exc}") from exc
         except (*_ORT_ERRORS, ValueError, RuntimeError) as exc:
@@ -740,6 +781,17 @@ class SessionRecommender:
         finally:
             self._run_options = None
             self.clear_state_cache()
+        if stepped:
+            gap = float(np.max(np.abs(np.subtract(step_scores, whole_scores))))
+            if not gap <= STEP_CHECK_TOLERANCE * (1.0 + max(map(abs, whole_scores))):
+                step_path = meta_path.parent / meta["incremental"]["step_file"]
+                raise ValueError(
+                    f"{step_path} does not match {model_path}: a session of max_len="
+                    f"{self._max_len} items scored from cached states differs from the same "
+                    f"session scored whole by up to {gap:.3g} in its top-{k} scores (at most "
+                    f"{STEP_CHECK_TOLERANCE:g} x (1 + |score|) expected): the step graph is "
+                    "from another export; re-export the model"
+                )
         if present_kv_shape:  # (2 * n_layers, B, H, 1, Dh)
             layers2, _, heads, _, head_dim = present_kv_shape
             if (layers2, heads * head_dim) != (2 * meta["n_layers"], meta["d_model"]):

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import socket
 import sys
 import time
 import uuid
@@ -41,7 +42,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match
 
 from seqrec import __version__
-from seqrec.predictor import NonFiniteScoresError, SessionRecommender
+from seqrec.predictor import VOCAB_FILE, NonFiniteScoresError, SessionRecommender
 
 logger = logging.getLogger("seqrec.serving")
 
@@ -527,7 +528,8 @@ def create_app(recommender: SessionRecommender, settings: ServeSettings | None =
     if too_long:
         raise ValueError(
             f"{len(too_long)} catalog item id(s) are longer than {MAX_ID_LENGTH} characters, "
-            f"which requests cannot name (e.g. {too_long[0]!r:.80})"
+            f"which requests cannot name (e.g. an id of {len(too_long[0]):,} characters "
+            f"starting {too_long[0][:MAX_ID_LENGTH]!r})"
         )
     settings = settings or ServeSettings()
     request_model = _request_model(settings)
@@ -868,6 +870,14 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.port <= 65535:
         print(f"error: --port must be in 0..65535, got {args.port}", file=sys.stderr)
         return 2
+    try:  # before loading the model: uvicorn would say "Name or service not known", no host
+        socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as exc:  # socket.gaierror is an OSError
+        print(
+            f"error: --host {args.host!r} is not an address of this machine ({exc})",
+            file=sys.stderr,
+        )
+        return 2
     try:
         settings = ServeSettings(
             num_threads=args.num_threads,
@@ -892,8 +902,11 @@ def main(argv: list[str] | None = None) -> int:
         settings = replace(settings, state_cache_mb=0.0)
     try:
         app = create_app(recommender, settings)
-    except (NonFiniteScoresError, ValueError) as exc:  # a damaged model or an unusable catalog
+    except NonFiniteScoresError as exc:  # a damaged model
         print(f"error: {args.export_dir}: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # an unusable catalog
+        print(f"error: {Path(args.export_dir) / VOCAB_FILE}: {exc}", file=sys.stderr)
         return 2
     logger.info(
         "serving",
