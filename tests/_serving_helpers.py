@@ -13,15 +13,16 @@ import uvicorn
 
 
 @contextmanager
-def running_server(app: Any, timeout_s: float = 20.0) -> Iterator[str]:
-    """Serve ``app`` with uvicorn on 127.0.0.1 (a free port picked by the OS) until the block ends.
+def running_server(app: Any, timeout_s: float = 20.0, port: int = 0) -> Iterator[str]:
+    """Serve ``app`` with uvicorn on 127.0.0.1 until the block ends, on ``port`` (0: a free port
+    picked by the OS; another port: e.g. the port of a server stopped earlier, as a restart).
 
     Yields:
         The base URL, e.g. ``http://127.0.0.1:43125``.
     """
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
+    sock.bind(("127.0.0.1", port))
     port = sock.getsockname()[1]
     config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off")
     server = uvicorn.Server(config)

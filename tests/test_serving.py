@@ -31,7 +31,7 @@ from _export_helpers import (
 )
 from _serving_helpers import running_server
 from seqrec.predictor import SessionRecommender, file_sha256
-from seqrec.serving.app import SMALLEST_REQUEST_BODY, ServeSettings, create_app
+from seqrec.serving.app import SMALLEST_REQUEST_BODY, ServeSettings, build_parser, create_app
 from seqrec.serving.logs import JsonFormatter
 
 SETTINGS = ServeSettings(max_k=40, max_session_len=40, max_filter_items=50)
@@ -475,16 +475,28 @@ def test_console_script_refuses_a_damaged_model_or_unnameable_ids_in_one_line(
         f"characters, which requests cannot name (e.g. an id of 65 characters starting "
         f"'{'x' * 64}')"
     )
-    # an unknown --host is named, before the model loads (uvicorn said only "Name or service
-    # not known" and exited 3)
-    proc = subprocess.run(
-        [script, str(exported.export_dir), "--host", "999.1.1.1"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert proc.returncode == 2
-    assert proc.stderr.startswith("error: --host '999.1.1.1' is not an address of this machine")
+    # an unknown --host, an address of another machine, a port in use: named in one line before
+    # the model loads (uvicorn logged "Name or service not known" or "[Errno 99] ..." in JSON
+    # after loading it, and exited 3)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        busy_port = busy.getsockname()[1]
+        for host, port, reason in [
+            ("999.1.1.1", 8000, "Name or service not known"),
+            ("192.0.2.1", 8000, "Cannot assign requested address"),
+            ("127.0.0.1", busy_port, "Address already in use"),
+        ]:
+            proc = subprocess.run(
+                [script, str(exported.export_dir), "--host", host, "--port", str(port)],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert proc.returncode == 2
+            prefix = f"error: cannot listen on --host {host!r} --port {port}: "
+            assert proc.stderr.startswith(prefix) and proc.stderr.count("\n") == 1, proc.stderr
+            assert reason in proc.stderr and "loaded" not in proc.stderr, proc.stderr
 
 
 def test_console_script_serves_and_refuses_bad_dirs(exported: TinyExport, tmp_path: Path) -> None:
@@ -710,3 +722,41 @@ def test_bodies_that_never_finish_get_408_and_vanished_clients_count_as_499(
             head + b"content-length: 14\r\nconnection: close\r\n\r\n" + SMALLEST_REQUEST_BODY,
         )
         assert ok.startswith(b"HTTP/1.1 200 ")
+
+
+def test_cors_lets_the_listed_shop_origins_call_the_api(rec: SessionRecommender) -> None:
+    """The widget embedded in a shop on another origin (widget.js's header shows apiBase
+    "https://api.example") needs CORS: without it the browser blocked GET /limits and the
+    preflight of POST /recommendations (405), and the strip said "unavailable" (helper-31)."""
+    shop, other = "https://shop.example", "https://evil.example"
+    args = build_parser().parse_args(["dir", "--cors-origin", shop, "--cors-origin", other])
+    assert args.cors_origin == [shop, other]  # seqrec-serve passes them as cors_origins
+    preflight = {
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type",
+    }
+    with serving(rec, ServeSettings()) as http:  # default: same-origin pages only
+        assert (
+            http.options("/recommendations", headers={"Origin": shop, **preflight}).status_code
+            == 405
+        )
+        plain = http.post("/recommendations", json={"session": ["1001"]}, headers={"Origin": shop})
+        assert plain.status_code == 200 and "access-control-allow-origin" not in plain.headers
+    with serving(rec, ServeSettings(cors_origins=(shop,))) as http:
+        allowed = http.options("/recommendations", headers={"Origin": shop, **preflight})
+        assert allowed.status_code == 200
+        assert allowed.headers["access-control-allow-origin"] == shop
+        assert "POST" in allowed.headers["access-control-allow-methods"]
+        posted = http.post("/recommendations", json={"session": ["1001"]}, headers={"Origin": shop})
+        assert posted.status_code == 200 and posted.headers["access-control-allow-origin"] == shop
+        limits = http.get("/limits", headers={"Origin": shop})
+        assert limits.headers["access-control-allow-origin"] == shop
+        refused = http.options("/recommendations", headers={"Origin": other, **preflight})
+        assert refused.status_code == 400 and "access-control-allow-origin" not in refused.headers
+        too_large = http.post(
+            "/recommendations",
+            content=b"{" + b" " * (ServeSettings().max_body_bytes + 1) + b"}",
+            headers={"Origin": shop, "content-type": "application/json"},
+        )  # the browser can read the 413 too
+        assert too_large.status_code == 413
+        assert too_large.headers["access-control-allow-origin"] == shop

@@ -88,6 +88,8 @@ def test_strip_follows_clicks_and_hides_viewed_items(
     page = browser.new_page(viewport={"width": 1200, "height": 900})
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
+    failed: list[str] = []  # no request of the page may fail
+    page.on("response", lambda r: failed.append(r.url) if r.status >= 400 else 0)
     page.goto(f"{base_url}/widget/")
     page.wait_for_selector("#grid[data-ready='true'] .grid-card")
     _wait_for_version(page, 1)
@@ -118,18 +120,24 @@ def test_strip_follows_clicks_and_hides_viewed_items(
     assert page.locator("#session li").count() == 3
     page.screenshot(path=str(tmp_path / "widget.png"), full_page=True)
     assert not errors, errors
+    assert not failed, failed
     page.close()
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("max_filter_items", [10_000, 0])
 def test_strip_keeps_requests_within_the_service_limits(
     browser,  # noqa: ANN001
     exported: TinyExport,
+    max_filter_items: int,
 ) -> None:
     """A service with --max-k 3 --max-session-len 2: the widget (which asks for k = 8 and keeps
-    up to 200 clicks) reads GET /limits, so no request gets 422, the strip shows 3 items, and
-    clicks older than the 2 it sends stay out of it (sent as deny_items)."""
-    settings = ServeSettings(max_k=3, default_k=3, max_session_len=2)
+    up to 200 clicks) reads GET /limits, so no request gets 422, and clicks older than the 2 it
+    sends stay out of the strip: sent as deny_items, or, beyond --max-filter-items (0 here),
+    hidden by the widget itself (the strip may then show fewer than 3)."""
+    settings = ServeSettings(
+        max_k=3, default_k=3, max_session_len=2, max_filter_items=max_filter_items
+    )
     app = create_app(SessionRecommender.from_dir(exported.export_dir), settings)
     with running_server(app) as url:
         page = browser.new_page(viewport={"width": 1200, "height": 900})
@@ -160,13 +168,54 @@ def test_strip_keeps_requests_within_the_service_limits(
             clicked.append(target)
             _wait_for_version(page, step + 2)
             strip = _strip_items(page)
-            assert len(strip) == 3, strip
+            assert len(strip) == 3 if max_filter_items else 1 <= len(strip) <= 3, strip
             assert not set(strip) & set(clicked), f"strip {strip} shows clicked items {clicked}"
         page.wait_for_load_state("networkidle")
         assert statuses and set(statuses) == {200}, statuses
         last = bodies[-1]
         assert last["k"] == 3 and last["session"] == clicked[-2:]
-        assert last["deny_items"] == clicked[-3::-1]  # the older clicks, newest first
+        if max_filter_items:  # the older clicks, newest first
+            assert last["deny_items"] == clicked[-3::-1]
+        else:
+            assert "deny_items" not in last
         assert page.evaluate("JSON.parse(sessionStorage.getItem('seqrec.session'))") == clicked
         assert not errors, errors
         page.close()
+
+
+@pytest.mark.slow
+def test_strip_reads_the_limits_again_after_a_restart(
+    browser,  # noqa: ANN001
+    exported: TinyExport,
+) -> None:
+    """The page was opened against a service with the default limits, which then restarted on
+    the same port with --max-k 3: the widget read GET /limits only at page load, so every
+    click got 422 until a reload (helper-31). Now a 422 makes it read the limits again and
+    retry once."""
+    rec = SessionRecommender.from_dir(exported.export_dir)
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    statuses: list[int] = []
+    page.on(
+        "response",
+        lambda r: statuses.append(r.status) if r.url.endswith("/recommendations") else 0,
+    )
+    with running_server(create_app(rec)) as url:
+        page.goto(f"{url}/widget/")
+        page.wait_for_selector("#grid[data-ready='true'] .grid-card")
+        _wait_for_version(page, 1)
+        assert _strip_items(page) == FALLBACK_ITEMS  # 5 popular items (the page asks for 8)
+    port = int(url.rsplit(":", 1)[1])
+    strict = ServeSettings(max_k=3, default_k=3)
+    with running_server(create_app(rec, strict), port=port):
+        grid_ids = page.eval_on_selector_all(
+            "#grid .grid-card", "els => els.map(e => e.dataset.itemId)"
+        )
+        page.click(f"#grid .grid-card[data-item-id='{grid_ids[0]}']")
+        _wait_for_version(page, 2)
+        assert len(_strip_items(page)) == 3
+        page.click(f"#grid .grid-card[data-item-id='{grid_ids[1]}']")
+        _wait_for_version(page, 3)
+        assert len(_strip_items(page)) == 3
+        page.wait_for_load_state("networkidle")
+    assert statuses == [200, 422, 200, 200], statuses
+    page.close()

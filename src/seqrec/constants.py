@@ -14,6 +14,12 @@ GRAPH_OPTIMIZATION_LEVELS: Final[tuple[str, ...]] = ("disable", "basic", "extend
 """onnxruntime graph optimisation levels by name (``ORT_DISABLE_ALL`` ... ``ORT_ENABLE_ALL``)."""
 INT8_PRECISIONS: Final[tuple[str, ...]] = ("int8", "int8_catalog")
 """Export precisions whose graphs multiply 8-bit integers (``seqrec.export.ExportVariant``)."""
+INT8_SCORE_ATOL: Final[float] = 0.05
+"""Step-versus-prefill score tolerance of int8 catalogs: a hidden state that differs in the last
+float32 bit between the two graphs may round one of its D values to the next int8 step, which
+moves scores by about one step of that row's scale (a few 1e-3); larger differences mean a wrong
+table, scale or column. Used by the export's validation and the predictor's load check."""
+
 INT8_SATURATION_SAFE: Final[str] = "int8_saturation_safe"
 """``export_meta.json`` key, true in int8 exports whose integer products no CPU kernel saturates:
 x86 kernels without VNNI (AVX2's ``vpmaddubsw``) add two u8 x s8 products in a saturating int16,

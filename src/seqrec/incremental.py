@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from seqrec.constants import PAD_IDX
+from seqrec.constants import INT8_SCORE_ATOL, PAD_IDX
 from seqrec.kv_cache import (
     PAST_KV_NAME,
     past_kv_feed,
@@ -75,11 +75,6 @@ ACTIVATION_LEVELS = 63
 """Largest |value| of a hidden state quantised by :func:`quantize_catalog` (7 bits, see there)."""
 ACTIVATION_ZERO_POINT = 64
 """uint8 zero point of those hidden states: they are stored in [1, 127]."""
-INT8_SCORE_ATOL = 0.05
-"""Step-versus-prefill score tolerance of int8 catalogs: a hidden state that differs in the last
-float32 bit between the two graphs may round one of its D values to the next int8 step, which
-moves scores by about one step of that row's scale (a few 1e-3); larger differences mean a wrong
-table, scale or column."""
 
 
 def supports_incremental(model: nn.Module) -> bool:

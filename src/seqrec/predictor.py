@@ -44,6 +44,7 @@ from seqrec.constants import (
     GRAPH_OPTIMIZATION_LEVELS,
     INT8_PRECISIONS,
     INT8_SATURATION_SAFE,
+    INT8_SCORE_ATOL,
     PAD_IDX,
     PRECISIONS,
 )
@@ -81,9 +82,11 @@ STEP_CHECK_K = 10
 """Top-k scores compared between the step graph and the whole-session graph at load."""
 
 STEP_CHECK_TOLERANCE = 1e-3
-"""Largest gap allowed at load between a step's top-k scores and the whole session's, relative
-to 1 + |score| (both graphs compute the same float32 or int8 arithmetic; measured gaps are about
-1e-6, a step graph of another export's weights differed by 0.08 on the demo model)."""
+"""Largest gap allowed at load between the states (keys, values, pointer keys) and the top-k
+scores a step graph computes and those of the whole-session graph for the same session,
+relative to 1 + the largest |value| (both graphs compute the same float32 arithmetic; measured
+gaps are below 1e-6). The scores of int8-catalog exports may differ by up to
+:data:`~seqrec.constants.INT8_SCORE_ATOL` (one int8 rounding step), as at export."""
 
 FALLBACK_SCORE = 0.0
 """Score given to popularity-fallback recommendations; their order is their rank."""
@@ -697,18 +700,6 @@ class SessionRecommender:
                 )
             _check_catalog_width(step_session, step_path, len(item_ids), vocab_path)
             state_cache = StateCache(max(1, int(state_cache_mb * 2**20)))  # size checked below
-        logger.info(
-            "loaded %s: %d items, max_len %d, exporter %s, variant %s, %d thread(s), level %s, "
-            "state cache %s",
-            directory,
-            len(item_ids),
-            int(meta["max_len"]),
-            meta.get("exporter", "?"),
-            meta.get("variant", "fp32 scores"),
-            num_threads,
-            level,
-            f"{state_cache_mb:g} MiB" if state_cache else "off",
-        )
         recommender = cls(session, item_ids, meta, step_session, state_cache)
         recommender._self_check(meta_path)
         if state_cache is not None:  # n_layers and d_model were checked against the graph
@@ -723,6 +714,18 @@ class SessionRecommender:
                     f"({one_item_bytes} bytes for n_layers={meta['n_layers']}, d_model="
                     f"{meta['d_model']} in {meta_path}); use 0 to turn the cache off"
                 )
+        logger.info(
+            "loaded %s: %d items, max_len %d, exporter %s, variant %s, %d thread(s), level %s, "
+            "state cache %s",
+            directory,
+            len(item_ids),
+            int(meta["max_len"]),
+            meta.get("exporter", "?"),
+            meta.get("variant", "fp32 scores"),
+            num_threads,
+            level,
+            f"{state_cache_mb:g} MiB" if state_cache else "off",
+        )
         return recommender
 
     def _self_check(self, meta_path: Path) -> None:
@@ -735,9 +738,10 @@ class SessionRecommender:
           (a smaller value would silently drop the oldest items of longer sessions);
         - a session of ``max_len`` items is recommended for (and, with a state cache, its step
           from ``max_len - 1`` items), with finite scores;
-        - with a state cache, the step's top-k scores equal those of the same session scored
-          whole, within :data:`STEP_CHECK_TOLERANCE` (a step graph copied from another export
-          would answer the second click of every session differently from the first).
+        - with a state cache (and ``max_len >= 3``), a session of ``max_len - 1`` items
+          computed by the step graph and computed whole gives the same states and top-k scores
+          (see :meth:`_compare_step`; a step graph copied from another export would answer the
+          second click of every session differently from the first).
 
         onnxruntime's own error log lines are silenced for these calls (the raised error carries
         the same message).
@@ -749,6 +753,11 @@ class SessionRecommender:
         quiet = ort.RunOptions()
         quiet.log_severity_level = 4  # fatal only
         self._run_options = quiet
+        # the check keeps its states in a cache of its own: the caller's may be too small for
+        # one (that is refused after the check, with its own message)
+        callers_cache = self._state_cache
+        if callers_cache is not None:
+            self._state_cache = StateCache(1 << 30)
         meta, model_path = self._meta, meta_path.parent / MODEL_FILE
         stepped = False
         try:
@@ -758,19 +767,29 @@ class SessionRecommender:
                 longer_scored = True
             except _ORT_ERRORS:  # the model's context ends at max_len, as the metadata says
                 longer_scored = False
-            # distinct items (as many as the catalog has), the first item of the vocabulary last
-            n, last = self.num_items, self._max_len - 1
-            session = [self._item_ids[(i - last) % n] for i in range(self._max_len)]
-            k, scored_by = min(STEP_CHECK_K, self.num_items), model_path
-            self.recommend_batch([session[:-1]] if self._max_len > 1 else [], k=1)
-            stepped = self._state_cache is not None and self._max_len > 1
-            if stepped:  # the step graph's turn
-                scored_by = meta_path.parent / meta["incremental"]["step_file"]
-            step_scores = [r.score for r in self.recommend_batch([session], k=k)[0]]
-            if stepped:  # the same session whole, without cached states
+            # distinct items (as many as the catalog has), ending with the first item of the
+            # vocabulary twice: it is the newest item of both graphs' calls
+            n, last = self.num_items, self._max_len - 2
+            session = [self._item_ids[(i - last) % n] for i in range(self._max_len - 1)]
+            session.append(self._item_ids[0])
+            k, scored_by = min(STEP_CHECK_K, n), model_path
+            step_path = meta_path.parent / str(meta.get("incremental", {}).get("step_file", ""))
+            stepped = self._state_cache is not None and self._max_len > 2
+            if stepped:  # a step from max_len - 2 items, kept to compare with the whole session
+                self.recommend_batch([session[:-2]], k=1)
+                scored_by = step_path
+                step_top = self.recommend_batch([session[:-1]], k=k)[0]
+                step_state = self._state_cache.lookup(self._window(session))  # type: ignore[union-attr]
+            else:
+                self.recommend_batch([session[:-1]] if self._max_len > 1 else [], k=1)
+                if self._state_cache is not None and self._max_len > 1:  # the step graph's turn
+                    scored_by = step_path
+            self.recommend_batch([session], k=1)
+            if stepped:  # the same max_len - 1 items whole, without cached states
                 self.clear_state_cache()
                 scored_by = model_path
-                whole_scores = [r.score for r in self.recommend_batch([session], k=k)[0]]
+                whole_top = self.recommend_batch([session[:-1]], k=k)[0]
+                whole_state = self._state_cache.lookup(self._window(session))  # type: ignore[union-attr]
         except NonFiniteScoresError as exc:
             raise ValueError(f"{scored_by}: {exc}") from exc
         except (*_ORT_ERRORS, ValueError, RuntimeError) as exc:
@@ -780,18 +799,10 @@ class SessionRecommender:
             ) from exc
         finally:
             self._run_options = None
-            self.clear_state_cache()
+            self._state_cache = callers_cache
         if stepped:
-            gap = float(np.max(np.abs(np.subtract(step_scores, whole_scores))))
-            if not gap <= STEP_CHECK_TOLERANCE * (1.0 + max(map(abs, whole_scores))):
-                step_path = meta_path.parent / meta["incremental"]["step_file"]
-                raise ValueError(
-                    f"{step_path} does not match {model_path}: a session of max_len="
-                    f"{self._max_len} items scored from cached states differs from the same "
-                    f"session scored whole by up to {gap:.3g} in its top-{k} scores (at most "
-                    f"{STEP_CHECK_TOLERANCE:g} x (1 + |score|) expected): the step graph is "
-                    "from another export; re-export the model"
-                )
+            precision = meta.get("variant", {}).get("precision", "fp32")
+            self._compare_step(step_top, whole_top, step_state, whole_state, precision, step_path)
         if present_kv_shape:  # (2 * n_layers, B, H, 1, Dh)
             layers2, _, heads, _, head_dim = present_kv_shape
             if (layers2, heads * head_dim) != (2 * meta["n_layers"], meta["d_model"]):
@@ -805,6 +816,55 @@ class SessionRecommender:
                 f"of {self._max_len + 1} items: the model's context is longer, and longer "
                 "sessions would be cut short; correct max_len or re-export"
             )
+
+    def _window(self, session: list[str]) -> tuple[int, ...]:
+        """The state-cache key of ``session`` (known raw ids, at most ``max_len``)."""
+        return tuple(self._index[item] for item in session)
+
+    def _compare_step(
+        self,
+        step_top: list[Recommendation],
+        whole_top: list[Recommendation],
+        step_state: SessionState | None,
+        whole_state: SessionState | None,
+        precision: str,
+        step_path: Path,
+    ) -> None:
+        """The load check's comparison of one session of ``max_len - 1`` items computed by the
+        step graph (from the whole graph's ``max_len - 2``) and by the whole graph: states
+        within :data:`STEP_CHECK_TOLERANCE`, top-k scores within it too, or within
+        :data:`~seqrec.constants.INT8_SCORE_ATOL` for int8 catalogs.
+
+        Raises:
+            ValueError: the two graphs disagree (they come from different exports).
+        """
+        model_path = step_path.parent / MODEL_FILE
+        if step_state is None or whole_state is None:  # both graphs stored a state above
+            raise ValueError(f"{step_path}: the state cache kept no state in the load check")
+        pairs = [(step_state.kv, whole_state.kv)]
+        if step_state.copy_keys is not None and whole_state.copy_keys is not None:
+            pairs.append((step_state.copy_keys, whole_state.copy_keys))
+        gaps = [
+            (float(np.max(np.abs(got - want))), STEP_CHECK_TOLERANCE * (1 + np.abs(want).max()))
+            for got, want in pairs
+        ]
+        what = "states (keys and values)"
+        scores = [r.score for r in step_top], [r.score for r in whole_top]
+        if all(gap <= bound for gap, bound in gaps):
+            what = f"top-{len(scores[1])} scores"
+            bound = STEP_CHECK_TOLERANCE * (1.0 + max(map(abs, scores[1])))
+            if precision in INT8_PRECISIONS:
+                bound = max(bound, INT8_SCORE_ATOL)
+            gaps = [(float(np.max(np.abs(np.subtract(*scores)))), bound)]
+        for gap, bound in gaps:
+            if not gap <= bound:
+                raise ValueError(
+                    f"{step_path} and {model_path} come from different exports: a session of "
+                    f"{self._max_len - 1} items computed by the step graph from its first "
+                    f"{self._max_len - 2} differs from the same session computed whole by up "
+                    f"to {gap:.3g} in its {what} (at most {bound:.3g} expected); re-export "
+                    "the model"
+                )
 
     def _run_raw(self, length: int) -> list[np.ndarray]:
         """``model.onnx``'s outputs for one session of ``length`` copies of item index 1,

@@ -26,6 +26,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
@@ -102,6 +103,9 @@ class ServeSettings:
             timeout). Request lines and headers are not covered: a client that sends them
             slowly still holds its connection, so in production put a proxy with header
             timeouts in front (as for any uvicorn service).
+        cors_origins: origins whose pages may call the API from a browser (CORS headers from
+            Starlette's ``CORSMiddleware``: ``GET`` and ``POST`` with a JSON body), for the
+            widget embedded in a shop on another origin; empty: same-origin pages only.
     """
 
     num_threads: int = 1
@@ -113,6 +117,7 @@ class ServeSettings:
     state_cache_mb: float = 256.0
     max_body_bytes: int = 8 * 1024 * 1024
     body_timeout_s: float = 30.0
+    cors_origins: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         """Refuse limits that would break every request (clear ValueError, before startup)."""
@@ -738,10 +743,18 @@ def create_app(recommender: SessionRecommender, settings: ServeSettings | None =
         return RedirectResponse(url="/widget/")
 
     app.mount("/widget", StaticFiles(directory=STATIC_DIR, html=True), name="widget")
-    # inner to outer: the body limit, then metrics and logs (which count its 413s)
+    # inner to outer: the body limit, CORS (so a 413 carries its headers), then metrics and
+    # logs (which count both)
     app.add_middleware(
         _BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s
     )
+    if settings.cors_origins:  # answers preflights; inside the metrics, outside the body limit
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Content-Type"],
+        )
     app.add_middleware(
         _MetricsAndLogs,
         requests=requests,
@@ -847,6 +860,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="log level, any case (default INFO)",
     )
     parser.add_argument(
+        "--cors-origin",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="ORIGIN",
+        help="origin allowed to call the API from a browser page it serves (CORS), e.g. "
+        "https://shop.example; repeatable; default none (the widget on the service's own origin)",
+    )
+    parser.add_argument(
         "--no-request-logs", action="store_true", help="no log line per request (load tests)"
     )
     return parser
@@ -870,11 +892,14 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.port <= 65535:
         print(f"error: --port must be in 0..65535, got {args.port}", file=sys.stderr)
         return 2
-    try:  # before loading the model: uvicorn would say "Name or service not known", no host
-        socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM)
-    except (OSError, UnicodeError) as exc:  # socket.gaierror is an OSError
+    try:  # before loading the model, the way uvicorn binds (it exits 3 with a JSON log line)
+        family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((args.host, args.port))
+    except (OSError, UnicodeError) as exc:  # unknown host, not this machine's, port in use
         print(
-            f"error: --host {args.host!r} is not an address of this machine ({exc})",
+            f"error: cannot listen on --host {args.host!r} --port {args.port}: {exc}",
             file=sys.stderr,
         )
         return 2
@@ -889,6 +914,7 @@ def main(argv: list[str] | None = None) -> int:
             state_cache_mb=args.state_cache_mb,
             max_body_bytes=args.max_body_bytes,
             body_timeout_s=args.body_timeout_s,
+            cors_origins=tuple(args.cors_origin),
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -9,6 +9,9 @@
  *     const strip = SeqrecWidget.mount(document.getElementById("recs"), {apiBase: "https://api.example", k: 8});
  *     strip.view("12345");   // call on each product view
  *   </script>
+ *
+ * On another origin than the API's (as above), start the service with
+ * `seqrec-serve EXPORT_DIR --cors-origin https://shop.example` so the browser lets the page call it.
  */
 (function () {
   "use strict";
@@ -80,27 +83,28 @@
     }
   }
 
-  /* The service's request limits (GET /limits), read once per strip. */
+  /* The service's request limits (GET /limits): the defaults when the service has no such
+   * route, and `read: false` when it did not answer (then it is asked again next time). */
   async function fetchLimits(apiBase) {
     try {
       const response = await fetch(apiBase + "/limits");
-      if (response.ok) return Object.assign({}, DEFAULT_LIMITS, await response.json());
+      const limits = response.ok ? await response.json() : {};
+      return { limits: Object.assign({}, DEFAULT_LIMITS, limits), read: true };
     } catch (e) {
-      /* unreachable now: the request itself then fails and says so */
+      return { limits: DEFAULT_LIMITS, read: false };
     }
-    return DEFAULT_LIMITS;
   }
 
-  /* The request body for `session` within the service's limits: at most max_k items, the
-   * most recent max_session_len clicks (the model reads only the most recent ones anyway),
-   * and, when seen items are excluded, the older clicks sent as deny_items (newest first, at
-   * most max_filter_items) so that they stay excluded. */
+  /* The request for `session` within the service's limits: at most max_k items, the most
+   * recent max_session_len clicks (the model reads only the most recent ones anyway) and,
+   * when seen items are excluded, the older clicks as deny_items (newest first, at most
+   * max_filter_items). Older clicks beyond that list are hidden here instead: `hidden` counts
+   * them, and k grows by as many (up to max_k) so that the strip stays full. */
   function requestBody(session, k, exclude, limits) {
     const recent = session.slice(-limits.max_session_len);
-    const body = { session: recent, k: Math.max(1, Math.min(k, limits.max_k)), exclude_seen: exclude };
+    const older = [];
     if (exclude && recent.length < session.length) {
       const sent = new Set(recent);
-      const older = [];
       for (let i = session.length - recent.length - 1; i >= 0; i--) {
         const id = session[i];
         if (!sent.has(id)) {
@@ -108,21 +112,28 @@
           older.push(id);
         }
       }
-      const denied = older.slice(0, limits.max_filter_items);
-      if (denied.length) body.deny_items = denied;
     }
+    const denied = older.slice(0, limits.max_filter_items);
+    const hidden = older.length - denied.length;
+    const body = {
+      session: recent,
+      k: Math.max(1, Math.min(k + hidden, limits.max_k)),
+      exclude_seen: exclude,
+    };
+    if (denied.length) body.deny_items = denied;
     return body;
   }
 
   /* Mount a recommendation strip in `container`.
    * options: apiBase (""), k (8), excludeSeen (true or a function returning a boolean),
    *          onClick(itemId) for clicks on a recommended item, onUpdate(response).
-   * Requests stay within the service's limits (GET /limits): k is lowered to its max_k, and
-   * only the most recent max_session_len clicks are sent as the session.
+   * Requests stay within the service's limits (GET /limits, read again after a 422 or when it
+   * could not be read): k is lowered to its max_k, and only the most recent max_session_len
+   * clicks are sent as the session. With excludeSeen, no clicked item is ever shown.
    */
   function mount(container, options) {
     const opts = Object.assign({ apiBase: "", k: 8, excludeSeen: true }, options || {});
-    const limits = fetchLimits(opts.apiBase);
+    let limits = fetchLimits(opts.apiBase);
     let session = loadSession();
     let version = Number(container.dataset.version || 0);
     let pending = null;
@@ -137,16 +148,31 @@
       pending = controller;
       container.dataset.state = "loading";
       try {
-        const body = requestBody(session, opts.k, excludeSeen(), await limits);
-        if (controller.signal.aborted) return;
-        const response = await fetch(opts.apiBase + "/recommendations", {
-          method: "POST",
-          headers: { "Content-Type": "application/json" },
-          body: JSON.stringify(body),
-          signal: controller.signal,
-        });
-        if (!response.ok) throw new Error("HTTP " + response.status);
-        const data = await response.json();
+        let data = null;
+        for (let attempt = 0; data === null; attempt++) {
+          const known = await limits;
+          if (!known.read) limits = fetchLimits(opts.apiBase); // read it again next time
+          const exclude = excludeSeen();
+          const body = requestBody(session, opts.k, exclude, known.limits);
+          if (controller.signal.aborted) return;
+          const response = await fetch(opts.apiBase + "/recommendations", {
+            method: "POST",
+            headers: { "Content-Type": "application/json" },
+            body: JSON.stringify(body),
+            signal: controller.signal,
+          });
+          if (response.status === 422 && attempt === 0) {
+            limits = fetchLimits(opts.apiBase); // the service may have restarted with new limits
+            continue;
+          }
+          if (!response.ok) throw new Error("HTTP " + response.status);
+          data = await response.json();
+          if (exclude) {
+            const seen = new Set(session);
+            data.items = data.items.filter((item) => !seen.has(String(item.item_id)));
+          }
+          data.items = data.items.slice(0, opts.k);
+        }
         render(data);
         if (opts.onUpdate) opts.onUpdate(data);
       } catch (err) {
