@@ -31,7 +31,13 @@ from _export_helpers import (
 )
 from _serving_helpers import running_server
 from seqrec.predictor import SessionRecommender, file_sha256
-from seqrec.serving.app import SMALLEST_REQUEST_BODY, ServeSettings, build_parser, create_app
+from seqrec.serving.app import (
+    MAX_ID_LENGTH,
+    SMALLEST_REQUEST_BODY,
+    ServeSettings,
+    build_parser,
+    create_app,
+)
 from seqrec.serving.logs import JsonFormatter
 
 SETTINGS = ServeSettings(max_k=40, max_session_len=40, max_filter_items=50)
@@ -307,6 +313,8 @@ def test_health_readiness_docs(client: httpx.Client, rec: SessionRecommender) ->
     assert client.get("/docs").status_code == 200
     widget = client.get("/widget/")
     assert widget.status_code == 200 and "You may also like" in widget.text
+    script = client.get("/widget/widget.js").text  # the widget drops ids the API refuses
+    assert f"const MAX_ID_LENGTH = {MAX_ID_LENGTH};" in script
     assert client.get("/", follow_redirects=False).headers["location"] == "/widget/"
     catalog = client.get("/catalog", params={"limit": 7}).json()
     assert catalog["items"][:5] == FALLBACK_ITEMS and len(catalog["items"]) == 7
@@ -573,6 +581,8 @@ def test_console_script_with_two_workers(exported: TinyExport, tmp_path: Path) -
         ({"num_threads": 0}, "num_threads"),
         ({"max_body_bytes": 13}, "max_body_bytes must be >= 14"),
         ({"body_timeout_s": 0}, "body_timeout_s must be a finite number of seconds > 0, got 0"),
+        ({"cors_origins": ("http://localhost:8080/",)}, "'http://localhost:8080/' can never match"),
+        ({"cors_origins": ("localhost:9999",)}, "'localhost:9999' can never match"),
         ({"body_timeout_s": float("nan")}, "seconds > 0, got nan"),
         ({"body_timeout_s": float("inf")}, "seconds > 0, got inf"),
     ],

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import re
 import socket
 import sys
 import time
@@ -138,6 +139,13 @@ class ServeSettings:
                 f"smallest request, {SMALLEST_REQUEST_BODY.decode()}), got {self.max_body_bytes};"
                 " set --max-body-bytes to at least the largest request body you serve"
             )
+        for origin in self.cors_origins:  # a browser's Origin: scheme://host[:port], no slash
+            if origin != "*" and not re.fullmatch(r"https?://[^/\s?#]+", origin):
+                raise ValueError(
+                    f"cors_origins: {origin!r} can never match a browser's Origin header; give "
+                    "scheme://host[:port] without a path or trailing slash (e.g. "
+                    "https://shop.example), or *"
+                )
         if not (math.isfinite(self.body_timeout_s) and self.body_timeout_s > 0):
             raise ValueError(
                 f"body_timeout_s must be a finite number of seconds > 0, got {self.body_timeout_s}"

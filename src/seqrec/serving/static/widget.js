@@ -16,6 +16,7 @@
 (function () {
   "use strict";
   const STORAGE_KEY = "seqrec.session";
+  const MAX_ID_LENGTH = 64; // the API's longest item id (seqrec.serving.app.MAX_ID_LENGTH)
   const MAX_SESSION = 200; // clicks kept in the browser (the API's default max_session_len)
   /* Used when GET /limits cannot be read (an older service): the API's defaults. */
   const DEFAULT_LIMITS = { max_k: 100, max_session_len: MAX_SESSION, max_filter_items: 10000 };
@@ -65,11 +66,17 @@
     return el;
   }
 
+  /* Ids the API accepts (1 to 64 characters): one it would refuse must not enter the session,
+   * or every later request (which sends it in `session` or `deny_items`) would get 422. */
+  function isItemId(itemId) {
+    return itemId.length >= 1 && itemId.length <= MAX_ID_LENGTH;
+  }
+
   function loadSession() {
     try {
       const raw = window.sessionStorage.getItem(STORAGE_KEY);
       const parsed = raw ? JSON.parse(raw) : [];
-      return Array.isArray(parsed) ? parsed.map(String) : [];
+      return Array.isArray(parsed) ? parsed.map(String).filter(isItemId) : [];
     } catch (e) {
       return [];
     }
@@ -205,6 +212,7 @@
     }
 
     function view(itemId) {
+      if (!isItemId(String(itemId))) return refresh(); // the API could never take it
       session.push(String(itemId));
       if (session.length > MAX_SESSION) session = session.slice(-MAX_SESSION);
       saveSession(session);
