@@ -6,7 +6,6 @@ pytest only auto-loads ``conftest.py``, so the test modules import this helper a
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from onnx import numpy_helper
 from seqrec.data.vocab import ItemVocab
 from seqrec.export import export_onnx
 from seqrec.models.sasrec import SASRec, SASRecConfig
+from seqrec.predictor import file_sha256
 
 NUM_ITEMS = 30
 MAX_LEN = 12
@@ -85,10 +85,16 @@ def nan_item_rows(src: Path, dst: Path, rows: slice | list[int], graph: str = "m
     weights[rows] = np.nan
     table.CopyFrom(numpy_helper.from_array(weights, table.name))
     onnx.save(model, dst / graph)
-    meta = json.loads((dst / "export_meta.json").read_text())
-    meta["sha256"][graph] = hashlib.sha256((dst / graph).read_bytes()).hexdigest()
-    (dst / "export_meta.json").write_text(json.dumps(meta))
-    return dst
+    return rehash(dst, graph)
+
+
+def rehash(directory: Path, *names: str) -> Path:
+    """Record the current sha256 of ``directory``'s files ``names`` in its ``export_meta.json``
+    (a file replaced or edited with its hash regenerated: the integrity check passes). Returns
+    ``directory``."""
+    meta = json.loads((directory / "export_meta.json").read_text())
+    hashes = {name: file_sha256(directory / name) for name in names}
+    return edit_meta(directory, {"sha256": {**meta["sha256"], **hashes}})
 
 
 def edit_meta(directory: Path, changes: dict[str, object]) -> Path:

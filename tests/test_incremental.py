@@ -23,6 +23,7 @@ from _export_helpers import (
     NUM_ITEMS,
     edit_meta,
     nan_item_rows,
+    rehash,
     tiny_vocab,
 )
 from seqrec.export import ExportValidationError, ExportVariant, export_onnx
@@ -43,7 +44,7 @@ from seqrec.kv_cache import (
     states_from_prefill,
 )
 from seqrec.models.sasrec import SASRec, SASRecConfig
-from seqrec.predictor import ArtifactIntegrityError, SessionRecommender, file_sha256
+from seqrec.predictor import ArtifactIntegrityError, SessionRecommender
 from seqrec.sequence import encode_prefixes
 
 
@@ -881,8 +882,7 @@ def _with_step(src: Path, dst: Path, step: Path, scale: str | None = None) -> Pa
         (init,) = [i for i in model.graph.initializer if i.name == scale]
         init.CopyFrom(numpy_helper.from_array(1.5 * numpy_helper.to_array(init), scale))
     onnx.save(model, dst / STEP_FILE)
-    meta = json.loads((dst / "export_meta.json").read_text())
-    return edit_meta(dst, {"sha256": {**meta["sha256"], STEP_FILE: file_sha256(dst / STEP_FILE)}})
+    return rehash(dst, STEP_FILE)
 
 
 def test_a_step_graph_from_another_export_is_refused(inc_export, tmp_path: Path) -> None:

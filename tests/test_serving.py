@@ -25,12 +25,12 @@ from _export_helpers import (
     MAX_LEN,
     NUM_ITEMS,
     TinyExport,
-    edit_meta,
     nan_item_rows,
+    rehash,
     tiny_export,
 )
 from _serving_helpers import running_server
-from seqrec.predictor import SessionRecommender, file_sha256
+from seqrec.predictor import SessionRecommender
 from seqrec.serving.app import (
     MAX_ID_LENGTH,
     SMALLEST_REQUEST_BODY,
@@ -473,9 +473,7 @@ def test_console_script_refuses_a_damaged_model_or_unnameable_ids_in_one_line(
     (long_ids / "item_vocab.json").write_text(json.dumps(vocab))
     with pytest.raises(ValueError, match=r"1 catalog item id\(s\) are longer than 64 characters"):
         create_app(SessionRecommender.from_dir(long_ids, verify_integrity=False))
-    meta = json.loads((long_ids / "export_meta.json").read_text())
-    sha256 = {**meta["sha256"], "item_vocab.json": file_sha256(long_ids / "item_vocab.json")}
-    edit_meta(long_ids, {"sha256": sha256})
+    rehash(long_ids, "item_vocab.json")
     proc = subprocess.run([script, str(long_ids)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.splitlines()[-1] == (

@@ -839,24 +839,9 @@ class SessionRecommender:
             ValueError: the two graphs disagree (they come from different exports).
         """
         model_path = step_path.parent / MODEL_FILE
-        if step_state is None or whole_state is None:  # both graphs stored a state above
-            raise ValueError(f"{step_path}: the state cache kept no state in the load check")
-        pairs = [(step_state.kv, whole_state.kv)]
-        if step_state.copy_keys is not None and whole_state.copy_keys is not None:
-            pairs.append((step_state.copy_keys, whole_state.copy_keys))
-        gaps = [
-            (float(np.max(np.abs(got - want))), STEP_CHECK_TOLERANCE * (1 + np.abs(want).max()))
-            for got, want in pairs
-        ]
-        what = "states (keys and values)"
-        scores = [r.score for r in step_top], [r.score for r in whole_top]
-        if all(gap <= bound for gap, bound in gaps):
-            what = f"top-{len(scores[1])} scores"
-            bound = STEP_CHECK_TOLERANCE * (1.0 + max(map(abs, scores[1])))
-            if precision in INT8_PRECISIONS:
-                bound = max(bound, INT8_SCORE_ATOL)
-            gaps = [(float(np.max(np.abs(np.subtract(*scores)))), bound)]
-        for gap, bound in gaps:
+
+        def agree(what: str, got: np.ndarray, want: np.ndarray, bound: float) -> None:
+            gap = float(np.max(np.abs(got - want)))
             if not gap <= bound:
                 raise ValueError(
                     f"{step_path} and {model_path} come from different exports: a session of "
@@ -865,6 +850,19 @@ class SessionRecommender:
                     f"to {gap:.3g} in its {what} (at most {bound:.3g} expected); re-export "
                     "the model"
                 )
+
+        if step_state is None or whole_state is None:  # both graphs stored a state above
+            raise ValueError(f"{step_path}: the state cache kept no state in the load check")
+        pairs = [(step_state.kv, whole_state.kv), (step_state.copy_keys, whole_state.copy_keys)]
+        for got, want in pairs:
+            if got is not None and want is not None:
+                bound = STEP_CHECK_TOLERANCE * (1.0 + float(np.abs(want).max()))
+                agree("states (keys and values)", got, want, bound)
+        got, want = (np.array([r.score for r in top]) for top in (step_top, whole_top))
+        bound = STEP_CHECK_TOLERANCE * (1.0 + float(np.abs(want).max()))
+        if precision in INT8_PRECISIONS:
+            bound = max(bound, INT8_SCORE_ATOL)
+        agree(f"top-{len(want)} scores", got, want, bound)
 
     def _run_raw(self, length: int) -> list[np.ndarray]:
         """``model.onnx``'s outputs for one session of ``length`` copies of item index 1,
