@@ -531,6 +531,9 @@ def test_a_step_graph_that_scores_nan_is_named(inc_export, tmp_path: Path) -> No
          r"metadata has an incremental section\)"),
         ({"format_version": 1}, "format_version is 1, expected 2: variants and step graphs came "
          "with format 2"),
+        ({"n_heads": 3}, r"n_heads is 3, but .*model.onnx has 2 attention heads"),
+        ({"variant.precision": "fp16"}, r"variant.precision is 'fp16', expected 'fp32' or "
+         r"'int8_catalog' \(an incremental export\)"),
     ],
 )  # fmt: skip
 def test_metadata_that_misdescribes_the_graphs_is_refused(

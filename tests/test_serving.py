@@ -768,3 +768,15 @@ def test_cors_lets_the_listed_shop_origins_call_the_api(rec: SessionRecommender)
         )  # the browser can read the 413 too
         assert too_large.status_code == 413
         assert too_large.headers["access-control-allow-origin"] == shop
+
+
+def test_max_k_below_one_is_named_as_the_flag(exported: TinyExport) -> None:
+    """--max-k 0 said "need 1 <= default_k (1) <= max_k (0)", naming a setting without a flag."""
+    script = shutil.which("seqrec-serve") or str(Path(sys.executable).parent / "seqrec-serve")
+    proc = subprocess.run(
+        [script, str(exported.export_dir), "--max-k", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and proc.stderr == "error: --max-k must be >= 1, got 0\n"

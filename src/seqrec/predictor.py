@@ -278,6 +278,8 @@ def _check_meta(meta: Any, path: Path) -> None:
         refuse("output_names", "a list of strings (an incremental export)")
     if variant.get("incremental") is False:
         refuse("variant.incremental", "true (the metadata has an incremental section)")
+    if variant.get("precision", "fp32") not in ("fp32", "int8_catalog"):  # what export writes
+        refuse("variant.precision", "'fp32' or 'int8_catalog' (an incremental export)")
 
 
 _ORT_ERRORS: tuple[type[Exception], ...] = tuple(
@@ -809,6 +811,11 @@ class SessionRecommender:
                 raise ValueError(
                     f"{meta_path}: n_layers is {meta['n_layers']} and d_model {meta['d_model']}, "
                     f"but {model_path} has {layers2 // 2} block(s) of width {heads * head_dim}"
+                )
+            if "n_heads" in meta and meta["n_heads"] != heads:
+                raise ValueError(
+                    f"{meta_path}: n_heads is {meta['n_heads']!r:.80}, but {model_path} has "
+                    f"{heads} attention heads"
                 )
         if longer_scored:
             raise ValueError(

@@ -897,6 +897,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers < 1:
         print(f"error: --workers must be >= 1, got {args.workers}", file=sys.stderr)
         return 2
+    if args.max_k < 1:  # before ServeSettings, whose message speaks of default_k (no flag)
+        print(f"error: --max-k must be >= 1, got {args.max_k}", file=sys.stderr)
+        return 2
     if not 0 <= args.port <= 65535:
         print(f"error: --port must be in 0..65535, got {args.port}", file=sys.stderr)
         return 2
