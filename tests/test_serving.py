@@ -595,7 +595,7 @@ def test_settings_that_break_every_request_are_refused(kwargs: dict, message: st
     [
         (["--port", "99999"], "--port must be in 0..65535"),
         (["--max-filter-items", "-1"], "max_filter_items must be >= 0"),
-        (["--max-k", "0"], "default_k"),  # 5 is allowed: it lowers the default k
+        (["--max-k", "0"], "--max-k must be >= 1, got 0"),  # 5 is allowed: it lowers the default k
         (["--max-body-bytes", "1"], "max_body_bytes must be >= 14"),
         (["--body-timeout-s", "-1"], "body_timeout_s must be a finite number of seconds > 0"),
         (["--log-level", "loud"], "argument --log-level: invalid choice: 'loud' (choose from"),
