@@ -43,7 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -120,18 +120,33 @@ def time_calls(
         if setup is not None:
             setup(i)
         fn(i)
-    gc.collect()
     samples: list[float] = []
-    deadline = time.perf_counter() + budget_s
-    i = 0
-    while i < max_calls and (i < min_calls or time.perf_counter() < deadline):
-        if setup is not None:
-            setup(i)
-        start = time.perf_counter()
-        fn(i)
-        samples.append(time.perf_counter() - start)
-        i += 1
+    with frozen_heap():
+        deadline = time.perf_counter() + budget_s
+        i = 0
+        while i < max_calls and (i < min_calls or time.perf_counter() < deadline):
+            if setup is not None:
+                setup(i)
+            start = time.perf_counter()
+            fn(i)
+            samples.append(time.perf_counter() - start)
+            i += 1
     return _stats_ms(samples)
+
+
+@contextlib.contextmanager
+def frozen_heap() -> Iterator[None]:
+    """Collect garbage, then freeze what this process holds (``gc.freeze``) for the timed
+    calls, as ``seqrec-serve`` does before serving (``freeze_startup_objects``); unfrozen after.
+    Without it a full collection of this process (torch, the exports and the PyTorch baselines
+    loaded: full collections took 0.05-0.9 s here on the 2-core VM) can land inside timed calls,
+    and in an HTTP phase it would be charged to every request scheduled meanwhile."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 class ClickStream:
@@ -708,7 +723,11 @@ def measure_http(export_dir: Path, args: argparse.Namespace, log_path: Path) -> 
             bodies = widget_bodies(int(meta["num_items"]), args.http_shoppers, args.http_bodies)
         else:
             bodies = random_bodies(int(meta["num_items"]), args.http_bodies)
-        run = asyncio.run
+
+        def run(phase: Coroutine[Any, Any, dict[str, Any]]) -> dict[str, Any]:
+            with frozen_heap():  # the load generator's own collections stay short
+                return asyncio.run(phase)
+
         out: dict[str, Any] = {"server_request_logs": args.http_request_logs}
         next_body = itertools.cycle(bodies).__next__
         run(_load(port, next_body, 4, 1.0, None, 10_000))  # warm-up

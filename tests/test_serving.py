@@ -526,6 +526,24 @@ def test_console_script_serves_and_refuses_bad_dirs(exported: TinyExport, tmp_pa
     log_lines = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
     assert any(line.get("route") == "/recommendations" for line in log_lines)
     assert any(line["message"] == "serving" for line in log_lines)
+    # the startup objects (modules, routes, the catalog) are frozen before serving
+    (frozen,) = [line for line in log_lines if line["message"] == "froze startup objects"]
+    assert frozen["gc_frozen_objects"] > 10_000
+
+
+def test_freezing_startup_objects_empties_the_full_collections_work() -> None:
+    """After ``freeze_startup_objects`` a full collection walks none of the objects made while
+    loading (gc.get_objects lists what collections walk; frozen objects are not in it). Run in a
+    subprocess: freezing pytest's own objects would keep their garbage cycles for the session."""
+    code = (
+        "import gc, json, seqrec.serving.app as app; "
+        "before = len(gc.get_objects()); frozen = app.freeze_startup_objects(); "
+        "print(json.dumps([before, frozen, gc.get_freeze_count(), len(gc.get_objects())]))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    before, frozen, count, after = json.loads(out.stdout.splitlines()[-1])
+    assert before > 10_000 and frozen == count >= before - 1_000
+    assert after < 100
 
 
 def test_service_module_loads_no_torch() -> None:
@@ -567,6 +585,8 @@ def test_console_script_with_two_workers(exported: TinyExport, tmp_path: Path) -
         if line["message"].startswith("loaded ")
     ]
     assert len(loads) == 3  # the main process checks the export, then each worker loads it
+    frozen = [x for x in stderr.splitlines() if '"froze startup objects"' in x]
+    assert len(frozen) == 2  # in each worker (the main process does not serve)
 
 
 @pytest.mark.parametrize(
