@@ -372,7 +372,8 @@ def proposal_tradeoffs(results: Path) -> str:
         f"- **Speed.** One request after a click (a visit of {lat['args']['max_len']} clicks, "
         f"{size:,} products, one core) takes {p50(size, ours):.2f} ms at the median{cold}, "
         f"{p50(size, 'pytorch eager') / p50(size, ours):.1f}x faster than running the same model in "
-        f"PyTorch; by catalog size: {scaling} products. Over HTTP, with the load generator on the same 2 cores, "
+        f"PyTorch; by catalog size: {scaling} products (a {lat['machine']['cores']}-core "
+        f"{lat['machine']['cpu']} virtual machine). Over HTTP, with the load generator on the same cores, "
         f"the service held {held} requests/s with p99 under {target:.0f} ms and no errors"
         f"{saturation} (`python scripts/bench_latency.py`, `docs/results/latency.json`).",
         f"- **Training time.** The final RetailRocket model ({train['epochs']} passes over "
