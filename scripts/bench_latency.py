@@ -136,17 +136,23 @@ def time_calls(
 
 @contextlib.contextmanager
 def frozen_heap() -> Iterator[None]:
-    """Collect garbage, then freeze what this process holds (``gc.freeze``) for the timed
-    calls, as ``seqrec-serve`` does before serving (``freeze_startup_objects``); unfrozen after.
-    Without it a full collection of this process (torch, the exports and the PyTorch baselines
-    loaded: full collections took 0.05-0.9 s here on the 2-core VM) can land inside timed calls,
-    and in an HTTP phase it would be charged to every request scheduled meanwhile."""
+    """Collect garbage, then freeze the objects the collector tracks (``gc.freeze``) for the
+    timed calls, as ``seqrec-serve`` does before serving (``freeze_startup_objects``). Without it
+    a full collection of this process (torch, the exports and the PyTorch baselines loaded: full
+    collections took 0.05-0.9 s on the 2-core AMD VM) can land inside timed calls, and in an HTTP
+    phase it would be charged to every request scheduled meanwhile. Unfrozen afterwards unless
+    something was frozen before (an enclosing ``frozen_heap`` or the caller's own freeze, which
+    ``gc.unfreeze`` would undo as well). The warm-up's cached states are frozen with the rest, so
+    a timed call's full collections walk fewer objects than those of a server whose state cache
+    has filled since startup."""
+    was_frozen = gc.get_freeze_count() > 0
     gc.collect()
     gc.freeze()
     try:
         yield
     finally:
-        gc.unfreeze()
+        if not was_frozen:
+            gc.unfreeze()
 
 
 class ClickStream:
@@ -910,7 +916,11 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         lines.append("")
         lines.append(
             f"Highest rate held (p99 < {report['args']['http_p99_target_ms']} ms, zero errors): "
-            f"{_fmt(http['highest_rate_held'])} req/s."
+            + (
+                f"{_fmt(http['highest_rate_held'])} req/s."
+                if http["highest_rate_held"]
+                else "none."
+            )
         )
     lines += ["", "## Targets (reference size, 1 thread)", ""]
     lines += [f"- {line}" for line in report["targets"]]
@@ -1007,7 +1017,7 @@ def targets(report: dict[str, Any]) -> list[str]:
             f"HTTP {fixed['target_rate_per_s']} req/s for {fixed['duration_s']} s: "
             f"{fixed['requests_per_s']:.0f} req/s achieved, p99 {fixed.get('p99_ms', float('nan')):.2f}"
             f" ms, {fixed['errors']} errors ({'met' if ok else 'NOT met'}); highest rate held: "
-            f"{http['highest_rate_held']} req/s"
+            + (f"{http['highest_rate_held']} req/s" if http["highest_rate_held"] else "none")
         )
     return out
 

@@ -70,3 +70,40 @@ def test_from_json_recomputes_targets_without_measuring(tmp_path: Path) -> None:
     assert any(t.startswith("where a next click's time goes") for t in rewritten["targets"])
     assert "## Targets" in (out / "latency.md").read_text()
     assert (out / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_frozen_heap_keeps_an_enclosing_freeze() -> None:
+    """frozen_heap freezes for its block and unfreezes after, except when something was frozen
+    before it (an enclosing frozen_heap, or the caller's own gc.freeze): gc.unfreeze would undo
+    that too. Run in a subprocess so that pytest's own objects are never frozen."""
+    code = """
+import gc, json, sys
+sys.path.insert(0, sys.argv[1])
+from bench_latency import frozen_heap
+counts = [gc.get_freeze_count()]
+with frozen_heap():
+    counts.append(gc.get_freeze_count())
+    with frozen_heap():
+        pass
+    counts.append(gc.get_freeze_count())  # the inner block left the outer freeze alone
+counts.append(gc.get_freeze_count())
+gc.freeze()
+before = gc.get_freeze_count()
+try:
+    with frozen_heap():
+        raise KeyError("inside")
+except KeyError:
+    pass
+counts += [before, gc.get_freeze_count()]  # the caller's own freeze stays
+print(json.dumps(counts))
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(REPO_ROOT / "scripts")],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    start, inside, after_inner, after, caller, after_error = json.loads(out.stdout.splitlines()[-1])
+    assert start == 0 and inside > 1_000 and after_inner >= inside and after == 0
+    assert caller > 1_000 and after_error >= caller

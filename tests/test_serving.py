@@ -585,8 +585,11 @@ def test_console_script_with_two_workers(exported: TinyExport, tmp_path: Path) -
         if line["message"].startswith("loaded ")
     ]
     assert len(loads) == 3  # the main process checks the export, then each worker loads it
-    frozen = [x for x in stderr.splitlines() if '"froze startup objects"' in x]
-    assert len(frozen) == 2  # in each worker (the main process does not serve)
+    frozen = [json.loads(x) for x in stderr.splitlines() if '"froze startup objects"' in x]
+    # in each worker (the main process does not serve), each line naming its process
+    assert len({line["pid"] for line in frozen}) == 2 and proc.pid not in {
+        line["pid"] for line in frozen
+    }
 
 
 @pytest.mark.parametrize(
