@@ -408,11 +408,21 @@ def test_concurrent_requests_match_sequential(client: httpx.Client) -> None:
     assert got == expected
 
 
+def _serve_script() -> str:
+    """Path of the ``seqrec-serve`` console script of this environment."""
+    return shutil.which("seqrec-serve") or str(Path(sys.executable).parent / "seqrec-serve")
+
+
+def _serve_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run ``seqrec-serve ARGS`` to completion (for the runs that refuse to start)."""
+    return subprocess.run([_serve_script(), *args], capture_output=True, text=True, timeout=timeout)
+
+
 def _start_serve(args: list[str]) -> tuple[subprocess.Popen, int]:
     """Start ``seqrec-serve ARGS --port P`` on a free loopback port; wait until /readyz is 200."""
     import socket
 
-    script = shutil.which("seqrec-serve") or str(Path(sys.executable).parent / "seqrec-serve")
+    script = _serve_script()
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -460,9 +470,8 @@ def test_console_script_refuses_a_damaged_model_or_unnameable_ids_in_one_line(
     """A model scoring NaN for a popular item passes from_dir's check (it scores another
     item) but failed the service's warm-up with a traceback (exit 1); catalog ids longer than a
     request may name would give items the widget cannot send back (422)."""
-    script = shutil.which("seqrec-serve") or str(Path(sys.executable).parent / "seqrec-serve")
     damaged = nan_item_rows(exported.export_dir, tmp_path / "nan", [3])  # item 1003: fallback
-    proc = subprocess.run([script, str(damaged)], capture_output=True, text=True, timeout=120)
+    proc = _serve_cli(str(damaged), timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert "returned NaN or infinite scores" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -474,7 +483,7 @@ def test_console_script_refuses_a_damaged_model_or_unnameable_ids_in_one_line(
     with pytest.raises(ValueError, match=r"1 catalog item id\(s\) are longer than 64 characters"):
         create_app(SessionRecommender.from_dir(long_ids, verify_integrity=False))
     rehash(long_ids, "item_vocab.json")
-    proc = subprocess.run([script, str(long_ids)], capture_output=True, text=True, timeout=120)
+    proc = _serve_cli(str(long_ids), timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.splitlines()[-1] == (
         f"error: {long_ids / 'item_vocab.json'}: 1 catalog item id(s) are longer than 64 "
@@ -493,12 +502,7 @@ def test_console_script_refuses_a_damaged_model_or_unnameable_ids_in_one_line(
             ("192.0.2.1", 8000, "Cannot assign requested address"),
             ("127.0.0.1", busy_port, "Address already in use"),
         ]:
-            proc = subprocess.run(
-                [script, str(exported.export_dir), "--host", host, "--port", str(port)],
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
+            proc = _serve_cli(str(exported.export_dir), "--host", host, "--port", str(port))
             assert proc.returncode == 2
             prefix = f"error: cannot listen on --host {host!r} --port {port}: "
             assert proc.stderr.startswith(prefix) and proc.stderr.count("\n") == 1, proc.stderr
@@ -506,10 +510,7 @@ def test_console_script_refuses_a_damaged_model_or_unnameable_ids_in_one_line(
 
 
 def test_console_script_serves_and_refuses_bad_dirs(exported: TinyExport, tmp_path: Path) -> None:
-    script = shutil.which("seqrec-serve") or str(Path(sys.executable).parent / "seqrec-serve")
-    bad = subprocess.run(
-        [script, str(tmp_path / "missing")], capture_output=True, text=True, timeout=60
-    )
+    bad = _serve_cli(str(tmp_path / "missing"))
     assert bad.returncode == 2 and "export directory not found" in bad.stderr
 
     # a --max-k below the default k (10) lowers the default instead of refusing to start
@@ -557,13 +558,7 @@ def test_service_module_loads_no_torch() -> None:
 
 @pytest.mark.slow
 def test_console_script_with_two_workers(exported: TinyExport, tmp_path: Path) -> None:
-    script = shutil.which("seqrec-serve") or str(Path(sys.executable).parent / "seqrec-serve")
-    bad = subprocess.run(
-        [script, str(exported.export_dir), "--workers", "0"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    bad = _serve_cli(str(exported.export_dir), "--workers", "0")
     assert bad.returncode == 2 and "--workers must be >= 1" in bad.stderr
 
     proc, port = _start_serve([str(exported.export_dir), "--workers", "2"])
@@ -627,10 +622,7 @@ def test_settings_that_break_every_request_are_refused(kwargs: dict, message: st
 def test_console_script_refuses_bad_limits(
     exported: TinyExport, flags: list[str], message: str
 ) -> None:
-    script = shutil.which("seqrec-serve") or str(Path(sys.executable).parent / "seqrec-serve")
-    bad = subprocess.run(
-        [script, str(exported.export_dir), *flags], capture_output=True, text=True, timeout=60
-    )
+    bad = _serve_cli(str(exported.export_dir), *flags)
     assert bad.returncode == 2 and message in bad.stderr
     assert "Traceback" not in bad.stderr
 
@@ -795,11 +787,5 @@ def test_cors_lets_the_listed_shop_origins_call_the_api(rec: SessionRecommender)
 
 def test_max_k_below_one_is_named_as_the_flag(exported: TinyExport) -> None:
     """--max-k 0 said "need 1 <= default_k (1) <= max_k (0)", naming a setting without a flag."""
-    script = shutil.which("seqrec-serve") or str(Path(sys.executable).parent / "seqrec-serve")
-    proc = subprocess.run(
-        [script, str(exported.export_dir), "--max-k", "0"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = _serve_cli(str(exported.export_dir), "--max-k", "0")
     assert proc.returncode == 2 and proc.stderr == "error: --max-k must be >= 1, got 0\n"
