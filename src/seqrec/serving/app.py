@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import re
+import signal
 import socket
 import sys
 import time
@@ -700,18 +701,19 @@ def create_app(recommender: SessionRecommender, settings: ServeSettings | None =
         },
     )
 
-    @app.api_route(
-        "/healthz", methods=["GET", "HEAD"], summary="Liveness: the process answers"
-    )  # HEAD too: some load balancers probe with it
+    # HEAD too: some load balancers probe with it. One route per method: a route with
+    # methods=["GET", "HEAD"] gave both operations one operationId in /openapi.json, which
+    # OpenAPI forbids (client generators refuse such a schema)
+    @app.get("/healthz", summary="Liveness: the process answers")
+    @app.head("/healthz", summary="Liveness: the process answers (no body)")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.api_route(
-        "/readyz",
-        methods=["GET", "HEAD"],
-        summary="Readiness: the model is loaded and answered a warm-up request",
-        responses={503: {"description": "not ready"}},
-    )
+    ready_doc = "Readiness: the model is loaded and answered a warm-up request"
+    not_ready: dict[int | str, dict[str, Any]] = {503: {"description": "not ready"}}
+
+    @app.get("/readyz", summary=ready_doc, responses=not_ready)
+    @app.head("/readyz", summary=ready_doc + " (no body)", responses=not_ready)
     async def readyz() -> JSONResponse:
         if not state["ready"]:
             return JSONResponse(status_code=503, content={"status": "not ready"})
@@ -787,6 +789,28 @@ def create_app(recommender: SessionRecommender, settings: ServeSettings | None =
 
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+_SETTING_FLAGS = {
+    "num_threads": "--num-threads",
+    "max_session_len": "--max-session-len",
+    "max_filter_items": "--max-filter-items",
+    "max_body_bytes": "--max-body-bytes",
+    "body_timeout_s": "--body-timeout-s",
+    "state_cache_mb": "--state-cache-mb",
+    "cors_origins": "--cors-origin",
+}
+"""The ``seqrec-serve`` flag of each setting whose refusal names the setting first."""
+
+
+def _flag_message(message: str) -> str:
+    """A refusal of ``ServeSettings`` or ``SessionRecommender.from_dir`` as the command line
+    speaks: ``max_session_len must be >= 1, got 0`` -> ``--max-session-len must be >= 1, got
+    0``. Other messages (they name a file, or already a flag) are returned unchanged."""
+    for setting, flag in _SETTING_FLAGS.items():
+        if re.match(rf"{setting}\b", message):
+            return flag + message[len(setting) :]
+    return message
 
 
 def _log_level(value: str) -> str:
@@ -886,8 +910,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Load the export, build the app and run uvicorn until interrupted.
 
+    One SIGINT (Ctrl-C) or SIGTERM (what process managers send) stops the server gracefully:
+    it stops accepting connections, finishes the requests in flight and exits.
+
     Returns:
-        0 after a clean shutdown; 2 for an unusable export directory (message on stderr).
+        0 after a clean shutdown (with one worker or several); 2 for an unusable export
+        directory or a bad flag (message on stderr).
     """
     import uvicorn
 
@@ -929,12 +957,12 @@ def main(argv: list[str] | None = None) -> int:
             cors_origins=tuple(args.cors_origin),
         )
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_flag_message(str(exc))}", file=sys.stderr)
         return 2
     try:
         recommender = _load(args.export_dir, args.graph_optimization_level, settings)
     except (OSError, ValueError) as exc:  # OSError: missing or unreadable files
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_flag_message(str(exc))}", file=sys.stderr)
         return 2
     if not recommender.incremental:  # report the cache actually in use
         settings = replace(settings, state_cache_mb=0.0)
@@ -957,6 +985,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.workers == 1:
         freeze_startup_objects()
+        # uvicorn shuts down gracefully on SIGTERM, then raises the signal again with the
+        # handler it found: the default one killed the process (exit 143) where SIGINT and
+        # --workers N exit 0; as an interrupt, uvicorn.run returns after the shutdown
+        if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, signal.default_int_handler)
         uvicorn.run(app, host=args.host, port=args.port, log_config=None, access_log=False)
         return 0
     # several processes: uvicorn starts each from an import string; they rebuild the same app
