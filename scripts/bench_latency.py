@@ -708,6 +708,8 @@ def measure_http(export_dir: Path, args: argparse.Namespace, log_path: Path) -> 
     script = shutil.which("seqrec-serve") or str(Path(sys.executable).parent / "seqrec-serve")
     cmd = [script, str(export_dir), "--port", str(port), "--num-threads", "1"]
     cmd += ["--workers", str(args.http_workers)]
+    if args.http_max_batch_size is not None:
+        cmd += ["--max-batch-size", str(args.http_max_batch_size)]
     if not args.http_request_logs:
         cmd.append("--no-request-logs")
     with open(log_path, "w") as log_file:
@@ -783,6 +785,8 @@ def measure_http(export_dir: Path, args: argparse.Namespace, log_path: Path) -> 
         out["precision"] = meta["variant"]["precision"]
         out["workload"] = args.http_workload
         out["workers"] = args.http_workers
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as r:
+            out["max_batch_size"] = json.loads(r.read())["settings"]["max_batch_size"]
         out["shoppers"] = args.http_shoppers if args.http_workload == "widget" else None
         out["state_cache"] = _scrape_cache(port)
         return out
@@ -820,6 +824,15 @@ def _fmt(value: Any, digits: int = 3) -> str:
     if isinstance(value, float):
         return f"{value:.{digits}f}"
     return str(value)
+
+
+def _batching(http: dict[str, Any]) -> str:
+    """How the server batched requests, as a phrase ending in ", " ("" for reports from before
+    dynamic batching, which scored each request on its own)."""
+    size = http.get("max_batch_size")
+    if size is None:
+        return ""
+    return "no dynamic batching, " if size == 1 else f"dynamic batching up to {size}, "
 
 
 def write_markdown(report: dict[str, Any], path: Path) -> None:
@@ -880,7 +893,7 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         lines += [
             "",
             f"## HTTP (seqrec-serve, {http.get('workers', 1)} worker(s), 1 onnxruntime thread each, "
-            f"{http['num_items']} items, "
+            f"{_batching(http)}{http['num_items']} items, "
             "loopback, load generator on the same cores)",
             "",
             f"Export: {'incremental (states cached per session)' if http.get('incremental') else 'top-k in graph'}"
@@ -1211,6 +1224,12 @@ def build_parser() -> argparse.ArgumentParser:
         "default); top-k-only exports (--no-http-incremental) are float32",
     )
     parser.add_argument("--http-workers", type=int, default=1, help="seqrec-serve worker processes")
+    parser.add_argument(
+        "--http-max-batch-size",
+        type=int,
+        default=None,
+        help="seqrec-serve --max-batch-size (default: the server's; 1 = no dynamic batching)",
+    )
     parser.add_argument(
         "--http-workload",
         choices=["widget", "random"],

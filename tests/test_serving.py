@@ -3,6 +3,7 @@ metrics, docs, structured logs and the seqrec-serve console script."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gzip
 import json
@@ -18,6 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from _export_helpers import (
@@ -30,11 +32,12 @@ from _export_helpers import (
     tiny_export,
 )
 from _serving_helpers import running_server
-from seqrec.predictor import SessionRecommender
+from seqrec.predictor import NonFiniteScoresError, SessionRecommender
 from seqrec.serving.app import (
     MAX_ID_LENGTH,
     SMALLEST_REQUEST_BODY,
     ServeSettings,
+    _DynamicBatcher,
     build_parser,
     create_app,
 )
@@ -86,6 +89,147 @@ def test_recommendations_happy_path(client: httpx.Client, rec: SessionRecommende
     assert _ids(payload) == [r.item_id for r in want]
     assert [item["score"] for item in payload["items"]] == pytest.approx([r.score for r in want])
     assert {item["source"] for item in payload["items"]} == {"model"}
+
+
+Request = tuple[list, int, bool, list | None, list | None]
+
+
+def _batched(
+    rec: SessionRecommender, requests: list[Request], max_batch_size: int = 64
+) -> tuple[list, list[int]]:
+    """Send ``requests`` (session, k, exclude_seen, allow_items, deny_items) to a
+    ``_DynamicBatcher`` all at once; returns each request's outcome (answer or exception) and
+    the number of requests of each model call."""
+    sizes: list[int] = []
+    batcher = _DynamicBatcher(rec, max_batch_size, sizes.append)
+
+    async def send_all() -> list:
+        return await asyncio.gather(
+            *(batcher.recommend(*request) for request in requests), return_exceptions=True
+        )
+
+    try:
+        return asyncio.run(send_all()), sizes
+    finally:
+        batcher.close()
+
+
+def test_dynamic_batcher_scores_waiting_requests_in_one_call_as_one_at_a_time(
+    rec: SessionRecommender, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sessions = [["1001"], ["1002", "1003"], ["1004", 1005, "1006"], ["9999"], [], ["1007"] * 3]
+    requests: list[Request] = [
+        *((s, 5, False, None, None) for s in sessions),
+        *((s, 3, True, None, ["1008", "1009"]) for s in sessions),
+        *((s, 4, False, ["1001", "1002", "1003", "1010"], None) for s in sessions),
+    ]
+    calls: list[int] = []  # sessions per predictor call: one call per group of alike filters
+    batch = rec.recommend_batch_with_info
+
+    def counted(sessions: list, *args: object) -> list:
+        calls.append(len(sessions))
+        return batch(sessions, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(rec, "recommend_batch_with_info", counted)
+    outcomes, sizes = _batched(rec, requests)
+    assert sizes == [18] and calls == [6, 6, 6]
+    for (session, k, exclude_seen, allow, deny), (recs, info) in zip(
+        requests, outcomes, strict=True
+    ):
+        want, want_info = rec.recommend_with_info(session, k, exclude_seen, allow, deny)
+        assert [r.item_id for r in recs] == [r.item_id for r in want]
+        np.testing.assert_allclose([r.score for r in recs], [r.score for r in want], atol=1e-5)
+        assert [r.source for r in recs] == [r.source for r in want] and info == want_info
+    # max_batch_size bounds each call; requests beyond it go into the next call
+    assert _batched(rec, requests[:10], max_batch_size=4)[1] == [4, 4, 2]
+
+
+def test_dynamic_batcher_answers_each_request_its_own_error(
+    rec: SessionRecommender, exported: TinyExport, tmp_path: Path
+) -> None:
+    """A request the predictor refuses fails alone: its group is scored again one request at
+    a time, so batch-mates with the same filters, and other groups, get their answers."""
+    outcomes, _ = _batched(
+        rec, [(["1001"], 0, False, None, None), (["1002"], 3, False, None, None)]
+    )
+    assert isinstance(outcomes[0], ValueError) and "k must be an integer >= 1" in str(outcomes[0])
+    assert [r.item_id for r in outcomes[1][0]] == [r.item_id for r in rec.recommend(["1002"], 3)]
+    # item 1005 scores NaN: only the sessions with it fail, not the healthy one beside them
+    damaged = SessionRecommender.from_dir(nan_item_rows(exported.export_dir, tmp_path / "nan", [5]))
+    requests: list[Request] = [(s, 3, False, None, None) for s in (["1001"], ["1005"], ["1002"])]
+    healthy, nan, other = _batched(damaged, requests)[0]
+    assert isinstance(nan, NonFiniteScoresError)
+    assert len(healthy[0]) == len(other[0]) == 3
+
+
+def test_dynamic_batcher_skips_requests_whose_client_left(rec: SessionRecommender) -> None:
+    sizes: list[int] = []
+    batcher = _DynamicBatcher(rec, 64, sizes.append)
+
+    async def one_leaves() -> list:
+        tasks = [
+            asyncio.create_task(batcher.recommend([f"100{i}"], 3, False, None, None))
+            for i in (1, 2, 3)
+        ]
+        await asyncio.sleep(0)  # all three wait; the model has not started
+        tasks[1].cancel()
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    try:
+        first, left, third = asyncio.run(one_leaves())
+    finally:
+        batcher.close()
+    assert isinstance(left, asyncio.CancelledError) and sizes == [2]
+    assert [r.item_id for r in third[0]] == [r.item_id for r in rec.recommend(["1003"], 3)]
+    assert len(first[0]) == 3
+
+
+def test_service_batches_concurrent_requests_and_reports_batch_sizes(
+    rec: SessionRecommender,
+) -> None:
+    """Concurrent requests over a real socket get the answers of one-at-a-time calls, with
+    dynamic batching (the default) and without it (--max-batch-size 1); /metrics counts the
+    requests of each model call."""
+    bodies = [
+        {"session": [str(1000 + (i % 20) + 1), str(1000 + (i * 7 % 20) + 1)], "k": 4}
+        for i in range(48)
+    ]
+    want = [[r.item_id for r in rec.recommend(b["session"], k=4)] for b in bodies]
+    for max_batch_size in (64, 1):
+        settings = ServeSettings(max_batch_size=max_batch_size)
+        with running_server(create_app(rec, settings)) as url:
+
+            async def send_all(url: str = url) -> list[httpx.Response]:
+                async with httpx.AsyncClient(base_url=url, timeout=10.0) as http:
+                    return await asyncio.gather(
+                        *(http.post("/recommendations", json=body) for body in bodies)
+                    )
+
+            replies = asyncio.run(send_all())
+            metrics = httpx.get(f"{url}/metrics").text
+            ready = httpx.get(f"{url}/readyz").json()
+        assert [_ids(r.json()) for r in replies] == want
+        assert ready["settings"]["max_batch_size"] == max_batch_size
+        count = _sample(metrics, "seqrec_model_batch_size_count")
+        total = _sample(metrics, "seqrec_model_batch_size_sum")
+        if max_batch_size == 1:  # no model thread, no batches
+            assert count == total == 0
+        else:
+            assert total == len(bodies) and 1 <= count <= len(bodies)
+
+
+def _sample(metrics_text: str, name: str) -> float:
+    """The value of the unlabelled sample ``name`` in a Prometheus text exposition."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    values = [
+        sample.value
+        for family in text_string_to_metric_families(metrics_text)
+        for sample in family.samples
+        if sample.name == name
+    ]
+    assert len(values) == 1, (name, values)
+    return values[0]
 
 
 def test_a_model_that_scores_nan_gets_a_json_500_not_nan(
@@ -661,6 +805,7 @@ def test_settings_that_break_every_request_are_refused(kwargs: dict, message: st
         ),
         (["--state-cache-mb", "nan"], "error: --state-cache-mb must be a finite number >= 0"),
         (["--cors-origin", "http://a/"], "error: --cors-origin: 'http://a/' can never match"),
+        (["--max-batch-size", "0"], "error: --max-batch-size must be >= 1, got 0\n"),
     ],
 )
 def test_console_script_refuses_bad_limits(

@@ -21,11 +21,13 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, replace
 from http import HTTPStatus
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -46,7 +48,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match
 
 from seqrec import __version__
-from seqrec.predictor import VOCAB_FILE, NonFiniteScoresError, SessionRecommender
+from seqrec.predictor import (
+    VOCAB_FILE,
+    NonFiniteScoresError,
+    Recommendation,
+    RecommendInfo,
+    SessionRecommender,
+)
 
 logger = logging.getLogger("seqrec.serving")
 
@@ -109,6 +117,13 @@ class ServeSettings:
         cors_origins: origins whose pages may call the API from a browser (CORS headers from
             Starlette's ``CORSMiddleware``: ``GET`` and ``POST`` with a JSON body), for the
             widget embedded in a shop on another origin; empty: same-origin pages only.
+        max_batch_size: most requests scored together in one model call. Requests that arrive
+            while the model is busy wait and are then scored together (dynamic batching, as
+            in NVIDIA Triton's dynamic batcher, without a delay: an idle model starts at once),
+            on a model thread of their own, so the event loop parses and answers other requests
+            meanwhile; requests with the same ``k`` and filters share one
+            ``recommend_batch_with_info`` call. 1: each request is scored on the event loop as
+            it arrives (no model thread).
     """
 
     num_threads: int = 1
@@ -121,11 +136,14 @@ class ServeSettings:
     max_body_bytes: int = 8 * 1024 * 1024
     body_timeout_s: float = 30.0
     cors_origins: tuple[str, ...] = ()
+    max_batch_size: int = 64
 
     def __post_init__(self) -> None:
         """Refuse limits that would break every request (clear ValueError, before startup)."""
         if self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
         if self.max_k < 1 or not 1 <= self.default_k <= self.max_k:
             raise ValueError(
                 f"need 1 <= default_k ({self.default_k}) <= max_k ({self.max_k}); "
@@ -524,6 +542,134 @@ def _unreadable_body_message(exc: StarletteHTTPException) -> str:
     return f"the body could not be parsed as JSON text ({exc.detail})"
 
 
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+"""Bucket bounds of the ``seqrec_model_batch_size`` histogram (requests per model call)."""
+
+_Filters = tuple[int, bool, tuple[Any, ...] | None, tuple[Any, ...] | None]
+
+
+_Outcome = tuple[list[Recommendation], RecommendInfo] | Exception
+"""What one request of a model call gets: its recommendations and info, or its error."""
+
+
+class _Waiting(NamedTuple):
+    """One request waiting for the model: its session, its filters and where its answer goes."""
+
+    filters: _Filters  # (k, exclude_seen, allow_items, deny_items): requests alike share a call
+    session: list[Any]
+    answer: asyncio.Future[tuple[list[Recommendation], RecommendInfo]]
+
+
+class _DynamicBatcher:
+    """Scores the requests of one process in batches on one model thread.
+
+    ``recommend`` queues a request; when the model is idle a drain task starts at once (no
+    waiting for a batch to fill), and each time a model call ends, every request that arrived
+    meanwhile (up to ``max_batch_size``) goes into the next call. So under light load each
+    request is scored alone, and under heavy load the model's fixed cost per call (and the
+    predictor's per-call Python) is shared by many requests: the continuous form of dynamic
+    batching (NVIDIA Triton Inference Server's dynamic batcher with no queue delay; Crankshaw
+    et al., "Clipper", NSDI 2017, adaptive batching). The model runs on its own thread, which
+    holds the GIL only for the predictor's Python (onnxruntime releases it), so on two cores
+    the event loop parses and answers other requests while the model computes.
+    """
+
+    def __init__(
+        self, recommender: SessionRecommender, max_batch_size: int, on_call: Callable[[int], None]
+    ) -> None:
+        self._recommender = recommender
+        self._max_batch_size = max_batch_size
+        self._on_call = on_call  # told each model call's number of requests (metrics)
+        self._waiting: list[_Waiting] = []
+        self._draining = False
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="seqrec-model")
+
+    async def recommend(
+        self,
+        session: list[Any],
+        k: int,
+        exclude_seen: bool,
+        allow_items: list[Any] | None,
+        deny_items: list[Any] | None,
+    ) -> tuple[list[Recommendation], RecommendInfo]:
+        """``recommender.recommend_with_info(session, k, ...)``, scored with the requests
+        that wait at the same time (same results, up to float32 rounding of the batched
+        product; a session's scores never depend on its batch-mates otherwise).
+
+        Raises:
+            Whatever the predictor raises for this request's group (e.g.
+            ``NonFiniteScoresError``).
+        """
+        loop = asyncio.get_running_loop()
+        filters = (
+            k,
+            exclude_seen,
+            None if allow_items is None else tuple(allow_items),
+            None if deny_items is None else tuple(deny_items),
+        )
+        answer: asyncio.Future[tuple[list[Recommendation], RecommendInfo]] = loop.create_future()
+        self._waiting.append(_Waiting(filters, session, answer))
+        if not self._draining:
+            self._draining = True
+            loop.create_task(self._drain())
+        return await answer
+
+    async def _drain(self) -> None:
+        """Run model calls until no request waits (one drain task at a time)."""
+        loop = asyncio.get_running_loop()
+        try:
+            while self._waiting:
+                batch = self._waiting[: self._max_batch_size]
+                del self._waiting[: self._max_batch_size]
+                batch = [w for w in batch if not w.answer.done()]  # clients that left
+                if not batch:
+                    continue
+                self._on_call(len(batch))
+                groups: dict[_Filters, list[_Waiting]] = {}
+                for waiting in batch:
+                    groups.setdefault(waiting.filters, []).append(waiting)
+                outcomes = await loop.run_in_executor(self._executor, self._score, groups)
+                for group, group_outcomes in zip(groups.values(), outcomes, strict=True):
+                    for waiting, outcome in zip(group, group_outcomes, strict=True):
+                        if waiting.answer.done():  # cancelled meanwhile
+                            continue
+                        if isinstance(outcome, BaseException):
+                            waiting.answer.set_exception(outcome)
+                        else:
+                            waiting.answer.set_result(outcome)
+        finally:
+            self._draining = False
+
+    def _score(self, groups: dict[_Filters, list[_Waiting]]) -> list[list[_Outcome]]:
+        """One ``recommend_batch_with_info`` call per group of alike requests (model thread).
+        When a call raises (e.g. ``NonFiniteScoresError`` for one session of a damaged model),
+        its requests are scored again one by one, so each gets its own answer or error and a
+        request is never failed by a batch-mate. Exceptions are returned, not raised."""
+        recommend = self._recommender.recommend_batch_with_info
+        outcomes: list[list[_Outcome]] = []
+        for (k, exclude_seen, allow_items, deny_items), group in groups.items():
+            sessions = [w.session for w in group]
+            try:
+                outcomes.append(list(recommend(sessions, k, exclude_seen, allow_items, deny_items)))
+                continue
+            except Exception as exc:  # answered to the request(s), not raised
+                if len(group) == 1:
+                    outcomes.append([exc])
+                    continue
+            alone: list[_Outcome] = []
+            for session in sessions:
+                try:
+                    alone.append(recommend([session], k, exclude_seen, allow_items, deny_items)[0])
+                except Exception as exc:
+                    alone.append(exc)
+            outcomes.append(alone)
+        return outcomes
+
+    def close(self) -> None:
+        """Stop the model thread (after the calls already started)."""
+        self._executor.shutdown(wait=True)
+
+
 def create_app(recommender: SessionRecommender, settings: ServeSettings | None = None) -> FastAPI:
     """Build the service around a loaded recommender.
 
@@ -568,7 +714,26 @@ def create_app(recommender: SessionRecommender, settings: ServeSettings | None =
         registry=registry,
     )
     registry.register(_StateCacheCollector(recommender))
+    batch_sizes = Histogram(
+        "seqrec_model_batch_size",
+        "requests scored together in one model call (dynamic batching; max_batch_size)",
+        buckets=BATCH_SIZE_BUCKETS,
+        registry=registry,
+    )
+    batcher = (
+        _DynamicBatcher(recommender, settings.max_batch_size, batch_sizes.observe)
+        if settings.max_batch_size > 1
+        else None
+    )
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        if batcher is not None:  # uvicorn has answered every request by now
+            batcher.close()
+
     app = FastAPI(
+        lifespan=lifespan,
         title="seqrec recommendations",
         version=__version__,
         description=(
@@ -654,16 +819,17 @@ def create_app(recommender: SessionRecommender, settings: ServeSettings | None =
         )
 
     async def recommendations(body: request_model) -> Response:  # type: ignore[valid-type]
-        # `async def` on purpose: the model call (about a millisecond, one intra-op thread) runs
-        # on the event loop instead of hopping to a thread pool; measured cheaper per request on
-        # 2 cores. Scale out with more processes, not threads.
-        recs, info = recommender.recommend_with_info(
+        request = (
             body.session,  # type: ignore[attr-defined]
-            k=body.k,  # type: ignore[attr-defined]
-            exclude_seen=body.exclude_seen,  # type: ignore[attr-defined]
-            allow_items=body.allow_items,  # type: ignore[attr-defined]
-            deny_items=body.deny_items,  # type: ignore[attr-defined]
+            body.k,  # type: ignore[attr-defined]
+            body.exclude_seen,  # type: ignore[attr-defined]
+            body.allow_items,  # type: ignore[attr-defined]
+            body.deny_items,  # type: ignore[attr-defined]
         )
+        if batcher is not None:  # scored with the requests waiting alongside, on the model thread
+            recs, info = await batcher.recommend(*request)
+        else:  # max_batch_size 1: on the event loop, as the request arrives
+            recs, info = recommender.recommend_with_info(*request)
         if info.used_fallback:
             fallbacks.inc()
         payload = {
@@ -799,6 +965,7 @@ _SETTING_FLAGS = {
     "body_timeout_s": "--body-timeout-s",
     "state_cache_mb": "--state-cache-mb",
     "cors_origins": "--cors-origin",
+    "max_batch_size": "--max-batch-size",
 }
 """The ``seqrec-serve`` flag of each setting whose refusal names the setting first."""
 
@@ -880,6 +1047,14 @@ def build_parser() -> argparse.ArgumentParser:
         f"(incremental exports; 0 = off; default {defaults.state_cache_mb:g})",
     )
     parser.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=defaults.max_batch_size,
+        help="most requests scored together in one model call: requests that arrive while the "
+        "model is busy are scored together on a model thread (dynamic batching, no added delay);"
+        f" 1 = each request on the event loop as it arrives (default {defaults.max_batch_size})",
+    )
+    parser.add_argument(
         "--workers",
         type=int,
         default=1,
@@ -955,6 +1130,7 @@ def main(argv: list[str] | None = None) -> int:
             max_body_bytes=args.max_body_bytes,
             body_timeout_s=args.body_timeout_s,
             cors_origins=tuple(args.cors_origin),
+            max_batch_size=args.max_batch_size,
         )
     except ValueError as exc:
         print(f"error: {_flag_message(str(exc))}", file=sys.stderr)
