@@ -184,6 +184,20 @@ def test_dynamic_batcher_skips_requests_whose_client_left(rec: SessionRecommende
     assert len(first[0]) == 3
 
 
+def test_dynamic_batcher_fails_requests_instead_of_hanging_once_closed(
+    rec: SessionRecommender,
+) -> None:
+    """After close() (the app's shutdown) a request gets an error, not a wait forever."""
+    batcher = _DynamicBatcher(rec, 64, lambda size: None)
+    batcher.close()
+
+    async def one() -> object:
+        return await asyncio.wait_for(batcher.recommend(["1001"], 3, False, None, None), 10)
+
+    with pytest.raises(RuntimeError, match="cannot schedule new futures after shutdown"):
+        asyncio.run(one())
+
+
 def test_service_batches_concurrent_requests_and_reports_batch_sizes(
     rec: SessionRecommender,
 ) -> None:
@@ -724,6 +738,21 @@ def test_freezing_startup_objects_empties_the_full_collections_work() -> None:
     before, frozen, count, after = json.loads(out.stdout.splitlines()[-1])
     assert before > 10_000 and frozen == count >= before - 1_000
     assert after < 100
+
+
+def test_serving_processes_with_a_model_thread_switch_the_gil_every_millisecond() -> None:
+    """Dynamic batching runs a model thread beside the event loop: seqrec-serve's processes
+    shorten the GIL switch interval (5 ms by default), the per-request path keeps it. Run in a
+    subprocess: the setting is process-wide."""
+    code = (
+        "import json, sys, seqrec.serving.app as app; before = sys.getswitchinterval(); "
+        "app.share_the_gil_often(app.ServeSettings(max_batch_size=1)); "
+        "alone = sys.getswitchinterval(); app.share_the_gil_often(app.ServeSettings()); "
+        "print(json.dumps([before, alone, sys.getswitchinterval()]))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    before, alone, batching = json.loads(out.stdout.splitlines()[-1])
+    assert before == alone == pytest.approx(0.005) and batching == pytest.approx(0.001)
 
 
 def test_service_module_loads_no_torch() -> None:
