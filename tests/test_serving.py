@@ -470,7 +470,11 @@ def test_health_readiness_docs(client: httpx.Client, rec: SessionRecommender) ->
     # and /readyz shared one)
     ids = [op["operationId"] for path in schema["paths"].values() for op in path.values()]
     assert len(ids) == len(set(ids)), sorted(ids)
-    assert set(schema["paths"]["/healthz"]) == set(schema["paths"]["/readyz"]) == {"get", "head"}
+    assert set(schema["paths"]["/healthz"]) == set(schema["paths"]["/readyz"]) == {"get"}
+    for probe in ("/healthz", "/readyz"):  # one route serves both methods: a 405 names both
+        refused = client.post(probe)
+        assert refused.status_code == 405
+        assert sorted(refused.headers["allow"].split(", ")) == ["GET", "HEAD"]
     request_schema = schema["components"]["schemas"]["RecommendationRequest"]
     assert request_schema["properties"]["k"]["maximum"] == 40
     assert client.get("/docs").status_code == 200
@@ -767,7 +771,10 @@ def test_service_module_loads_no_torch() -> None:
 @pytest.mark.slow
 def test_console_script_with_two_workers(exported: TinyExport, tmp_path: Path) -> None:
     bad = _serve_cli(str(exported.export_dir), "--workers", "0")
-    assert bad.returncode == 2 and "--workers must be >= 1" in bad.stderr
+    assert bad.returncode == 2 and "--workers must be in 1.." in bad.stderr
+    # a huge count started worker processes without end; refused before any starts
+    huge = _serve_cli(str(exported.export_dir), "--workers", "99999999999999999999")
+    assert huge.returncode == 2 and "--workers must be in 1.." in huge.stderr
 
     proc, port = _start_serve([str(exported.export_dir), "--workers", "2"])
     try:
@@ -824,8 +831,14 @@ def test_settings_that_break_every_request_are_refused(kwargs: dict, message: st
         (["--log-level", "loud"], "argument --log-level: invalid choice: 'loud' (choose from"),
         # settings refused by ServeSettings or from_dir are named by the flag the user typed
         # (the messages said max_filter_items, body_timeout_s, ...: names no flag has)
-        (["--max-filter-items", "-1"], "error: --max-filter-items must be >= 0, got -1\n"),
-        (["--max-session-len", "0"], "error: --max-session-len must be >= 1, got 0\n"),
+        (
+            ["--max-filter-items", "-1"],
+            "error: --max-filter-items must be in 0..10,000,000, got -1\n",
+        ),
+        (["--max-session-len", "0"], "error: --max-session-len must be in 1..10,000,000, got 0\n"),
+        # beyond int64 these broke the request schema with a traceback (exit 1)
+        (["--max-session-len", "9" * 20], "error: --max-session-len must be in 1..10,000,000"),
+        (["--max-filter-items", "9" * 20], "error: --max-filter-items must be in 0..10,000,000"),
         (["--num-threads", "0"], "error: --num-threads must be >= 1, got 0\n"),
         (["--max-body-bytes", "1"], "error: --max-body-bytes must be >= 14 (the bytes of"),
         (

@@ -89,6 +89,11 @@ SMALLEST_REQUEST_BODY = b'{"session":[]}'
 """The shortest valid ``POST /recommendations`` body; a smaller body limit refuses every request."""
 
 
+MAX_LIST_LIMIT = 10_000_000
+"""Largest ``max_session_len`` / ``max_filter_items`` (more ids than an 8 MiB body holds; an
+int64 bound beyond it broke the request schema with a traceback)."""
+
+
 @dataclass(frozen=True)
 class ServeSettings:
     """Limits and runtime settings of the service (command-line flags of ``seqrec-serve``).
@@ -149,10 +154,14 @@ class ServeSettings:
                 f"need 1 <= default_k ({self.default_k}) <= max_k ({self.max_k}); "
                 "set --max-k to at least 1 and at least the default k"
             )
-        if self.max_session_len < 1:
-            raise ValueError(f"max_session_len must be >= 1, got {self.max_session_len}")
-        if self.max_filter_items < 0:
-            raise ValueError(f"max_filter_items must be >= 0, got {self.max_filter_items}")
+        if not 1 <= self.max_session_len <= MAX_LIST_LIMIT:
+            raise ValueError(
+                f"max_session_len must be in 1..{MAX_LIST_LIMIT:,}, got {self.max_session_len}"
+            )
+        if not 0 <= self.max_filter_items <= MAX_LIST_LIMIT:
+            raise ValueError(
+                f"max_filter_items must be in 0..{MAX_LIST_LIMIT:,}, got {self.max_filter_items}"
+            )
         if self.max_body_bytes < len(SMALLEST_REQUEST_BODY):
             raise ValueError(
                 f"max_body_bytes must be >= {len(SMALLEST_REQUEST_BODY)} (the bytes of the "
@@ -871,19 +880,26 @@ def create_app(recommender: SessionRecommender, settings: ServeSettings | None =
         },
     )
 
-    # HEAD too: some load balancers probe with it. One route per method: a route with
-    # methods=["GET", "HEAD"] gave both operations one operationId in /openapi.json, which
-    # OpenAPI forbids (client generators refuse such a schema)
-    @app.get("/healthz", summary="Liveness: the process answers")
-    @app.head("/healthz", summary="Liveness: the process answers (no body)")
+    # HEAD too: some load balancers probe with it. Each probe is served by one GET + HEAD route
+    # (so a 405 says "Allow: GET, HEAD") kept out of /openapi.json, where a route of two methods
+    # gives both operations one operationId, which OpenAPI forbids; a GET route registered after
+    # it (never reached) documents the probe.
+    def probe(path: str, summary: str, **doc: Any) -> Callable[[Any], Any]:
+        def register(endpoint: Any) -> Any:
+            app.api_route(path, methods=["GET", "HEAD"], include_in_schema=False)(endpoint)
+            return app.get(path, summary=summary, **doc)(endpoint)
+
+        return register
+
+    @probe("/healthz", "Liveness: the process answers (GET or HEAD)")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    ready_doc = "Readiness: the model is loaded and answered a warm-up request"
-    not_ready: dict[int | str, dict[str, Any]] = {503: {"description": "not ready"}}
-
-    @app.get("/readyz", summary=ready_doc, responses=not_ready)
-    @app.head("/readyz", summary=ready_doc + " (no body)", responses=not_ready)
+    @probe(
+        "/readyz",
+        "Readiness: the model is loaded and answered a warm-up request (GET or HEAD)",
+        responses={503: {"description": "not ready"}},
+    )
     async def readyz() -> JSONResponse:
         if not state["ready"]:
             return JSONResponse(status_code=503, content={"status": "not ready"})
@@ -1102,8 +1118,13 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     configure_json_logging(args.log_level)
-    if args.workers < 1:
-        print(f"error: --workers must be >= 1, got {args.workers}", file=sys.stderr)
+    most_workers = 8 * (os.cpu_count() or 1)
+    if not 1 <= args.workers <= most_workers:  # each worker process loads the model
+        print(
+            f"error: --workers must be in 1..{most_workers} (8 per core of this machine), "
+            f"got {args.workers}",
+            file=sys.stderr,
+        )
         return 2
     if args.max_k < 1:  # before ServeSettings, whose message speaks of default_k (no flag)
         print(f"error: --max-k must be >= 1, got {args.max_k}", file=sys.stderr)
