@@ -826,13 +826,14 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
-def _batching(http: dict[str, Any]) -> str:
-    """How the server batched requests, as a phrase ending in ", " ("" for reports from before
-    dynamic batching, which scored each request on its own)."""
+def batching_phrase(http: dict[str, Any]) -> str | None:
+    """How the server of an HTTP report batched requests ("dynamic batching up to 64", "no
+    dynamic batching"), or None for reports from before dynamic batching (which scored each
+    request on its own and did not record ``max_batch_size``)."""
     size = http.get("max_batch_size")
     if size is None:
-        return ""
-    return "no dynamic batching, " if size == 1 else f"dynamic batching up to {size}, "
+        return None
+    return "no dynamic batching" if size == 1 else f"dynamic batching up to {size}"
 
 
 def write_markdown(report: dict[str, Any], path: Path) -> None:
@@ -893,7 +894,8 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         lines += [
             "",
             f"## HTTP (seqrec-serve, {http.get('workers', 1)} worker(s), 1 onnxruntime thread each, "
-            f"{_batching(http)}{http['num_items']} items, "
+            + (f"{batching_phrase(http)}, " if batching_phrase(http) else "")
+            + f"{http['num_items']} items, "
             "loopback, load generator on the same cores)",
             "",
             f"Export: {'incremental (states cached per session)' if http.get('incremental') else 'top-k in graph'}"

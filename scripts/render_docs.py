@@ -34,6 +34,7 @@ from bench_latency import (  # noqa: E402
     NEW_SESSION_INT8,
     NEXT_CLICK,
     NEXT_CLICK_INT8,
+    batching_phrase,
     time_breakdown,
 )
 
@@ -215,13 +216,9 @@ def latency_summary(results: Path) -> str:
             if http.get("workload", "widget") == "widget"
             else "independent random sessions of 1 to 10 items"
         )
-        batch_limit = http.get("max_batch_size")  # absent from reports before batching
-        if batch_limit is not None:
-            flow += (
-                "; no dynamic batching"
-                if batch_limit == 1
-                else f"; dynamic batching up to {batch_limit}"
-            )
+        batching = batching_phrase(http)  # None for reports from before batching
+        if batching:
+            flow += f"; {batching}"
         lines.append(
             f"HTTP (`seqrec-serve`, loopback, load generator on the same cores; {flow}): "
             f"{_offered(fixed, args)} -> "

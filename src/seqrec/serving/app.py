@@ -590,8 +590,7 @@ class _DynamicBatcher:
         self._max_batch_size = max_batch_size
         self._on_call = on_call  # told each model call's number of requests (metrics)
         self._waiting: list[_Waiting] = []
-        self._draining = False
-        self._drain_task: asyncio.Task[None] | None = None
+        self._drain_task: asyncio.Task[None] | None = None  # the running drain, if any
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="seqrec-model")
 
     async def recommend(
@@ -619,39 +618,35 @@ class _DynamicBatcher:
         )
         answer: asyncio.Future[tuple[list[Recommendation], RecommendInfo]] = loop.create_future()
         self._waiting.append(_Waiting(filters, session, answer))
-        if not self._draining:
-            self._draining = True
-            self._drain_task = loop.create_task(self._drain())  # the loop keeps weak refs only
+        if self._drain_task is None or self._drain_task.done():  # kept: the loop holds weak refs
+            self._drain_task = loop.create_task(self._drain())
         return await answer
 
     async def _drain(self) -> None:
         """Run model calls until no request waits (one drain task at a time)."""
         loop = asyncio.get_running_loop()
-        try:
-            while self._waiting:
-                batch = self._waiting[: self._max_batch_size]
-                del self._waiting[: self._max_batch_size]
-                batch = [w for w in batch if not w.answer.done()]  # clients that left
-                if not batch:
-                    continue
-                self._on_call(len(batch))
-                groups: dict[_Filters, list[_Waiting]] = {}
-                for waiting in batch:
-                    groups.setdefault(waiting.filters, []).append(waiting)
-                try:
-                    outcomes = await loop.run_in_executor(self._executor, self._score, groups)
-                except Exception as exc:  # no model thread to run it (closed): fail, not hang
-                    outcomes = [[exc] * len(group) for group in groups.values()]
-                for group, group_outcomes in zip(groups.values(), outcomes, strict=True):
-                    for waiting, outcome in zip(group, group_outcomes, strict=True):
-                        if waiting.answer.done():  # cancelled meanwhile
-                            continue
-                        if isinstance(outcome, BaseException):
-                            waiting.answer.set_exception(outcome)
-                        else:
-                            waiting.answer.set_result(outcome)
-        finally:
-            self._draining = False
+        while self._waiting:
+            batch = self._waiting[: self._max_batch_size]
+            del self._waiting[: self._max_batch_size]
+            batch = [w for w in batch if not w.answer.done()]  # clients that left
+            if not batch:
+                continue
+            self._on_call(len(batch))
+            groups: dict[_Filters, list[_Waiting]] = {}
+            for waiting in batch:
+                groups.setdefault(waiting.filters, []).append(waiting)
+            try:
+                outcomes = await loop.run_in_executor(self._executor, self._score, groups)
+            except Exception as exc:  # no model thread to run it (closed): fail, not hang
+                outcomes = [[exc] * len(group) for group in groups.values()]
+            for group, group_outcomes in zip(groups.values(), outcomes, strict=True):
+                for waiting, outcome in zip(group, group_outcomes, strict=True):
+                    if waiting.answer.done():  # cancelled meanwhile
+                        continue
+                    if isinstance(outcome, BaseException):
+                        waiting.answer.set_exception(outcome)
+                    else:
+                        waiting.answer.set_result(outcome)
 
     def _score(self, groups: dict[_Filters, list[_Waiting]]) -> list[list[_Outcome]]:
         """One ``recommend_batch_with_info`` call per group of alike requests (model thread).
@@ -663,7 +658,7 @@ class _DynamicBatcher:
         for (k, exclude_seen, allow_items, deny_items), group in groups.items():
             sessions = [w.session for w in group]
             try:
-                outcomes.append(list(recommend(sessions, k, exclude_seen, allow_items, deny_items)))
+                outcomes.append(recommend(sessions, k, exclude_seen, allow_items, deny_items))
                 continue
             except Exception as exc:  # answered to the request(s), not raised
                 if len(group) == 1:
