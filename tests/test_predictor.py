@@ -535,7 +535,10 @@ def test_from_dir_checks_that_the_metadata_fits_its_graphs(
     level = damaged("level", variant={**meta["variant"], "graph_optimization_level": "turbo"})
     with pytest.raises(ValueError, match=r"export_meta.json: variant.graph_optimization_level"):
         SessionRecommender.from_dir(level)
-    with pytest.raises(ValueError, match=r"num_threads=1000000 is more than"):
+    with pytest.raises(
+        ValueError,
+        match=r"num_threads=1000000 is more than \d+ \(64, or 8 per core of this machine if that is more\)",
+    ):
         SessionRecommender.from_dir(exported.export_dir, num_threads=1_000_000)
     with pytest.raises(ValueError, match=r"graph_optimization_level must be one of .*got ''"):
         SessionRecommender.from_dir(exported.export_dir, graph_optimization_level="")

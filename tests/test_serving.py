@@ -985,6 +985,9 @@ def test_cors_lets_the_listed_shop_origins_call_the_api(rec: SessionRecommender)
     shop, other = "https://shop.example", "https://evil.example"
     args = build_parser().parse_args(["dir", "--cors-origin", shop, "--cors-origin", other])
     assert args.cors_origin == [shop, other]  # seqrec-serve passes them as cors_origins
+    # the export dir may follow the flag (nargs="+" took it as a second origin)
+    args = build_parser().parse_args(["--cors-origin", shop, "dir"])
+    assert (args.cors_origin, args.export_dir) == ([shop], "dir")
     preflight = {
         "Access-Control-Request-Method": "POST",
         "Access-Control-Request-Headers": "content-type",

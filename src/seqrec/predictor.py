@@ -597,8 +597,8 @@ class SessionRecommender:
         most_threads = max(64, 8 * (os.cpu_count() or 1))
         if num_threads > most_threads:
             raise ValueError(
-                f"num_threads={num_threads} is more than {most_threads} (8 per core of this "
-                "machine); onnxruntime would start that many threads"
+                f"num_threads={num_threads} is more than {most_threads} (64, or 8 per core of "
+                "this machine if that is more); onnxruntime would start that many threads"
             )
         if (
             isinstance(state_cache_mb, bool)

@@ -1084,8 +1084,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--cors-origin",
-        action="extend",
-        nargs="+",
+        action="append",  # one origin per flag: nargs="+" swallowed an export dir given after it
         default=[],
         metavar="ORIGIN",
         help="origin allowed to call the API from a browser page it serves (CORS), e.g. "
