@@ -410,6 +410,55 @@ def test_growing_session_matches_the_whole_session_model(inc_export) -> None:
     assert info["entries"] == 0 and info["bytes"] == 0
 
 
+class _CountingGraph:
+    """A real onnxruntime session whose runs are counted (and the width of the past they got)."""
+
+    def __init__(self, inner, key: str, runs: dict[str, int], pasts: list[int]) -> None:
+        self.inner, self.key, self.runs, self.pasts = inner, key, runs, pasts
+
+    def run(self, names, feed, *args, **kwargs):
+        self.runs[self.key] += 1
+        if "past_kv_0" in feed:
+            self.pasts.append(feed["past_kv_0"].shape[2])
+        return self.inner.run(names, feed, *args, **kwargs)
+
+    def __getattr__(self, item: str):
+        return getattr(self.inner, item)
+
+
+def test_first_clicks_run_the_step_graph_with_no_past(inc_export) -> None:
+    """A one-item session the cache does not hold (a shopper's first click) is scored by the
+    step graph with a past of length 0, alone or in a batch, so a visit never runs the prefill
+    graph (whose own copy of the catalog would push the step graph's out of the CPU cache); the
+    answers are the model's."""
+    model, out = inc_export
+    rec = SessionRecommender.from_dir(out)
+    runs, pasts = {"prefill": 0, "step": 0}, []
+    rec._session = _CountingGraph(rec._session, "prefill", runs, pasts)
+    rec._step_session = _CountingGraph(rec._step_session, "step", runs, pasts)
+    rng = np.random.default_rng(11)
+    firsts = [_random_session(rng, 1) for _ in range(3)]
+    got = rec.recommend_batch(firsts, k=7)
+    assert runs == {"prefill": 0, "step": 1} and pasts == [0]
+    for session, recs in zip(firsts, got, strict=True):
+        want_ids, want_scores = _eager(model, session, 7)
+        assert [r.item_id for r in recs] == want_ids
+        np.testing.assert_allclose([r.score for r in recs], want_scores, rtol=1e-5, atol=1e-4)
+    # a visit: first click, then one more item per request: the step graph only
+    visit = _random_session(rng, 5)
+    for n in range(1, len(visit) + 1):
+        recs = rec.recommend(visit[:n], k=7, exclude_seen=True)
+        assert [r.item_id for r in recs] == _eager(model, visit[:n], 7, True)[0]
+    assert runs == {"prefill": 0, "step": 6} and pasts == [0, 0, 1, 2, 3, 4]
+    # a first click beside cached sessions: its past is left-padded in the same step call
+    mixed = rec.recommend_batch([visit, _random_session(rng, 1)], k=7)
+    assert runs == {"prefill": 0, "step": 7} and pasts[-1] == 4
+    assert [r.item_id for r in mixed[0]] == _eager(model, visit, 7)[0]
+    # a new session of two or more items: the prefill graph, whole
+    rec.recommend(_random_session(rng, 4), k=7)
+    assert runs == {"prefill": 1, "step": 7}
+
+
 def test_reload_and_going_back_reuse_states(inc_export) -> None:
     model, out = inc_export
     rec = SessionRecommender.from_dir(out)

@@ -729,6 +729,43 @@ def test_console_script_stops_on_the_first_signal_right_after_readiness(
     assert "Shutting down" in messages and messages[-1].startswith("Finished server process")
 
 
+def test_a_client_stalled_mid_body_holds_the_shutdown_only_for_the_graceful_bound(
+    exported: TinyExport,
+) -> None:
+    """A client that sent half its body kept a SIGTERM'd server waiting until its 408 at the
+    body timeout (30 s by default, a Kubernetes pod's whole grace period). With
+    ``--graceful-shutdown-s 1`` the server cancels it after 1 s and exits 0, while the body
+    timeout (120 s here) has not come; a finished request in flight is still answered."""
+    import socket
+
+    proc, port = _start_serve(
+        [
+            str(exported.export_dir),
+            "--no-request-logs",
+            "--body-timeout-s",
+            "120",
+            "--graceful-shutdown-s",
+            "1",
+        ]
+    )
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as stalled:
+        stalled.sendall(
+            b"POST /recommendations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 100\r\n\r\n{"session": ['
+        )
+        time.sleep(0.5)  # the server is now reading this body
+        proc.send_signal(signal.SIGTERM)
+        try:
+            _, stderr = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise AssertionError("a stalled client still held the shutdown after 60 s") from None
+    assert proc.returncode == 0, stderr[-2000:]
+    messages = [json.loads(x)["message"] for x in stderr.splitlines() if x.startswith("{")]
+    assert messages[-1].startswith("Finished server process"), messages[-5:]
+    assert not any("408" in m or "request timeout" in m for m in messages)
+
+
 def test_freezing_startup_objects_empties_the_full_collections_work() -> None:
     """After ``freeze_startup_objects`` a full collection walks none of the objects made while
     loading (gc.get_objects lists what collections walk; frozen objects are not in it). Run in a
@@ -848,6 +885,10 @@ def test_settings_that_break_every_request_are_refused(kwargs: dict, message: st
         (["--state-cache-mb", "nan"], "error: --state-cache-mb must be a finite number >= 0"),
         (["--cors-origin", "http://a/"], "error: --cors-origin: 'http://a/' can never match"),
         (["--max-batch-size", "0"], "error: --max-batch-size must be >= 1, got 0\n"),
+        (
+            ["--graceful-shutdown-s", "inf"],
+            "error: --graceful-shutdown-s must be a finite number of seconds > 0, got inf\n",
+        ),
     ],
 )
 def test_console_script_refuses_bad_limits(

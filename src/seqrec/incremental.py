@@ -672,7 +672,8 @@ def validate_incremental(
     """Check both graphs against eager ``SASRec.score_last`` on the whole session.
 
     For each batch of :func:`_sessions`: the prefill graph on the sessions, and the step graph on
-    the sessions given the prefill states of each session minus its last item, must both return
+    the sessions given the prefill states of each session minus its last item (no past states
+    for one-item sessions: a past of length 0, or left-padding in a batch), must both return
     the reference top-k items (up to exact ties within the score tolerance) with scores within it
     (rtol 1e-5), and the step's new states must equal the prefill states of the whole session
     (within ``atol``). Each graph run is repeated with a (0, C) ``score_mask`` (no filter),
@@ -773,15 +774,20 @@ def validate_incremental(
                 max_diff = max(max_diff, compare("prefill", shape, full, want))
             else:
                 want = prefill_scores(sessions)
-            rows = [i for i, s in enumerate(sessions) if len(s) >= 2]
-            if not rows:
-                shapes.append(shape)
-                continue
-            prefixes = [sessions[i][:-1] for i in rows]
-            before = run_prefill(prefixes)
-            states = states_from_prefill(
-                before[2], before[3] if is_copy else None, [len(p) for p in prefixes]
-            )
+            # the step graph on every session: the prefill states of all but its newest item,
+            # or (one-item sessions, as the predictor serves a first click) no past at all
+            rows = list(range(len(sessions)))
+            no_past = states_from_prefill(full[2][:, :1], full[3][:1] if is_copy else None, [0])
+            states = no_past * len(sessions)
+            heads = [i for i in rows if len(sessions[i]) >= 2]
+            if heads:
+                prefixes = [sessions[i][:-1] for i in heads]
+                before = run_prefill(prefixes)
+                computed = states_from_prefill(
+                    before[2], before[3] if is_copy else None, [len(p) for p in prefixes]
+                )
+                for i, state in zip(heads, computed, strict=True):
+                    states[i] = state
             past_kv, past_copy = stack_past(states)
             step_ids = encode_prefixes([sessions[i] for i in rows], cfg.max_len)
             feed = {_INPUT: step_ids, **past_kv_feed(past_kv, step_names), _MASK: mask, _K: k_arr}

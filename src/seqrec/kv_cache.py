@@ -254,7 +254,7 @@ def stack_past(
     """Left-pad and stack session states into the step graph's past inputs.
 
     Args:
-        states: B states of lengths n_b >= 1.
+        states: B states of lengths n_b >= 0 (0: a first click, no past).
         scratch: where the stacked arrays live (reused from call to call in one thread); None
             allocates new arrays.
 

@@ -129,6 +129,11 @@ class ServeSettings:
             meanwhile; requests with the same ``k`` and filters share one
             ``recommend_batch_with_info`` call. 1: each request is scored on the event loop as
             it arrives (no model thread).
+        graceful_shutdown_s: seconds ``seqrec-serve`` waits, after SIGTERM or SIGINT, for the
+            requests in flight to finish before it cancels them and exits (uvicorn's
+            ``timeout_graceful_shutdown``). Without a bound a client that stalls mid-body held
+            the shutdown until its 408 at ``body_timeout_s``; the default ends before a
+            Kubernetes pod's 30 s grace period, after which the pod is killed.
     """
 
     num_threads: int = 1
@@ -142,6 +147,7 @@ class ServeSettings:
     body_timeout_s: float = 30.0
     cors_origins: tuple[str, ...] = ()
     max_batch_size: int = 64
+    graceful_shutdown_s: float = 20.0
 
     def __post_init__(self) -> None:
         """Refuse limits that would break every request (clear ValueError, before startup)."""
@@ -178,6 +184,11 @@ class ServeSettings:
         if not (math.isfinite(self.body_timeout_s) and self.body_timeout_s > 0):
             raise ValueError(
                 f"body_timeout_s must be a finite number of seconds > 0, got {self.body_timeout_s}"
+            )
+        if not (math.isfinite(self.graceful_shutdown_s) and self.graceful_shutdown_s > 0):
+            raise ValueError(
+                "graceful_shutdown_s must be a finite number of seconds > 0, got "
+                f"{self.graceful_shutdown_s}"
             )
 
 
@@ -956,14 +967,14 @@ def create_app(recommender: SessionRecommender, settings: ServeSettings | None =
     )
 
     # Warm-up: the first onnxruntime run of each graph allocates; readiness waits for it. Two
-    # items run the whole-session graph, then (incremental exports) the step graph; the states
-    # and counts they leave are not a visitor's, so the cache starts empty. (A recommender from
-    # SessionRecommender.from_dir has run both graphs once already, in its load check; this
-    # also warms one built otherwise, for a few milliseconds at startup.)
+    # items run the whole-session graph, then (incremental exports) one item the step graph (a
+    # first click); the states and counts they leave are not a visitor's, so the cache starts
+    # empty. (A recommender from SessionRecommender.from_dir has run both graphs once already,
+    # in its load check; this also warms one built otherwise, for a few milliseconds at startup.)
     warm = recommender.fallback_items[:2]
-    recommender.recommend(warm[:1], k=1)
     if len(warm) > 1:
         recommender.recommend(warm, k=1)
+    recommender.recommend(warm[:1], k=1)
     recommender.clear_state_cache()
     state["ready"] = True
     return app
@@ -981,6 +992,7 @@ _SETTING_FLAGS = {
     "state_cache_mb": "--state-cache-mb",
     "cors_origins": "--cors-origin",
     "max_batch_size": "--max-batch-size",
+    "graceful_shutdown_s": "--graceful-shutdown-s",
 }
 """The ``seqrec-serve`` flag of each setting whose refusal names the setting first."""
 
@@ -1047,6 +1059,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=defaults.body_timeout_s,
         help="seconds a client has to send a request's whole body; later gets 408 "
         f"(default {defaults.body_timeout_s:g})",
+    )
+    parser.add_argument(
+        "--graceful-shutdown-s",
+        type=float,
+        default=defaults.graceful_shutdown_s,
+        help="seconds to let requests in flight finish after SIGTERM/SIGINT before they are "
+        f"cancelled and the server exits (default {defaults.graceful_shutdown_s:g})",
     )
     parser.add_argument(
         "--graph-optimization-level",
@@ -1150,6 +1169,7 @@ def main(argv: list[str] | None = None) -> int:
             body_timeout_s=args.body_timeout_s,
             cors_origins=tuple(args.cors_origin),
             max_batch_size=args.max_batch_size,
+            graceful_shutdown_s=args.graceful_shutdown_s,
         )
     except ValueError as exc:
         print(f"error: {_flag_message(str(exc))}", file=sys.stderr)
@@ -1186,7 +1206,14 @@ def main(argv: list[str] | None = None) -> int:
         # --workers N exit 0; as an interrupt, uvicorn.run returns after the shutdown
         if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
             signal.signal(signal.SIGTERM, signal.default_int_handler)
-        uvicorn.run(app, host=args.host, port=args.port, log_config=None, access_log=False)
+        uvicorn.run(
+            app,
+            host=args.host,
+            port=args.port,
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=settings.graceful_shutdown_s,
+        )
         return 0
     # several processes: uvicorn starts each from an import string; they rebuild the same app
     os.environ[_WORKER_ENV] = json.dumps(
@@ -1205,6 +1232,7 @@ def main(argv: list[str] | None = None) -> int:
         log_config=None,
         access_log=False,
         workers=args.workers,
+        timeout_graceful_shutdown=settings.graceful_shutdown_s,
     )
     return 0
 
