@@ -370,7 +370,12 @@ def test_predictor_sends_an_empty_mask_without_filters_and_ranks_the_same(inc_ex
     old_meta = {**rec.meta, "empty_score_mask": False}
     old = SessionRecommender.from_dir(out)
     old = SessionRecommender(
-        old._session, old._item_ids, old_meta, old._step_session, StateCache(2**24)
+        old._session,
+        old._item_ids,
+        old_meta,
+        old._step_session,
+        StateCache(2**24),
+        old._prefill_states,
     )
     assert rec._unfiltered_mask.shape == (0, NUM_ITEMS + 1)
     assert old._unfiltered_mask.shape == (1, NUM_ITEMS + 1)
@@ -471,6 +476,48 @@ def test_reload_and_going_back_reuse_states(inc_export) -> None:
     assert info["hits"] == 5 and info["misses"] == 0 and info["entries"] == 1
     other = [*session[:4], session[5]]  # back one page, then another product
     assert [r.item_id for r in rec.recommend(other, k=5)] == _eager(model, other, 5)[0]
+
+
+def test_a_batch_mixing_cached_and_new_sessions_is_scored_in_one_step_call(inc_export) -> None:
+    """Beside cached sessions, new sessions get the states of their earlier items from the
+    prefill graph's states part (cut out at load, no scoring) and every session is scored in one
+    step-graph call; a batch of new sessions only still runs the whole prefill graph once. The
+    answers are the model's, and the states graph's states are the prefill graph's (up to float32
+    rounding)."""
+    model, out = inc_export
+    rec = SessionRecommender.from_dir(out)
+    runs, pasts = {"prefill": 0, "states": 0, "step": 0}, []
+    rec._session = _CountingGraph(rec._session, "prefill", runs, pasts)
+    rec._prefill_states = _CountingGraph(rec._prefill_states, "states", runs, pasts)
+    rec._step_session = _CountingGraph(rec._step_session, "step", runs, pasts)
+    assert [o.name for o in rec._prefill_states.get_outputs()] == [
+        o.name for o in rec._session.get_outputs()
+    ][2:]
+    rng = np.random.default_rng(12)
+    cached = [_random_session(rng, n) for n in (3, 6)]
+    rec.recommend_batch([s[:-1] for s in cached], k=4)  # new sessions only: the prefill graph
+    assert runs == {"prefill": 1, "states": 0, "step": 0}
+    new = [_random_session(rng, n) for n in (2, MAX_LEN + 2)]
+    batch = [cached[0], new[0], cached[1], new[1], _random_session(rng, 1)]
+    got = rec.recommend_batch(batch, k=6, exclude_seen=True)
+    assert runs == {"prefill": 1, "states": 1, "step": 1}
+    assert pasts == [MAX_LEN - 1]  # the longest past: the slid window of the long new session
+    for session, recs in zip(batch, got, strict=True):
+        want_ids, want_scores = _eager(model, session, 6, True)
+        assert [r.item_id for r in recs] == want_ids
+        np.testing.assert_allclose([r.score for r in recs], want_scores, rtol=1e-5, atol=1e-4)
+    ids = encode_prefixes([[3, 5, 7], [2, 9, 4, 1]], MAX_LEN)
+    whole = rec._session.inner.run(
+        None,
+        {
+            "item_ids": ids,
+            "score_mask": np.zeros((0, NUM_ITEMS + 1), np.float32),
+            "k": np.array([2]),
+        },
+    )
+    cut = rec._prefill_states.inner.run(None, {"item_ids": ids})
+    for a, b in zip(whole[2:], cut, strict=True):  # onnxruntime may fuse the cut graph apart
+        np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-6)
 
 
 def test_batches_mixing_cached_and_new_sessions(inc_export) -> None:

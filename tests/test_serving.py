@@ -38,6 +38,7 @@ from seqrec.serving.app import (
     SMALLEST_REQUEST_BODY,
     ServeSettings,
     _DynamicBatcher,
+    _FastRecommendations,
     build_parser,
     create_app,
 )
@@ -1064,3 +1065,93 @@ def test_max_k_below_one_is_named_as_the_flag(exported: TinyExport) -> None:
     """--max-k 0 said "need 1 <= default_k (1) <= max_k (0)", naming a setting without a flag."""
     proc = _serve_cli(str(exported.export_dir), "--max-k", "0")
     assert proc.returncode == 2 and proc.stderr == "error: --max-k must be >= 1, got 0\n"
+
+
+# bodies of every kind: valid ones (answered by the fast path) and refused ones (FastAPI's route)
+_PARITY_BODIES = [
+    b'{"session": ["1001", "1002"], "k": 5}',
+    b'{"session": [1001, "1003", 1004], "k": 3, "exclude_seen": true}',
+    b'{"session": ["1001"], "allow_items": ["1002", 1005, "nope"], "deny_items": [1002]}',
+    b'{"session": ["1001"], "allow_items": []}',
+    b'{"session": [], "k": 4}',  # the fallback
+    b'{"session": ["unknown", "1002"]}',
+    b' {"session": ["1002"], "k": 2, "k": 7} ',  # whitespace; a repeated key: the last counts
+    b'{"session": ["1001"], "allow_items": null, "deny_items": null}',
+    b'{"session": [-0, 1001]}',
+    b'{"session": ["1001"], "k": 41}',  # over max_k
+    b'{"session": ["1001"], "k": 0}',
+    b'{"session": ["1001"], "k": 5.0}',
+    b'{"session": ["1001"], "k": NaN}',
+    b'{"session": ["1001"], "exclude_seen": 1}',
+    b'{"session": [true]}',
+    b'{"session": [1.5]}',
+    b'{"session": ""}',
+    b'{"session": "1001"}',
+    b'{"session": ["' + b"x" * 65 + b'"]}',
+    b'{"session": [' + b"9" * 64 + b"]}",  # 64 digits: an id
+    b'{"session": [' + b"9" * 65 + b"]}",  # 65 digits: refused by FastAPI's parser
+    b'{"session": [], "k": ' + b"1" * 70 + b"}",
+    b'{"session": ["\\ud800"]}',  # a lone surrogate
+    b'{"session": ["\\u00e9t\\u00e9"]}',
+    '{"session": ["été"]}'.encode(),
+    b'{"session": ["\xff"]}',  # not UTF-8
+    b'\xef\xbb\xbf{"session": ["1001"]}',  # a byte-order mark: FastAPI's parser takes it
+    b'{"session": ["1001"], "extra": 1}',
+    b'{"session": ["1001"],}',
+    b'{"session": ["1001"]',
+    b"[]",
+    b"null",
+    b"",
+    json.dumps({"session": ["1001"] * 41}).encode(),  # over max_session_len
+    json.dumps({"session": ["1001"], "deny_items": ["1002"] * 51}).encode(),
+]
+
+
+def test_fast_path_answers_exactly_as_fastapis_route(
+    rec: SessionRecommender, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Valid ``application/json`` requests are answered by ``_FastRecommendations`` (pydantic's
+    JSON-mode validation, no FastAPI dependency solving); every body gets the same status, bytes
+    and metrics label as through FastAPI's route, which ``application/json; charset=utf-8``
+    still takes (the fast path takes the plain media type only)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    app = create_app(rec, SETTINGS)
+    (fast,) = [m for m in app.user_middleware if m.cls is _FastRecommendations]
+    model = fast.kwargs["request_model"]
+    validated: list[bytes] = []
+    original = model.model_validate_json
+
+    def counting(data: bytes, *args, **kwargs):
+        validated.append(data)
+        return original(data, *args, **kwargs)
+
+    monkeypatch.setattr(model, "model_validate_json", counting)
+    answered = 0
+    with running_server(app) as url, httpx.Client(base_url=url, timeout=10.0) as http:
+        for body in _PARITY_BODIES:
+            got = {}
+            for media in ("application/json", "application/json; charset=utf-8"):
+                response = http.post(
+                    "/recommendations", content=body, headers={"content-type": media}
+                )
+                got[media] = (
+                    response.status_code,
+                    response.headers["content-type"],
+                    response.content,
+                )
+            plain, charset = got.values()
+            assert plain == charset, body
+            answered += plain[0] == 200
+        metrics = http.get("/metrics").text
+    # valid bodies (200) went through the fast path; the 65-digit runs never reached pydantic
+    assert answered == 13 and len(validated) == len(_PARITY_BODIES) - 2
+    assert sum(b"9" * 65 in body or b"1" * 70 in body for body in _PARITY_BODIES) == 2
+    requests = {
+        (sample.labels["path"], sample.labels["status"]): sample.value
+        for family in text_string_to_metric_families(metrics)
+        for sample in family.samples
+        if sample.name == "seqrec_http_requests_total"
+    }
+    assert requests[("/recommendations", "200")] == 2 * answered
+    assert not any(path == "unmatched" for path, _ in requests)

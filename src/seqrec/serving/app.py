@@ -44,6 +44,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StringConstraints
+from pydantic_core import to_json
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match
 
@@ -503,6 +504,82 @@ class _BodyLimit:
         await self.app(scope, replay, send)
 
 
+_LONG_DIGIT_RUN = re.compile(rb"[0-9]{%d}" % (MAX_ID_LENGTH + 1))
+"""More digits in a row than any item id or ``k`` may have (the fast path leaves such bodies to
+FastAPI's, which refuses their integers before converting them)."""
+
+
+class _FastRecommendations:
+    """Pure ASGI fast path of ``POST /recommendations`` for valid requests; everything else goes
+    to the FastAPI app, unchanged.
+
+    FastAPI reads a body with ``json.loads``, solves the endpoint's dependencies and validates
+    the resulting dict with the request model, about half the event loop's time per request on
+    the 2-core AMD VM. Here a plain ``application/json`` body is parsed and validated in one
+    call of pydantic's ``model_validate_json`` (the same model, in JSON mode) and given to the
+    same endpoint function. A body it refuses for any reason, a body with a run of more than
+    :data:`MAX_ID_LENGTH` digits (FastAPI's parser refuses such integers cheaply; this one would
+    convert them first), any other content type and an endpoint that raises go to FastAPI's
+    route with the body replayed, so every error answer (400, 415, 422, 500) is FastAPI's own:
+    this path only answers what FastAPI would answer with 200, with the same bytes. It sets
+    ``scope["route"]`` as FastAPI's router does, for the metrics' route label.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        route: BaseRoute,
+        request_model: type[BaseModel],
+        endpoint: Callable[[Any], Awaitable[Response]],
+    ) -> None:
+        self.app = app
+        self.route = route
+        self.request_model = request_model
+        self.endpoint = endpoint
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] != "http"
+            or scope["path"] != "/recommendations"
+            or scope.get("method") != "POST"
+            or scope.get("root_path")
+        ):
+            await self.app(scope, receive, send)
+            return
+        content_types = [v for k, v in scope["headers"] if k == b"content-type"]
+        if content_types != [b"application/json"]:
+            await self.app(scope, receive, send)
+            return
+        message = await receive()  # the whole body: _BodyLimit, outside, has read it
+        body = message.get("body", b"") if message["type"] == "http.request" else None
+        request = None
+        if body is not None and not message.get("more_body") and not _LONG_DIGIT_RUN.search(body):
+            try:
+                request = self.request_model.model_validate_json(body)
+            except ValueError:  # pydantic's ValidationError: FastAPI's route says why
+                request = None
+        response = None
+        if request is not None:
+            try:
+                response = await self.endpoint(request)
+            except Exception:  # answered by FastAPI's route and its exception handlers
+                response = None
+        if response is None:
+            replayed = False
+
+            async def replay() -> Message:
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return message
+                return await receive()
+
+            await self.app(scope, replay, send)
+            return
+        scope["route"] = self.route
+        await response(scope, receive, send)
+
+
 class _StateCacheCollector:
     """Prometheus view of the recommender's session-state cache (read at scrape time)."""
 
@@ -860,11 +937,10 @@ def create_app(recommender: SessionRecommender, settings: ServeSettings | None =
             "num_unknown_filter_items": info.num_unknown_filter_items,
         }
         # Serialised here (the shape is RecommendationResponse, which documents it): FastAPI's
-        # response-model validation would cost about as much as the top-k.
-        return Response(
-            json.dumps(payload, separators=(",", ":"), allow_nan=False),
-            media_type="application/json",
-        )
+        # response-model validation would cost about as much as the top-k. pydantic-core's
+        # encoder (compact, like json.dumps with separators) takes 12 microseconds where
+        # json.dumps took 58 for 20 items; scores are finite (the predictor refuses NaN / inf).
+        return Response(to_json(payload), media_type="application/json")
 
     # app.post, with the route class that bounds JSON integers (only add_api_route takes one)
     app.router.add_api_route(
@@ -946,8 +1022,15 @@ def create_app(recommender: SessionRecommender, settings: ServeSettings | None =
         return RedirectResponse(url="/widget/")
 
     app.mount("/widget", StaticFiles(directory=STATIC_DIR, html=True), name="widget")
-    # inner to outer: the body limit, CORS (so a 413 carries its headers), then metrics and
-    # logs (which count both)
+    # inner to outer: the fast path of valid recommendation requests, the body limit, CORS (so a
+    # 413 carries its headers), then metrics and logs (which count all)
+    (route,) = [r for r in app.routes if getattr(r, "path", None) == "/recommendations"]
+    app.add_middleware(
+        _FastRecommendations,
+        route=route,
+        request_model=request_model,
+        endpoint=recommendations,
+    )
     app.add_middleware(
         _BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s
     )

@@ -35,7 +35,15 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_json_logging(level: str = "INFO") -> None:
-    """Send every logger (uvicorn's included) to stderr as JSON lines at ``level``."""
+    """Send every logger (uvicorn's included) to stderr as JSON lines at ``level``.
+
+    The records' thread, process and caller fields, which :class:`JsonFormatter` never writes,
+    are not gathered (the logging HOWTO's "Optimization" settings: ``logThreads``,
+    ``logProcesses``, ``logMultiprocessing``, ``_srcfile``): the service logs one line per
+    request on its event loop.
+    """
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    logging._srcfile = None  # no caller lookup (sys._getframe walk) per record
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
