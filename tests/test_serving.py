@@ -27,6 +27,7 @@ from _export_helpers import (
     MAX_LEN,
     NUM_ITEMS,
     TinyExport,
+    edit_meta,
     nan_item_rows,
     rehash,
     tiny_export,
@@ -270,6 +271,38 @@ def test_a_model_that_scores_nan_gets_a_json_500_not_nan(
             'seqrec_http_requests_total{method="POST",path="/recommendations",status="500"} 1.0'
             in metrics
         )
+        # the fast path answered the error with the app's handler: each request scored once
+        # (it once replayed a failed request to FastAPI's route, which scored it again)
+        assert "seqrec_model_batch_size_count 2.0" in metrics
+
+
+def test_a_catalog_id_with_a_lone_surrogate_is_answered_escaped(
+    exported: TinyExport, tmp_path: Path
+) -> None:
+    """JSON allows an id such as "\\ud800" (a lone UTF-16 surrogate), and the predictor serves
+    it; pydantic-core's encoder refuses such a string, so the answer is then encoded by
+    json.dumps (escaped) instead of failing with a plain-text 500, on both paths."""
+    odd = tmp_path / "odd"
+    shutil.copytree(exported.export_dir, odd)
+    vocab = json.loads((odd / "item_vocab.json").read_text())
+    vocab["item_ids"] = ["\ud800" if i == "1002" else i for i in vocab["item_ids"]]
+    (odd / "item_vocab.json").write_text(json.dumps(vocab))
+    meta = json.loads((odd / "export_meta.json").read_text())
+    fallback = ["\ud800" if i == "1002" else i for i in meta["fallback_items"]]
+    edit_meta(rehash(odd, "item_vocab.json"), {"fallback_items": fallback})
+    rec = SessionRecommender.from_dir(odd)
+    with serving(rec, SETTINGS) as http:
+        answers = [
+            http.post(
+                "/recommendations",
+                content=b'{"session": [], "k": 40}',
+                headers={"content-type": media},
+            )
+            for media in ("application/json", "application/json; charset=utf-8")
+        ]
+    assert answers[0].status_code == answers[1].status_code == 200
+    assert answers[0].content == answers[1].content
+    assert "\ud800" in _ids(answers[0].json())
 
 
 def test_filters_and_fallback(client: httpx.Client) -> None:
@@ -735,19 +768,14 @@ def test_a_client_stalled_mid_body_holds_the_shutdown_only_for_the_graceful_boun
 ) -> None:
     """A client that sent half its body kept a SIGTERM'd server waiting until its 408 at the
     body timeout (30 s by default, a Kubernetes pod's whole grace period). With
-    ``--graceful-shutdown-s 1`` the server cancels it after 1 s and exits 0, while the body
-    timeout (120 s here) has not come; a finished request in flight is still answered."""
+    ``--graceful-shutdown-s 1`` the server stops waiting after 1 s, while the body timeout
+    (120 s here) has not come: the client gets the service's JSON 503 (uvicorn's cancellation
+    gave a plain-text 500, logged as an exception and counted as a server error), the request
+    is logged with 503, and the server exits 0."""
     import socket
 
     proc, port = _start_serve(
-        [
-            str(exported.export_dir),
-            "--no-request-logs",
-            "--body-timeout-s",
-            "120",
-            "--graceful-shutdown-s",
-            "1",
-        ]
+        [str(exported.export_dir), "--body-timeout-s", "120", "--graceful-shutdown-s", "1"]
     )
     with socket.create_connection(("127.0.0.1", port), timeout=30) as stalled:
         stalled.sendall(
@@ -761,10 +789,21 @@ def test_a_client_stalled_mid_body_holds_the_shutdown_only_for_the_graceful_boun
         except subprocess.TimeoutExpired:
             proc.kill()
             raise AssertionError("a stalled client still held the shutdown after 60 s") from None
+        answer = b""
+        while chunk := stalled.recv(65536):
+            answer += chunk
     assert proc.returncode == 0, stderr[-2000:]
-    messages = [json.loads(x)["message"] for x in stderr.splitlines() if x.startswith("{")]
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503"), answer[:300]
+    assert b"connection: close" in head.lower()
+    detail = json.loads(body)["detail"][0]
+    assert detail["type"] == "shutting_down" and "13 bytes arrived" in detail["message"]
+    lines = [json.loads(x) for x in stderr.splitlines() if x.startswith("{")]
+    messages = [line["message"] for line in lines]
     assert messages[-1].startswith("Finished server process"), messages[-5:]
-    assert not any("408" in m or "request timeout" in m for m in messages)
+    assert not any("Exception in ASGI application" in m for m in messages)
+    logged = [line for line in lines if line["message"] == "request" and line["method"] == "POST"]
+    assert [(line["status"], line["route"]) for line in logged] == [(503, "/recommendations")]
 
 
 def test_freezing_startup_objects_empties_the_full_collections_work() -> None:
@@ -1104,6 +1143,7 @@ _PARITY_BODIES = [
     b"",
     json.dumps({"session": ["1001"] * 41}).encode(),  # over max_session_len
     json.dumps({"session": ["1001"], "deny_items": ["1002"] * 51}).encode(),
+    b'{"session": ["1001"]' + b" " * 70_000 + b"}",  # over 64 KiB: FastAPI's route only
 ]
 
 
@@ -1144,8 +1184,9 @@ def test_fast_path_answers_exactly_as_fastapis_route(
             assert plain == charset, body
             answered += plain[0] == 200
         metrics = http.get("/metrics").text
-    # valid bodies (200) went through the fast path; the 65-digit runs never reached pydantic
-    assert answered == 13 and len(validated) == len(_PARITY_BODIES) - 2
+    # valid bodies (200) went through the fast path; the 65-digit runs and the body over 64 KiB
+    # never reached pydantic
+    assert answered == 14 and len(validated) == len(_PARITY_BODIES) - 3
     assert sum(b"9" * 65 in body or b"1" * 70 in body for body in _PARITY_BODIES) == 2
     requests = {
         (sample.labels["path"], sample.labels["status"]): sample.value
