@@ -281,7 +281,8 @@ def test_a_catalog_id_with_a_lone_surrogate_is_answered_escaped(
 ) -> None:
     """JSON allows an id such as "\\ud800" (a lone UTF-16 surrogate), and the predictor serves
     it; pydantic-core's encoder refuses such a string, so the answer is then encoded by
-    json.dumps (escaped) instead of failing with a plain-text 500, on both paths."""
+    json.dumps (escaped) instead of failing with a plain-text 500, on both paths; /catalog
+    too."""
     odd = tmp_path / "odd"
     shutil.copytree(exported.export_dir, odd)
     vocab = json.loads((odd / "item_vocab.json").read_text())
@@ -300,9 +301,12 @@ def test_a_catalog_id_with_a_lone_surrogate_is_answered_escaped(
             )
             for media in ("application/json", "application/json; charset=utf-8")
         ]
+        catalog = http.get("/catalog", params={"limit": 40})
     assert answers[0].status_code == answers[1].status_code == 200
     assert answers[0].content == answers[1].content
     assert "\ud800" in _ids(answers[0].json())
+    # the widget's product grid too (FastAPI's JSONResponse answered 500)
+    assert catalog.status_code == 200 and "\ud800" in catalog.json()["items"]
 
 
 def test_filters_and_fallback(client: httpx.Client) -> None:

@@ -1048,12 +1048,19 @@ def create_app(recommender: SessionRecommender, settings: ServeSettings | None =
             "model_version": recommender.model_version,
         }
 
-    @app.get("/catalog", summary="Items for the demo shop grid: popular first, then the vocab")
+    @app.get(
+        "/catalog",
+        summary="Items for the demo shop grid: popular first, then the vocab",
+        response_model=dict[str, Any],
+    )
     async def catalog(
         limit: Annotated[int, Query(ge=1, le=1000, description="number of item ids")] = 24,
-    ) -> dict[str, Any]:
+    ) -> Response:
         items = list(dict.fromkeys(recommender.fallback_items[:limit] + recommender.item_ids))
-        return {"items": items[:limit], "model_version": recommender.model_version}
+        payload = {"items": items[:limit], "model_version": recommender.model_version}
+        # json.dumps escapes every non-ASCII character, so a catalog id holding a lone UTF-16
+        # surrogate (legal JSON) is written escaped; FastAPI's JSONResponse failed on it (500)
+        return Response(json.dumps(payload, separators=(",", ":")), media_type="application/json")
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
     async def metrics() -> Response:
