@@ -776,10 +776,9 @@ def validate_incremental(
                 want = prefill_scores(sessions)
             # the step graph on every session: the prefill states of all but its newest item,
             # or (one-item sessions, as the predictor serves a first click) no past at all
-            rows = list(range(len(sessions)))
             no_past = states_from_prefill(full[2][:, :1], full[3][:1] if is_copy else None, [0])
             states = no_past * len(sessions)
-            heads = [i for i in rows if len(sessions[i]) >= 2]
+            heads = [i for i, session in enumerate(sessions) if len(session) >= 2]
             if heads:
                 prefixes = [sessions[i][:-1] for i in heads]
                 before = run_prefill(prefixes)
@@ -789,17 +788,17 @@ def validate_incremental(
                 for i, state in zip(heads, computed, strict=True):
                     states[i] = state
             past_kv, past_copy = stack_past(states)
-            step_ids = encode_prefixes([sessions[i] for i in rows], cfg.max_len)
+            step_ids = encode_prefixes(sessions, cfg.max_len)
             feed = {_INPUT: step_ids, **past_kv_feed(past_kv, step_names), _MASK: mask, _K: k_arr}
             if is_copy:
                 feed[PAST_COPY_KEYS_NAME] = past_copy
             got = step.run(None, feed)
             unmasked_agrees("step", step, feed, got)
-            max_diff = max(max_diff, compare("step", list(step_ids.shape), got, want[rows]))
+            max_diff = max(max_diff, compare("step", list(step_ids.shape), got, want))
             after = states_from_prefill(
-                full[2][:, rows],
-                full[3][rows] if is_copy else None,
-                [len(sessions[i]) for i in rows],
+                full[2],
+                full[3] if is_copy else None,
+                [len(session) for session in sessions],
             )
             for j, (prev, whole) in enumerate(zip(states, after, strict=True)):
                 grown = prev.extended(got[2][:, j], got[3][j] if is_copy else None)

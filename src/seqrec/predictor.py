@@ -813,9 +813,8 @@ class SessionRecommender:
             if meta.get("incremental"):
                 one = self._run_raw(1)
                 present_kv_shape = one[2].shape
-                if self._state_cache is not None:  # the first click's past (see _no_past)
-                    copy_keys = one[3] if self._is_copy else None
-                    self._empty_state = states_from_prefill(one[2], copy_keys, [0])[0]
+                if self._state_cache is not None:  # the first click's past, from this run
+                    self._no_past(one)
             try:
                 self._run_raw(self._max_len + 1)
                 longer_scored = True
@@ -1335,14 +1334,15 @@ class SessionRecommender:
             )
         return outputs[0], outputs[1]
 
-    def _no_past(self) -> SessionState:
+    def _no_past(self, one: list[np.ndarray] | None = None) -> SessionState:
         """The past of a session's first item: the states of no position, (2 * n_layers, H, 0,
-        Dh) float32 keys and values [and (0, D) pointer keys], cut from the prefill graph's
-        states of one item (in the load check, or on first use). The step graph takes a past of length 0 (onnxruntime's
-        products over an empty axis give zeros; ``validate_incremental`` checks the step graph
-        on one-item sessions this way against the prefill graph)."""
+        Dh) float32 keys and values [and (0, D) pointer keys], cut once from ``one`` (the
+        prefill graph's outputs for one item: the load check's) or, for a recommender built
+        without the load check, from a run of its own. The step graph takes a past of length 0
+        (onnxruntime's products over an empty axis give zeros; ``validate_incremental`` checks
+        the step graph on one-item sessions this way against the prefill graph)."""
         if self._empty_state is None:  # two threads may both build it: the same value
-            one = self._run_raw(1)  # top_scores, top_idx, present_kv[, present_copy_keys]
+            one = one or self._run_raw(1)  # top_scores, top_idx, present_kv[, present_copy_keys]
             copy_keys = one[3] if self._is_copy else None
             self._empty_state = states_from_prefill(one[2], copy_keys, [0])[0]
         return self._empty_state
