@@ -3,6 +3,7 @@ them give exactly the rankings of the whole-session model."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import shutil
@@ -391,6 +392,56 @@ def test_predictor_sends_an_empty_mask_without_filters_and_ranks_the_same(inc_ex
             (r.item_id, r.score) for r in old.recommend(batch[0], k=7)
         ]
     assert rec.state_cache_info()["hits"] > 0 and old.state_cache_info()["hits"] > 0
+
+
+def test_exclude_seen_alone_ranks_as_the_dense_mask_without_sending_it(tmp_path: Path) -> None:
+    """exclude_seen without allow/deny lists (the widget's request) asks the graph for the
+    unmasked top (k + the most distinct seen items of a row) and drops each row's seen items;
+    with an (empty) deny list the predictor sends the (B, C) -inf mask. Both give the same
+    items and scores, ties included (items 21-30 copy the embeddings of items 11-20, so their
+    generator scores tie), for k up to the catalog minus the seen items; beyond that the mask
+    is sent. (The copy model: the shortcut itself is the same for every model.)"""
+    model = _model(copy_mechanism=True)
+    with torch.no_grad():
+        model.item_emb.weight[21:31] = model.item_emb.weight[11:21]
+    out = export_onnx(
+        model,
+        tiny_vocab(),
+        tmp_path / "export",
+        fallback_items=FALLBACK_ITEMS,
+        variant=ExportVariant(top_k_in_graph=True, incremental=True),
+    )
+    rec = SessionRecommender.from_dir(out)
+    sent: list[tuple[int, int]] = []  # (mask rows, k asked of the graph) of each graph call
+    run_top_k = rec._run_top_k
+
+    def recording(prefixes, mask, k_arr):  # type: ignore[no-untyped-def]
+        sent.append((mask.shape[0], int(k_arr[0])))
+        return run_top_k(prefixes, mask, k_arr)
+
+    rec._run_top_k = recording  # type: ignore[method-assign]
+    rng = np.random.default_rng(11)
+    sessions = [_random_session(rng, int(n)) for n in (1, 2, 5, MAX_LEN, 2 * MAX_LEN)]
+    sessions[1] = sessions[1][:1] * 2  # one distinct item, twice
+    sessions.append(["1012", "unknown", "1025"])
+    distinct = max(len(set(s) - {"unknown"}) for s in sessions)
+    ties = 0
+    for k in (1, 8, NUM_ITEMS - distinct, NUM_ITEMS - distinct + 1):
+        for batch in (sessions, sessions[2:3]):
+            rec.clear_state_cache()
+            sent.clear()
+            got = rec.recommend_batch(batch, k=k, exclude_seen=True)
+            rec.clear_state_cache()
+            want = rec.recommend_batch(batch, k=k, exclude_seen=True, deny_items=[])
+            assert got == want
+            for recs, session in zip(got, batch, strict=True):
+                assert not {r.item_id for r in recs} & set(session)
+                ties += sum(a.score == b.score for a, b in itertools.pairwise(recs))
+            most = max(len(set(s) - {"unknown"}) for s in batch)
+            shortcut = k + most <= NUM_ITEMS
+            assert sent[0] == ((0, k + most) if shortcut else (len(batch), k)), (k, sent)
+            assert sent[1] == (len(batch), k)
+    assert ties > 0  # the tie rule was exercised
 
 
 # --------------------------------------------------------------------------------- predictor

@@ -1191,6 +1191,16 @@ class SessionRecommender:
             if not has_filter:  # no mask, or the (1, C) PAD mask broadcast over the batch
                 top_scores, top_idx = self._run_top_k(prefixes, self._unfiltered_mask, k_arr)
                 return self._recommendation_rows(top_idx, top_scores)
+            if allow_idxs is None and deny_idxs is None:  # exclude_seen alone (the widget's)
+                seen = [set(prefix) for prefix in prefixes]
+                wanted = k + max(map(len, seen))
+                if wanted <= self.num_items:
+                    # the unmasked top (k + seen items), seen items dropped: the masked top-k
+                    # (TopK breaks ties by the lower index, masked or not) without sending or
+                    # adding a (B, C) mask
+                    k_arr = np.array([wanted], dtype=np.int64)
+                    top_scores, top_idx = self._run_top_k(prefixes, self._unfiltered_mask, k_arr)
+                    return self._recommendation_rows(top_idx, top_scores, (k, seen))
             # (B, C): 0 keeps an item, -inf excludes it, by the offline evaluator's rule
             # (filters.set_excluded, which mask_scores applies); this thread's zero mask is
             # reused and its exclusions are taken back out after the call
@@ -1356,13 +1366,26 @@ class SessionRecommender:
         self._state_cache.store(window, state() if len(window) < self._max_len else None)
 
     def _recommendation_rows(
-        self, top_idx: np.ndarray, top_scores: np.ndarray
+        self,
+        top_idx: np.ndarray,
+        top_scores: np.ndarray,
+        drop_seen: tuple[int, list[set[int]]] | None = None,
     ) -> list[list[Recommendation]]:
         """Recommendations of a batch from the (B, K) int64 item indices and (B, K) float32
         scores of a top-k (best first), with one array lookup for all raw ids; items scored
-        -inf (excluded by the score mask, when fewer than k were left) are left out."""
+        -inf (excluded by the score mask, when fewer than k were left) are left out.
+        ``drop_seen`` = (k, B sets of item indices): each row keeps its first k items outside
+        its set (a top-k taken unmasked, k + the largest set long)."""
         if not top_scores.max() < np.inf:  # NaN or +inf anywhere (max propagates NaN)
             raise NonFiniteScoresError(self._non_finite_message)
+        if drop_seen is not None:
+            k, seen = drop_seen
+            kept = [  # (B, k) columns: a row holds at most len(row_seen) seen items
+                [j for j, idx in enumerate(row) if idx not in row_seen][:k]
+                for row, row_seen in zip(top_idx.tolist(), seen, strict=True)
+            ]
+            rows = np.arange(len(kept))[:, None]
+            top_idx, top_scores = top_idx[rows, kept], top_scores[rows, kept]
         item_ids = self._item_id_array[top_idx - (PAD_IDX + 1)].tolist()  # (B, K) str
         # tuple.__new__ builds each named tuple from C (what Recommendation._make does), about
         # half the cost of calling the class: 1,280 of them per batch of 64 at k = 20
