@@ -3,6 +3,7 @@ metrics, docs, structured logs and the seqrec-serve console script."""
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import contextlib
 import gzip
@@ -596,6 +597,31 @@ def test_request_log_lines_are_json(client: httpx.Client, caplog: pytest.LogCapt
     assert json.loads(JsonFormatter().format(uvicorn_record)).keys() == {
         "ts", "level", "logger", "message"
     }  # fmt: skip
+
+
+def test_json_logs_are_written_by_a_listener_thread_and_drained_at_exit() -> None:
+    """After log_from_a_thread (seqrec-serve calls it when it starts serving) records are
+    queued to a listener thread, which builds the JSON and writes it; the lines still queued
+    when the process exits are written (3,000 records logged
+    as fast as possible, then exit at once). The threads that formatted them are printed at
+    the very end (an exit handler registered before seqrec's runs after it)."""
+    code = (
+        "import atexit, threading; formatted = set(); "
+        "atexit.register(lambda: print(sorted(formatted))); "
+        "import logging; from seqrec.serving import logs; "
+        "logs.configure_json_logging('INFO'); logs.log_from_a_thread(); "
+        "fmt = logs.JsonFormatter.format; "
+        "logs.JsonFormatter.format = lambda self, r: "
+        "(formatted.add(threading.current_thread().name), fmt(self, r))[1]; "
+        "log = logging.getLogger('seqrec.test'); "
+        "[log.info('line', extra={'n': n}) for n in range(3000)]"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert [json.loads(line)["n"] for line in proc.stderr.splitlines()] == list(range(3000))
+    names = ast.literal_eval(proc.stdout.strip())
+    assert names and "MainThread" not in names  # the listener's thread formatted every line
 
 
 def test_concurrent_requests_match_sequential(client: httpx.Client) -> None:

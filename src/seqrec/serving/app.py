@@ -1260,7 +1260,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     import uvicorn
 
-    from seqrec.serving.logs import configure_json_logging
+    from seqrec.serving.logs import configure_json_logging, log_from_a_thread
 
     args = build_parser().parse_args(argv)
     configure_json_logging(args.log_level)
@@ -1334,6 +1334,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers == 1:
         freeze_startup_objects()
         share_the_gil_often(settings)
+        log_from_a_thread()
         # uvicorn shuts down gracefully on SIGTERM, then raises the signal again with the
         # handler it found: the default one killed the process (exit 143) where SIGINT and
         # --workers N exit 0; as an interrupt, uvicorn.run returns after the shutdown
@@ -1376,7 +1377,7 @@ _WORKER_ENV = "SEQREC_SERVE_WORKER_CONFIG"
 def app_from_env() -> FastAPI:
     """The app of one ``seqrec-serve --workers N`` worker process, from the JSON that
     :func:`main` puts in ``$SEQREC_SERVE_WORKER_CONFIG`` (export dir, settings, log level)."""
-    from seqrec.serving.logs import configure_json_logging
+    from seqrec.serving.logs import configure_json_logging, log_from_a_thread
 
     config = json.loads(os.environ[_WORKER_ENV])
     configure_json_logging(config["log_level"])
@@ -1385,6 +1386,7 @@ def app_from_env() -> FastAPI:
     app = create_app(recommender, settings)
     freeze_startup_objects()
     share_the_gil_often(settings)
+    log_from_a_thread()
     return app
 
 
