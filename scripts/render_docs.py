@@ -26,6 +26,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_latency import (  # noqa: E402
+    CLICK_STREAM_SINGLE_INT8,
     FLOOR_B64,
     FLOOR_B64_AFTER_SETUP,
     FLOOR_SINGLE_AFTER_SETUP,
@@ -153,6 +154,7 @@ def latency_summary(results: Path) -> str:
         "|---|---:|---:|---:|---:|---:|",
     ]
     impls = [
+        CLICK_STREAM_SINGLE_INT8,
         NEXT_CLICK_INT8,
         NEW_SESSION_INT8,
         NEXT_CLICK,

@@ -38,6 +38,9 @@ def test_quick_benchmark_writes_reports(tmp_path: Path) -> None:
         "onnx incremental int8 catalog, new session (no cached state)",
         "onnxruntime: int8-catalog step graph alone (inputs prepared)",
         "int8 table floor: numpy int8 table.max()",
+        "onnx incremental int8 catalog, click stream (one session's next click, 64 sessions take "
+        "turns)",
+        "onnx incremental int8 catalog, click stream (64 sessions click on, back to back)",
     } <= impls
     assert any(i.startswith("memory floor") for i in impls)
     assert all(r["p50_ms"] > 0 for r in report["results"])
@@ -48,6 +51,8 @@ def test_quick_benchmark_writes_reports(tmp_path: Path) -> None:
     cache = report["http"]["state_cache"]
     assert cache["hits"] > 0 and cache["hits"] >= cache["misses"]
     assert report["targets"]
+    stream = [t for t in report["targets"] if t.startswith("one session") and "click stream" in t]
+    assert len(stream) == 1 and "x floor" in stream[0] and "eager p50" in stream[0]
     breakdown = [t for t in report["targets"] if t.startswith("where a next click's time goes")]
     assert len(breakdown) == 4  # one session and batch 64, float32 and int8 catalog
     assert sum("int8 catalog" in t for t in breakdown) == 2
