@@ -378,7 +378,8 @@ def proposal_tradeoffs(results: Path) -> str:
     target = lat["args"].get("http_p99_target_ms", 20.0)
     saturation = (
         f"; offered {fixed['target_rate_per_s']:.0f}/s it served "
-        f"{fixed['requests_per_s']:.0f}/s with p99 {fixed['p99_ms']:.0f} ms (saturated)"
+        f"{fixed['requests_per_s']:.0f}/s with p99 {fixed['p99_ms']:.0f} ms (above the "
+        f"{target:.0f} ms target)"
         if fixed and fixed.get("p99_ms", 0) > target
         else ""
     )
