@@ -89,7 +89,8 @@ STREAM_CLICKS = 10
 CLICK_STREAM_SINGLE_INT8 = (
     "onnx incremental int8 catalog, click stream (one session's next click, 64 sessions take turns)"
 )
-"""The widget's calls, one session at a time: every timed call is the next click of one of 64
+"""The widget's calls, one session at a time (without its ``exclude_seen`` filter, as every
+row here): every timed call is the next click of one of 64
 sessions whose previous click was timed 64 calls earlier (so every call runs the step graph, as
 a widget visit does once its first click is served), with no setup call in between; sessions
 grow from ``max_len - STREAM_CLICKS`` to ``max_len`` items, then start over (that restart, a

@@ -400,7 +400,9 @@ def test_exclude_seen_alone_ranks_as_the_dense_mask_without_sending_it(tmp_path:
     with an (empty) deny list the predictor sends the (B, C) -inf mask. Both give the same
     items and scores, ties included (items 21-30 copy the embeddings of items 11-20, so their
     generator scores tie), for k up to the catalog minus the seen items; beyond that the mask
-    is sent. (The copy model: the shortcut itself is the same for every model.)"""
+    is sent, and when a session has seen more than ``top_k_max_seen`` distinct items (the top-k
+    and the dropping would cost more than the mask). (The copy model: the shortcut itself is the
+    same for every model.)"""
     model = _model(copy_mechanism=True)
     with torch.no_grad():
         model.item_emb.weight[21:31] = model.item_emb.weight[11:21]
@@ -426,8 +428,12 @@ def test_exclude_seen_alone_ranks_as_the_dense_mask_without_sending_it(tmp_path:
     sessions.append(["1012", "unknown", "1025"])
     distinct = max(len(set(s) - {"unknown"}) for s in sessions)
     ties = 0
-    for k in (1, 8, NUM_ITEMS - distinct, NUM_ITEMS - distinct + 1):
-        for batch in (sessions, sessions[2:3]):
+    for k, most_allowed in itertools.product(
+        (1, 8, NUM_ITEMS - distinct, NUM_ITEMS - distinct + 1),
+        (SessionRecommender.top_k_max_seen, 3),
+    ):
+        rec.top_k_max_seen = most_allowed  # 3: sessions of more distinct items get the mask
+        for batch in (sessions, sessions[2:3], sessions[:2]):
             rec.clear_state_cache()
             sent.clear()
             got = rec.recommend_batch(batch, k=k, exclude_seen=True)
@@ -438,7 +444,7 @@ def test_exclude_seen_alone_ranks_as_the_dense_mask_without_sending_it(tmp_path:
                 assert not {r.item_id for r in recs} & set(session)
                 ties += sum(a.score == b.score for a, b in itertools.pairwise(recs))
             most = max(len(set(s) - {"unknown"}) for s in batch)
-            shortcut = k + most <= NUM_ITEMS
+            shortcut = k + most <= NUM_ITEMS and most <= most_allowed
             assert sent[0] == ((0, k + most) if shortcut else (len(batch), k)), (k, sent)
             assert sent[1] == (len(batch), k)
     assert ties > 0  # the tie rule was exercised

@@ -622,6 +622,16 @@ def test_json_logs_are_written_by_a_listener_thread_and_drained_at_exit() -> Non
     assert [json.loads(line)["n"] for line in proc.stderr.splitlines()] == list(range(3000))
     names = ast.literal_eval(proc.stdout.strip())
     assert names and "MainThread" not in names  # the listener's thread formatted every line
+    # once the thread is stopped (the service's lifespan ends), records are written directly
+    code = (
+        "import logging; from seqrec.serving import logs; logs.configure_json_logging('INFO'); "
+        "logs.log_from_a_thread(); log = logging.getLogger('seqrec.test'); log.info('queued'); "
+        "logs.stop_log_thread(); log.info('after')"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert [json.loads(line)["message"] for line in proc.stderr.splitlines()] == ["queued", "after"]
 
 
 def test_concurrent_requests_match_sequential(client: httpx.Client) -> None:
@@ -907,6 +917,11 @@ def test_console_script_with_two_workers(exported: TinyExport, tmp_path: Path) -
     assert len({line["pid"] for line in frozen}) == 2 and proc.pid not in {
         line["pid"] for line in frozen
     }
+    # each worker's last lines, queued by its log thread, are written before uvicorn ends the
+    # worker with the signal it raises again (no exit handlers run there)
+    messages = [json.loads(x)["message"] for x in stderr.splitlines() if x.startswith("{")]
+    for pid in {line["pid"] for line in frozen}:
+        assert f"Finished server process [{pid}]" in messages, messages[-12:]
 
 
 @pytest.mark.parametrize(

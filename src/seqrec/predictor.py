@@ -534,6 +534,17 @@ class SessionRecommender:
     ``InferenceSession.run`` is thread-safe.
     """
 
+    top_k_max_seen = 64
+    """``exclude_seen`` without allow/deny lists, on a top-k export, asks the graph for the
+    unmasked top (k + the most distinct items a session of the batch has seen) and drops each
+    row's seen items, which ranks as the -inf mask does, when no session of the batch has seen
+    more than this many distinct items; otherwise the mask is sent. Measured on the 37,000-item
+    export (AMD VM, one thread): without the mask one session took 2.60 against 2.77 ms (5 seen
+    items) and 3.93 against 4.04 ms (200), and a batch of 64 sessions of 10 items 30.1 against
+    34.6 ms; but one session of 200 distinct items in a batch of 64 made the batch 28-30 ms
+    against 25-26 ms with the mask (the top-k and the dropping grow with k + seen for every
+    row)."""
+
     def __init__(
         self,
         session: ort.InferenceSession,
@@ -1193,8 +1204,9 @@ class SessionRecommender:
                 return self._recommendation_rows(top_idx, top_scores)
             if allow_idxs is None and deny_idxs is None:  # exclude_seen alone (the widget's)
                 seen = [set(prefix) for prefix in prefixes]
-                wanted = k + max(map(len, seen))
-                if wanted <= self.num_items:
+                most_seen = max(map(len, seen))
+                wanted = k + most_seen
+                if wanted <= self.num_items and most_seen <= self.top_k_max_seen:
                     # the unmasked top (k + seen items), seen items dropped: the masked top-k
                     # (TopK breaks ties by the lower index, masked or not) without sending or
                     # adding a (B, C) mask

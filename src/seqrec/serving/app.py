@@ -56,6 +56,7 @@ from seqrec.predictor import (
     RecommendInfo,
     SessionRecommender,
 )
+from seqrec.serving.logs import stop_log_thread
 
 logger = logging.getLogger("seqrec.serving")
 
@@ -873,6 +874,9 @@ def create_app(recommender: SessionRecommender, settings: ServeSettings | None =
         yield
         if batcher is not None:  # uvicorn has answered every request by now
             batcher.close()
+        # log lines queued by seqrec-serve's log thread are written now: a --workers N worker
+        # ends with the signal uvicorn raises again, where exit handlers do not run
+        stop_log_thread()
 
     app = FastAPI(
         lifespan=lifespan,

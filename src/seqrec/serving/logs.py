@@ -48,15 +48,23 @@ class _RecordQueueHandler(QueueHandler):
 
 
 _listener: QueueListener | None = None
+_queue_handler: _RecordQueueHandler | None = None
 
 
-def _stop_listener() -> None:
-    """Write the lines still queued and stop the listener thread (at exit, or before a new
-    configuration)."""
-    global _listener
-    if _listener is not None:
-        _listener.stop()
-        _listener = None
+def stop_log_thread() -> None:
+    """Give the listener's handlers back to the root logger, then write the lines still queued
+    and stop the thread started by :func:`log_from_a_thread`; later records are written by the
+    caller again. Called when the service's lifespan ends (a ``--workers N`` worker is then
+    ended by the signal uvicorn raises again, so exit handlers do not run there), at interpreter
+    exit, and before a new configuration; nothing happens without a thread."""
+    global _listener, _queue_handler
+    if _listener is None:
+        return
+    listener, handler, _listener, _queue_handler = _listener, _queue_handler, None, None
+    root = logging.getLogger()
+    if root.handlers == [handler]:  # not replaced by someone else since
+        root.handlers[:] = list(listener.handlers)
+    listener.stop()
 
 
 def configure_json_logging(level: str = "INFO") -> None:
@@ -70,7 +78,7 @@ def configure_json_logging(level: str = "INFO") -> None:
     """
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     logging._srcfile = None  # no caller lookup (sys._getframe walk) per record
-    _stop_listener()
+    stop_log_thread()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
@@ -92,17 +100,19 @@ def log_from_a_thread() -> None:
     block": ``QueueHandler`` + ``QueueListener``). A serving process calls this just before it
     serves, so that its event loop, which logs one line per request, neither builds the JSON
     nor waits for the write (about 0.1 ms of its time per request on the 2-core AMD VM). The
-    lines still queued are written at interpreter exit; a killed process loses them (a few
-    milliseconds of lines). A line is written a moment after it is logged, so a process that
+    lines still queued are written by :func:`stop_log_thread`, which the service's lifespan
+    calls when it ends and which also runs at interpreter exit; a killed process loses them (a
+    few milliseconds of lines). A line is written a moment after it is logged, so a process that
     prints to stderr as well (``seqrec-serve``'s startup errors) calls this only after it
     printed."""
-    global _listener
-    _stop_listener()
+    global _listener, _queue_handler
+    stop_log_thread()
     root = logging.getLogger()
     records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
     _listener = QueueListener(records, *root.handlers)
     _listener.start()
-    root.handlers[:] = [_RecordQueueHandler(records)]
+    _queue_handler = _RecordQueueHandler(records)
+    root.handlers[:] = [_queue_handler]
 
 
-atexit.register(_stop_listener)
+atexit.register(stop_log_thread)
