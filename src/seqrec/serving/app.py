@@ -56,7 +56,7 @@ from seqrec.predictor import (
     RecommendInfo,
     SessionRecommender,
 )
-from seqrec.serving.logs import stop_log_thread
+from seqrec.serving.logs import log_from_a_thread, stop_log_thread
 
 logger = logging.getLogger("seqrec.serving")
 
@@ -1264,7 +1264,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     import uvicorn
 
-    from seqrec.serving.logs import configure_json_logging, log_from_a_thread
+    from seqrec.serving.logs import configure_json_logging
 
     args = build_parser().parse_args(argv)
     configure_json_logging(args.log_level)
@@ -1336,9 +1336,7 @@ def main(argv: list[str] | None = None) -> int:
         },
     )
     if args.workers == 1:
-        freeze_startup_objects()
-        share_the_gil_often(settings)
-        log_from_a_thread()
+        prepare_to_serve(settings)
         # uvicorn shuts down gracefully on SIGTERM, then raises the signal again with the
         # handler it found: the default one killed the process (exit 143) where SIGINT and
         # --workers N exit 0; as an interrupt, uvicorn.run returns after the shutdown
@@ -1381,17 +1379,24 @@ _WORKER_ENV = "SEQREC_SERVE_WORKER_CONFIG"
 def app_from_env() -> FastAPI:
     """The app of one ``seqrec-serve --workers N`` worker process, from the JSON that
     :func:`main` puts in ``$SEQREC_SERVE_WORKER_CONFIG`` (export dir, settings, log level)."""
-    from seqrec.serving.logs import configure_json_logging, log_from_a_thread
+    from seqrec.serving.logs import configure_json_logging
 
     config = json.loads(os.environ[_WORKER_ENV])
     configure_json_logging(config["log_level"])
     settings = ServeSettings(**config["settings"])
     recommender = _load(config["export_dir"], config["graph_optimization_level"], settings)
     app = create_app(recommender, settings)
+    prepare_to_serve(settings)
+    return app
+
+
+def prepare_to_serve(settings: ServeSettings) -> None:
+    """What a ``seqrec-serve`` process does once its app is built, just before it serves (the
+    one process, or each ``--workers N`` worker): freeze the startup objects, set the GIL switch
+    interval, and move log writing to a thread (after any startup error was printed)."""
     freeze_startup_objects()
     share_the_gil_often(settings)
     log_from_a_thread()
-    return app
 
 
 SWITCH_INTERVAL_S = 0.001
