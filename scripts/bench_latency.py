@@ -95,8 +95,8 @@ sessions whose previous click was timed 64 calls earlier (so every call runs the
 a widget visit does once its first click is served), with no setup call in between; sessions
 grow from ``max_len - STREAM_CLICKS`` to ``max_len`` items, then start over (that restart, a
 whole-session call, is untimed). :data:`NEXT_CLICK_INT8` times the same kind of call right after
-an untimed whole-session call (the prefill graph, whose own copy of the catalog then fills the
-CPU cache)."""
+an untimed call of the same session minus its newest item, which the cache does not hold (one
+new session: the prefill graph's states part, then the step graph)."""
 STREAM_SHOPPERS = 64
 INT8_FLOOR = "int8 table floor: numpy int8 table.max()"
 """Streaming the int8 copy of the table that int8-catalog exports read (not the floor the targets

@@ -491,8 +491,9 @@ class _CountingGraph:
 def test_first_clicks_run_the_step_graph_with_no_past(inc_export) -> None:
     """A one-item session the cache does not hold (a shopper's first click) is scored by the
     step graph with a past of length 0, alone or in a batch, so a visit never runs the prefill
-    graph (whose own copy of the catalog would push the step graph's out of the CPU cache); the
-    answers are the model's."""
+    graph (whose own copy of the catalog would push the step graph's out of the CPU cache); a
+    single new session is scored by the step graph too, after the states graph; the answers are
+    the model's."""
     model, out = inc_export
     rec = SessionRecommender.from_dir(out)
     runs, pasts = {"prefill": 0, "step": 0}, []
@@ -516,9 +517,22 @@ def test_first_clicks_run_the_step_graph_with_no_past(inc_export) -> None:
     mixed = rec.recommend_batch([visit, _random_session(rng, 1)], k=7)
     assert runs == {"prefill": 0, "step": 7} and pasts[-1] == 4
     assert [r.item_id for r in mixed[0]] == _eager(model, visit, 7)[0]
-    # a new session of two or more items: the prefill graph, whole
-    rec.recommend(_random_session(rng, 4), k=7)
-    assert runs == {"prefill": 1, "step": 7}
+    # one new session of two or more items: the states of its earlier items (the prefill
+    # graph's states part, no catalog), then the step graph, whose catalog copy stays the one
+    # read; two new sessions: the prefill graph, whole
+    rec._prefill_states = _CountingGraph(rec._prefill_states, "states", runs, pasts)
+    runs["states"] = 0
+    new = [_random_session(rng, 4), _random_session(rng, 3)]
+    recs = rec.recommend(new[0], k=7)
+    assert runs == {"prefill": 0, "states": 1, "step": 8} and pasts[-1] == 3
+    want_ids, want_scores = _eager(model, new[0], 7)
+    assert [r.item_id for r in recs] == want_ids
+    np.testing.assert_allclose([r.score for r in recs], want_scores, rtol=1e-5, atol=1e-4)
+    rec.recommend_batch(new, k=7)  # new[0] is cached now: the states graph and the step graph
+    assert runs == {"prefill": 0, "states": 2, "step": 9}
+    rec.clear_state_cache()
+    rec.recommend_batch(new, k=7)
+    assert runs == {"prefill": 1, "states": 2, "step": 9}
 
 
 def test_reload_and_going_back_reuse_states(inc_export) -> None:
@@ -807,8 +821,12 @@ def test_service_warm_up_runs_both_graphs_and_leaves_the_cache_empty(inc_export)
 
     _, out = inc_export
     rec = SessionRecommender.from_dir(out)
-    runs = {"prefill": 0, "step": 0}
-    for name, attr in (("prefill", "_session"), ("step", "_step_session")):
+    runs = {"prefill": 0, "states": 0, "step": 0}
+    for name, attr in (
+        ("prefill", "_session"),
+        ("states", "_prefill_states"),
+        ("step", "_step_session"),
+    ):
         graph = getattr(rec, attr)
 
         class Counting:  # the real onnxruntime session, its runs counted
@@ -824,7 +842,7 @@ def test_service_warm_up_runs_both_graphs_and_leaves_the_cache_empty(inc_export)
 
         setattr(rec, attr, Counting(graph, name))
     create_app(rec)
-    assert runs == {"prefill": 1, "step": 1}
+    assert runs == {"prefill": 1, "states": 1, "step": 2}
     info = rec.state_cache_info()
     assert (info["hits"], info["misses"], info["entries"], info["bytes"]) == (0, 0, 0, 0)
 

@@ -578,6 +578,9 @@ class SessionRecommender:
         self._is_copy = "present_copy_keys" in (meta.get("output_names") or [])
         self._empty_state: SessionState | None = None  # see _no_past
         self._prefill_states = prefill_states
+        # one new session: the states graph, then the step graph (see _run_incremental); the
+        # load check turns it off to run the whole graph on one session
+        self._split_new_session = True
         self._item_ids = list(item_ids)
         self._item_id_array = np.array(self._item_ids, dtype=object)  # for batch lookups
         self._index = {item_id: idx for idx, item_id in enumerate(self._item_ids, start=1)}
@@ -812,6 +815,7 @@ class SessionRecommender:
         quiet = ort.RunOptions()
         quiet.log_severity_level = 4  # fatal only
         self._run_options = quiet
+        self._split_new_session = False  # a new session's first call: the whole graph
         # the check keeps its states in a cache of its own: the caller's may be too small for
         # one (that is refused after the check, with its own message)
         callers_cache = self._state_cache
@@ -863,6 +867,7 @@ class SessionRecommender:
             ) from exc
         finally:
             self._run_options = None
+            self._split_new_session = True
             self._state_cache = callers_cache
         if stepped:
             precision = meta.get("variant", {}).get("precision", "fp32")
@@ -1263,13 +1268,20 @@ class SessionRecommender:
         graph and reads its copy of the catalog table (the prefill graph holds a copy of its
         own, which a call of it would bring into the CPU cache in place of the step graph's).
 
-        A batch of new sessions (two items or more) runs the prefill graph alone: one call.
-        A batch mixing them with cached sessions (the service's dynamic batches) gets the new
-        sessions' states before their newest item from the prefill states graph (no scoring)
-        and scores every session in one step-graph call, instead of scoring the new sessions in
-        the prefill graph and the others in the step graph (two passes over the catalog). For a
-        single new session that split costs more than the one prefill call (0.45 ms more for
-        sessions of 2 to 10 items on the AMD VM), so it is only used beside cached sessions.
+        A batch of two or more new sessions (two items or more each) runs the prefill graph
+        alone: one call. A batch mixing them with cached sessions (the service's dynamic
+        batches) gets the new sessions' states before their newest item from the prefill states
+        graph (no scoring) and scores every session in one step-graph call, instead of scoring
+        the new sessions in the prefill graph and the others in the step graph (two passes over
+        the catalog). A single new session is split the same way, so that serving one session
+        at a time only ever reads the step graph's copy of the catalog: a prefill call would
+        bring its own copy into the CPU cache in place of the step graph's, and the next
+        shopper's click would read the step graph's copy from memory. On the AMD VM (37k items,
+        int8 catalog, sessions of 5 and 50 items, two interleaved runs) the split made the new
+        session's call 0.05-0.10 ms slower and the next click after it 0.18-0.24 ms faster
+        (50 items: 0.65-0.71 instead of 0.88-0.93 ms). For batches
+        of new sessions the split was slower (64 sessions of 50 items: 74 instead of 70 ms) and
+        the next click no faster, so they keep the one prefill call.
 
         Args:
             prefixes: B non-empty sessions of item indices; only the last ``max_len`` count.
@@ -1284,8 +1296,10 @@ class SessionRecommender:
         states = [cache.lookup(w) or (self._no_past() if len(w) == 1 else None) for w in windows]
         step_rows = [row for row, state in enumerate(states) if state is not None]
         full_rows = [row for row, state in enumerate(states) if state is None]
-        if not full_rows or not step_rows:  # one graph answers every row, in order
-            return self._run_graph(windows, states, mask, k_arr, whole=bool(full_rows))
+        one_new = len(windows) == 1 and self._split_new_session  # split when it can be
+        whole = not step_rows and (not one_new or self._prefill_states is None)
+        if not full_rows or whole:  # one graph answers every row, in order
+            return self._run_graph(windows, states, mask, k_arr, whole=whole)
         if self._prefill_states is not None:  # new sessions' earlier items, then one step call
             heads = [windows[row][:-1] for row in full_rows]  # each of 1 item or more
             outputs = self._prefill_states.run(

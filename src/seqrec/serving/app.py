@@ -1104,12 +1104,15 @@ def create_app(recommender: SessionRecommender, settings: ServeSettings | None =
     )
 
     # Warm-up: the first onnxruntime run of each graph allocates; readiness waits for it. Two
-    # items run the whole-session graph, then (incremental exports) one item the step graph (a
-    # first click); the states and counts they leave are not a visitor's, so the cache starts
-    # empty. (A recommender from SessionRecommender.from_dir has run both graphs once already,
-    # in its load check; this also warms one built otherwise, for a few milliseconds at startup.)
+    # new two-item sessions run the whole-session graph; with an incremental export, one new
+    # two-item session runs the states graph and the step graph, and one item the step graph (a
+    # first click). The states and counts they leave are not a visitor's, so the cache starts
+    # empty. (A recommender from SessionRecommender.from_dir has run the graphs once already, in
+    # its load check; this also warms one built otherwise, for a few milliseconds at startup.)
     warm = recommender.fallback_items[:2]
     if len(warm) > 1:
+        recommender.recommend_batch([warm, warm[::-1]], k=1)
+        recommender.clear_state_cache()
         recommender.recommend(warm, k=1)
     recommender.recommend(warm[:1], k=1)
     recommender.clear_state_cache()
