@@ -936,6 +936,10 @@ def test_console_script_with_two_workers(exported: TinyExport, tmp_path: Path) -
         ({"body_timeout_s": 0}, "body_timeout_s must be a finite number of seconds > 0, got 0"),
         ({"cors_origins": ("http://localhost:8080/",)}, "'http://localhost:8080/' can never match"),
         ({"cors_origins": ("localhost:9999",)}, "'localhost:9999' can never match"),
+        # browsers leave out the default port and write the host in lower case
+        ({"cors_origins": ("https://shop.example:443",)}, "without the default port"),
+        ({"cors_origins": ("http://shop.example:80",)}, "'http://shop.example:80' can never"),
+        ({"cors_origins": ("https://Shop.example",)}, "'https://Shop.example' can never match"),
         ({"body_timeout_s": float("nan")}, "seconds > 0, got nan"),
         ({"body_timeout_s": float("inf")}, "seconds > 0, got inf"),
     ],

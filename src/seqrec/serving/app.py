@@ -95,6 +95,9 @@ MAX_LIST_LIMIT = 10_000_000
 """Largest ``max_session_len`` / ``max_filter_items`` (more ids than an 8 MiB body holds; an
 int64 bound beyond it broke the request schema with a traceback)."""
 
+DEFAULT_PORTS = {"http": ":80", "https": ":443"}
+"""The port a browser leaves out of its Origin header for each scheme."""
+
 
 @dataclass(frozen=True)
 class ServeSettings:
@@ -176,12 +179,18 @@ class ServeSettings:
                 f"smallest request, {SMALLEST_REQUEST_BODY.decode()}), got {self.max_body_bytes};"
                 " set --max-body-bytes to at least the largest request body you serve"
             )
-        for origin in self.cors_origins:  # a browser's Origin: scheme://host[:port], no slash
-            if origin != "*" and not re.fullmatch(r"https?://[^/\s?#]+", origin):
+        # a browser's Origin header (the serialised origin of the URL standard): scheme://host
+        # [:port], in lower case, without the scheme's default port, path or trailing slash;
+        # CORSMiddleware compares it with each allowed origin as a string
+        for origin in self.cors_origins:
+            form = re.fullmatch(r"(https?)://[^/\s?#]+", origin)
+            default_port = form is not None and origin.endswith(DEFAULT_PORTS[form.group(1)])
+            if origin != "*" and (form is None or default_port or origin != origin.lower()):
                 raise ValueError(
                     f"cors_origins: {origin!r} can never match a browser's Origin header; give "
-                    "scheme://host[:port] without a path or trailing slash (e.g. "
-                    "https://shop.example), or *"
+                    "scheme://host[:port] as browsers send it: lower case, without a path or "
+                    "trailing slash, and without the default port (:80 for http, :443 for "
+                    "https) (e.g. https://shop.example), or *"
                 )
         if not (math.isfinite(self.body_timeout_s) and self.body_timeout_s > 0):
             raise ValueError(
