@@ -915,11 +915,15 @@ def test_quantize_catalog_computes_the_int8_formula(tmp_path: Path) -> None:
     report = quantize_catalog(path)
     proto = onnx.load(str(path))
     assert CATALOG_NAME not in {t.name for t in proto.graph.initializer}
-    # one row: MatMulInteger; batches: the fused MatMulIntegerToFloat, chosen by an If on B
+    # one row: MatMulInteger; batches: the fused MatMulIntegerToFloat, chosen by an If on B;
+    # the row scales are its a_scale (scaled in place, no Mul of their own)
     assert _branch_ops(proto) == {
-        "then_branch": ["MatMulInteger", "Cast", "Mul"],
+        "then_branch": ["MatMulInteger", "Cast", "Mul", "Mul"],
         "else_branch": ["MatMulIntegerToFloat"],
     }
+    (if_node,) = [n for n in proto.graph.node if n.op_type == "If"]
+    batch_branch = next(a.g for a in if_node.attribute if a.name == "else_branch")
+    assert batch_branch.node[0].input[2] == "seqrec_catalog_row_scale"
     col_scale = np.abs(weights).max(axis=0) / 127.0
     col_scale[7] = 1.0
     quantized = np.clip(np.rint(weights / col_scale), -127, 127)
