@@ -249,6 +249,9 @@ def _copy_export(src: Path, dst: Path) -> Path:
 def test_from_dir_errors_name_the_file(exported: TinyExport, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="export directory not found"):
         SessionRecommender.from_dir(tmp_path / "missing")
+    for empty in ("", "  "):  # not the working directory, which Path("") means
+        with pytest.raises(FileNotFoundError, match=r"export directory not given \(the path is"):
+            SessionRecommender.from_dir(empty)
     model_file = exported.export_dir / "model.onnx"  # the model file instead of its directory
     with pytest.raises(FileNotFoundError, match=r"model\.onnx is a file; pass the directory"):
         SessionRecommender.from_dir(model_file)

@@ -757,6 +757,8 @@ def test_console_script_refuses_a_damaged_model_or_unnameable_ids_in_one_line(
 def test_console_script_serves_and_refuses_bad_dirs(exported: TinyExport, tmp_path: Path) -> None:
     bad = _serve_cli(str(tmp_path / "missing"))
     assert bad.returncode == 2 and "export directory not found" in bad.stderr
+    empty = _serve_cli("")  # said "missing export file: export_meta.json" (the working directory)
+    assert empty.returncode == 2 and "error: export directory not given" in empty.stderr
 
     # a --max-k below the default k (10) lowers the default instead of refusing to start
     proc, port = _start_serve([str(exported.export_dir), "--num-threads", "1", "--max-k", "3"])

@@ -633,7 +633,8 @@ class SessionRecommender:
                 recently used are evicted. Ignored for other exports.
 
         Raises:
-            FileNotFoundError: the directory or one of the three files is missing.
+            FileNotFoundError: the directory (or an empty path) or one of the three files is
+                missing.
             OSError: a file exists but cannot be read (PermissionError names it).
             ArtifactIntegrityError: (a ValueError) the model or vocabulary file is not the one
                 the metadata was written for.
@@ -662,6 +663,11 @@ class SessionRecommender:
             or not 0 <= state_cache_mb < float("inf")
         ):
             raise ValueError(f"state_cache_mb must be a finite number >= 0, got {state_cache_mb!r}")
+        if isinstance(path, str) and not path.strip():  # Path("") is the working directory
+            raise FileNotFoundError(
+                f"export directory not given (the path is {path!r}); pass the directory that "
+                f"holds {MODEL_FILE}, {VOCAB_FILE} and {META_FILE}"
+            )
         directory = Path(path)
         if directory.is_file():
             raise FileNotFoundError(
