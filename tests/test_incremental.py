@@ -816,7 +816,7 @@ def test_service_serves_a_growing_session_from_the_cache(inc_export) -> None:
     assert metrics["seqrec_state_cache_bytes"] > 0
 
 
-def test_service_warm_up_runs_both_graphs_and_leaves_the_cache_empty(inc_export) -> None:
+def test_service_warm_up_runs_every_graph_and_leaves_the_cache_empty(inc_export) -> None:
     from seqrec.serving.app import create_app
 
     _, out = inc_export
@@ -1078,6 +1078,19 @@ def test_a_step_graph_from_another_export_is_refused(inc_export, tmp_path: Path)
         SessionRecommender.from_dir(mixed)
     assert not SessionRecommender.from_dir(mixed, state_cache_mb=0).incremental  # not used
     assert SessionRecommender.from_dir(out).incremental  # the export's own pair passes
+
+
+def test_a_step_graph_with_the_same_states_and_other_scores_is_refused(
+    int8_export, tmp_path: Path
+) -> None:
+    """A step graph whose catalog scales are 1.5x the export's (hash updated): the same states,
+    other scores. The load check scores the session whole with the prefill graph, not with the
+    states graph and the step graph that serve one new session (which would agree with the step
+    graph it checks), and refuses it (helper-42)."""
+    _, out = int8_export
+    mixed = _with_step(out, tmp_path / "export", out / STEP_FILE, "seqrec_catalog_col_scale")
+    with pytest.raises(ValueError, match=r"come from different exports: .* in its top-10 scores"):
+        SessionRecommender.from_dir(mixed)
 
 
 @pytest.mark.parametrize("inc_export", [True], indirect=True, ids=["copy"])

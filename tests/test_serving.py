@@ -939,9 +939,15 @@ def test_console_script_with_two_workers(exported: TinyExport, tmp_path: Path) -
         ({"cors_origins": ("http://localhost:8080/",)}, "'http://localhost:8080/' can never match"),
         ({"cors_origins": ("localhost:9999",)}, "'localhost:9999' can never match"),
         # browsers leave out the default port and write the host in lower case
-        ({"cors_origins": ("https://shop.example:443",)}, "without the default port"),
+        ({"cors_origins": ("https://shop.example:443",)}, "not the default one"),
         ({"cors_origins": ("http://shop.example:80",)}, "'http://shop.example:80' can never"),
         ({"cors_origins": ("https://Shop.example",)}, "'https://Shop.example' can never match"),
+        ({"cors_origins": ("http://shop.example:080",)}, "without leading zeros"),
+        ({"cors_origins": ("http://localhost:",)}, "'http://localhost:' can never match"),
+        ({"cors_origins": ("http://localhost:99999",)}, "a port of 1-65535"),
+        ({"cors_origins": ("http://user@shop.example",)}, "without a user name"),
+        ({"cors_origins": ("https://bücher.example",)}, r"in its ASCII form \(xn--\.\.\.\)"),
+        ({"cors_origins": ("null",)}, "'null' is the Origin header of sandboxed frames"),
         ({"body_timeout_s": float("nan")}, "seconds > 0, got nan"),
         ({"body_timeout_s": float("inf")}, "seconds > 0, got inf"),
     ],
@@ -949,6 +955,20 @@ def test_console_script_with_two_workers(exported: TinyExport, tmp_path: Path) -
 def test_settings_that_break_every_request_are_refused(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         ServeSettings(**kwargs)
+
+
+def test_origins_as_browsers_send_them_are_accepted() -> None:
+    origins = (
+        "*",
+        "http://localhost:8080",
+        "https://shop.example",
+        "https://shop.example:8443",
+        "http://127.0.0.1:3000",
+        "http://[::1]:8080",
+        "https://xn--bcher-kva.example",
+        "https://my-shop.example:65535",
+    )
+    assert ServeSettings(cors_origins=origins).cors_origins == origins
 
 
 @pytest.mark.parametrize(

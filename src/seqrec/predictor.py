@@ -1267,8 +1267,9 @@ class SessionRecommender:
         self, prefixes: list[list[int]], mask: np.ndarray, k_arr: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k of B sessions, each from its cached states when the cache holds the session
-        minus its newest item (step graph), else whole (prefill graph); both store the
-        session's states for its next click. A one-item session the cache does not hold goes to
+        minus its newest item (step graph), else from scratch (the prefill graph, or its
+        states part and the step graph: see below); every path stores the session's states for
+        its next click. A one-item session the cache does not hold goes to
         the step graph with no past states (:meth:`_no_past`): a shopper's first click. So a
         widget's visit (first click, then one more item per request) only ever runs the step
         graph and reads its copy of the catalog table (the prefill graph holds a copy of its

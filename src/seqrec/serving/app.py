@@ -95,7 +95,7 @@ MAX_LIST_LIMIT = 10_000_000
 """Largest ``max_session_len`` / ``max_filter_items`` (more ids than an 8 MiB body holds; an
 int64 bound beyond it broke the request schema with a traceback)."""
 
-DEFAULT_PORTS = {"http": ":80", "https": ":443"}
+DEFAULT_PORTS = {"http": "80", "https": "443"}
 """The port a browser leaves out of its Origin header for each scheme."""
 
 
@@ -183,14 +183,31 @@ class ServeSettings:
         # [:port], in lower case, without the scheme's default port, path or trailing slash;
         # CORSMiddleware compares it with each allowed origin as a string
         for origin in self.cors_origins:
-            form = re.fullmatch(r"(https?)://[^/\s?#]+", origin)
-            default_port = form is not None and origin.endswith(DEFAULT_PORTS[form.group(1)])
-            if origin != "*" and (form is None or default_port or origin != origin.lower()):
+            if origin == "null":
+                raise ValueError(
+                    "cors_origins: 'null' is the Origin header of sandboxed frames and file:// "
+                    "pages, so allowing it would let any such page call the API; give the "
+                    "shop's scheme://host[:port] (e.g. https://shop.example), or *"
+                )
+            form = re.fullmatch(
+                r"(https?)://([a-z0-9.-]+|\[[0-9a-f:.]+\])(?::([1-9][0-9]{0,4}))?", origin
+            )
+            port = None if form is None else form.group(3)
+            if origin != "*" and (
+                form is None
+                or (port is not None and (int(port) > 65535 or port == DEFAULT_PORTS[form[1]]))
+            ):
+                hint = (
+                    "; browsers send an internationalised host name in its ASCII form (xn--...)"
+                    if not origin.isascii()
+                    else ""
+                )
                 raise ValueError(
                     f"cors_origins: {origin!r} can never match a browser's Origin header; give "
-                    "scheme://host[:port] as browsers send it: lower case, without a path or "
-                    "trailing slash, and without the default port (:80 for http, :443 for "
-                    "https) (e.g. https://shop.example), or *"
+                    "scheme://host[:port] as browsers send it: lower case, without a user name, "
+                    "path or trailing slash, with a port of 1-65535 without leading zeros and "
+                    "not the default one (:80 for http, :443 for https) (e.g. "
+                    f"https://shop.example), or *{hint}"
                 )
         if not (math.isfinite(self.body_timeout_s) and self.body_timeout_s > 0):
             raise ValueError(
@@ -1116,8 +1133,9 @@ def create_app(recommender: SessionRecommender, settings: ServeSettings | None =
     # new two-item sessions run the whole-session graph; with an incremental export, one new
     # two-item session runs the states graph and the step graph, and one item the step graph (a
     # first click). The states and counts they leave are not a visitor's, so the cache starts
-    # empty. (A recommender from SessionRecommender.from_dir has run the graphs once already, in
-    # its load check; this also warms one built otherwise, for a few milliseconds at startup.)
+    # empty. (A recommender from SessionRecommender.from_dir has run the prefill and step graphs
+    # once already, in its load check, but not the states graph; this also warms one built
+    # otherwise, for a few milliseconds at startup.)
     warm = recommender.fallback_items[:2]
     if len(warm) > 1:
         recommender.recommend_batch([warm, warm[::-1]], k=1)
