@@ -341,11 +341,12 @@ def quantize_catalog(path: Path) -> dict[str, Any]:
     contrib operator ``MatMulIntegerToFloat`` (``com.microsoft``, the same numbers) for
     batches, chosen by an ``If`` on B: the fused operator saves the ``Cast`` and ``Mul``
     passes over the (B, C-1) product (measured on a 37k catalog when it replaced them: 2.7 ->
-    2.0 ms at batch 64) and is slower for one row (0.29 -> 0.38 ms). It gets the (B, 1) row scales as its ``a_scale``, which it multiplies
-    into its own output in place (``ScaleOutput`` in onnxruntime's
-    ``dynamic_quantize_matmul.cc``) instead of a separate ``Mul`` writing another (B, C-1)
-    tensor: the same numbers, and the whole int8 step graph of a 37k-item copy model took
-    10.3 instead of 10.8 ms at batch 64 (AMD VM, interleaved, two runs).
+    2.0 ms at batch 64) and is slower for one row (0.29 -> 0.38 ms). It gets the (B, 1) row
+    scales as its ``a_scale``, which it multiplies into its own output in place
+    (``ScaleOutput`` in onnxruntime's ``dynamic_quantize_matmul.cc``) instead of a separate
+    ``Mul`` writing another (B, C-1) tensor: the same numbers, and the whole int8 step graph of
+    a 37k-item copy model took 10.3 instead of 10.8 ms at batch 64 (AMD VM, interleaved, two
+    runs).
     Everything else in the graph stays float32. This is post-training dynamic quantisation
     (Jacob et al., CVPR 2018; ONNX ``MatMulInteger``) of one matrix product.
 
@@ -393,7 +394,7 @@ def quantize_catalog(path: Path) -> dict[str, Any]:
             numpy_helper.from_array(np.array([1], dtype=np.int64), p + "one"),
         ]
     )
-    # one session (B = 1): MatMulInteger, Cast and the column Mul; batches: onnxruntime's fused
+    # one session (B = 1): MatMulInteger, Cast and the column and row Muls; batches: the fused
     # MatMulIntegerToFloat (same numbers; measured slower for one row, faster for 64 rows)
     single = _if_branch(
         p + "one_row",

@@ -1269,11 +1269,11 @@ class SessionRecommender:
         """Top-k of B sessions, each from its cached states when the cache holds the session
         minus its newest item (step graph), else from scratch (the prefill graph, or its
         states part and the step graph: see below); every path stores the session's states for
-        its next click. A one-item session the cache does not hold goes to
-        the step graph with no past states (:meth:`_no_past`): a shopper's first click. So a
-        widget's visit (first click, then one more item per request) only ever runs the step
-        graph and reads its copy of the catalog table (the prefill graph holds a copy of its
-        own, which a call of it would bring into the CPU cache in place of the step graph's).
+        its next click. A one-item session the cache does not hold goes to the step graph with
+        no past states (:meth:`_no_past`): a shopper's first click. So a widget's visit (first
+        click, then one more item per request) only ever runs the step graph and reads its copy
+        of the catalog table (the prefill graph holds a copy of its own, which a call of it
+        would bring into the CPU cache in place of the step graph's).
 
         A batch of two or more new sessions (two items or more each) runs the prefill graph
         alone: one call. A batch mixing them with cached sessions (the service's dynamic
@@ -1286,9 +1286,9 @@ class SessionRecommender:
         shopper's click would read the step graph's copy from memory. On the AMD VM (37k items,
         int8 catalog, sessions of 5 and 50 items, two interleaved runs) the split made the new
         session's call 0.05-0.10 ms slower and the next click after it 0.18-0.24 ms faster
-        (50 items: 0.65-0.71 instead of 0.88-0.93 ms). For batches
-        of new sessions the split was slower (64 sessions of 50 items: 74 instead of 70 ms) and
-        the next click no faster, so they keep the one prefill call.
+        (50 items: 0.65-0.71 instead of 0.88-0.93 ms). For batches of new sessions the split
+        was slower (64 sessions of 50 items: 74 instead of 70 ms) and the next click no faster,
+        so they keep the one prefill call.
 
         Args:
             prefixes: B non-empty sessions of item indices; only the last ``max_len`` count.
