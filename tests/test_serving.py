@@ -948,6 +948,11 @@ def test_console_script_with_two_workers(exported: TinyExport, tmp_path: Path) -
         ({"cors_origins": ("http://user@shop.example",)}, "without a user name"),
         ({"cors_origins": ("https://bücher.example",)}, r"in its ASCII form \(xn--\.\.\.\)"),
         ({"cors_origins": ("null",)}, "'null' is the Origin header of sandboxed frames"),
+        # the message gives the form a browser sends (an IPv6 address in its shortest form)
+        (
+            {"cors_origins": ("http://[0:0:0:0:0:0:0:1]:8080",)},
+            r"; a browser sends 'http://\[::1\]:8080' for it$",
+        ),
         ({"body_timeout_s": float("nan")}, "seconds > 0, got nan"),
         ({"body_timeout_s": float("inf")}, "seconds > 0, got inf"),
     ],

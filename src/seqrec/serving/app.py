@@ -11,6 +11,7 @@ No model logic lives here: everything goes through the predictor, torch is never
 import argparse
 import asyncio
 import gc
+import ipaddress
 import json
 import logging
 import math
@@ -28,6 +29,7 @@ from dataclasses import asdict, dataclass, replace
 from http import HTTPStatus
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -95,8 +97,34 @@ MAX_LIST_LIMIT = 10_000_000
 """Largest ``max_session_len`` / ``max_filter_items`` (more ids than an 8 MiB body holds; an
 int64 bound beyond it broke the request schema with a traceback)."""
 
-DEFAULT_PORTS = {"http": "80", "https": "443"}
+DEFAULT_PORTS = {"http": 80, "https": 443}
 """The port a browser leaves out of its Origin header for each scheme."""
+
+
+def browser_origin(url: str) -> str | None:
+    """The Origin header a browser sends from a page at ``url`` (the URL standard's serialised
+    origin, https://url.spec.whatwg.org/#concept-origin): scheme and host in lower case, an
+    internationalised host name in its ASCII (IDNA, ``xn--``) form, an IP address in its
+    shortest form, and the port only when it is not the scheme's default; no user name, path,
+    query or fragment. Parsed by the standard library (``urllib.parse``, ``ipaddress``, the
+    ``idna`` codec).
+
+    Returns:
+        The origin, or None when ``url`` is no http(s) URL with a host and a port of 1-65535.
+    """
+    try:
+        parts = urlsplit(url)
+        port, host, scheme = parts.port, parts.hostname, parts.scheme.lower()
+        if scheme not in DEFAULT_PORTS or not host or port == 0:
+            return None
+        try:
+            host = ipaddress.ip_address(host).compressed
+            host = f"[{host}]" if ":" in host else host
+        except ValueError:  # a host name
+            host = host.encode("idna").decode("ascii")
+    except (ValueError, UnicodeError):  # a port out of range, a host IDNA cannot encode
+        return None
+    return f"{scheme}://{host}" + ("" if port in (None, DEFAULT_PORTS[scheme]) else f":{port}")
 
 
 @dataclass(frozen=True)
@@ -179,29 +207,23 @@ class ServeSettings:
                 f"smallest request, {SMALLEST_REQUEST_BODY.decode()}), got {self.max_body_bytes};"
                 " set --max-body-bytes to at least the largest request body you serve"
             )
-        # a browser's Origin header (the serialised origin of the URL standard): scheme://host
-        # [:port], in lower case, without the scheme's default port, path or trailing slash;
-        # CORSMiddleware compares it with each allowed origin as a string
+        # CORSMiddleware compares a browser's Origin header with each allowed origin as a
+        # string, so an origin must be written as browsers send it
         for origin in self.cors_origins:
+            if origin == "*":
+                continue
             if origin == "null":
                 raise ValueError(
                     "cors_origins: 'null' is the Origin header of sandboxed frames and file:// "
                     "pages, so allowing it would let any such page call the API; give the "
                     "shop's scheme://host[:port] (e.g. https://shop.example), or *"
                 )
-            form = re.fullmatch(
-                r"(https?)://([a-z0-9.-]+|\[[0-9a-f:.]+\])(?::([1-9][0-9]{0,4}))?", origin
-            )
-            port = None if form is None else form.group(3)
-            if origin != "*" and (
-                form is None
-                or (port is not None and (int(port) > 65535 or port == DEFAULT_PORTS[form[1]]))
-            ):
-                hint = (
-                    "; browsers send an internationalised host name in its ASCII form (xn--...)"
-                    if not origin.isascii()
-                    else ""
-                )
+            sent = browser_origin(origin)
+            if sent != origin:
+                hint = "" if sent is None else f"; a browser sends {sent!r} for it"
+                if not origin.isascii():
+                    idna = "; browsers send an internationalised host name in its ASCII form"
+                    hint = f"{idna} (xn--...){hint}"
                 raise ValueError(
                     f"cors_origins: {origin!r} can never match a browser's Origin header; give "
                     "scheme://host[:port] as browsers send it: lower case, without a user name, "
