@@ -32,8 +32,10 @@ from seqrec.incremental import (
     CATALOG_NAME,
     INT8_SCORE_ATOL,
     STEP_FILE,
+    block_top_k,
     quantize_catalog,
     skip_empty_score_mask,
+    top_k_block_size,
     validate_incremental,
 )
 from seqrec.kv_cache import (
@@ -359,6 +361,145 @@ def test_skip_empty_score_mask_leaves_a_graph_whose_mask_also_excludes_pad(tmp_p
     _top_k_graph(path, 30, slice_mask=False)
     before = path.read_bytes()
     assert skip_empty_score_mask(path) is False and path.read_bytes() == before
+
+
+def test_block_top_k_gives_the_plain_top_k_ties_and_minus_inf_included(tmp_path: Path) -> None:
+    """The two-stage top-k over blocks returns the values, indices and order of ``TopK``
+    (lower index first on ties) for every k, with scores full of ties and of -inf, with an
+    empty, a (1, C) and a (B, C) mask: its ``TopK`` nodes are inside the mask rewrite's ``If``
+    branches, which it rewrites too."""
+    import onnx
+    import onnxruntime as ort
+
+    columns, block = 60, 4  # 15 blocks
+    plain, blocked = tmp_path / "plain.onnx", tmp_path / "blocked.onnx"
+    for path in (plain, blocked):
+        _top_k_graph(path, columns)
+        assert skip_empty_score_mask(path) is True
+    assert block_top_k(blocked, columns, block=block) == block
+    branches = [a.g for n in onnx.load(str(blocked)).graph.node for a in n.attribute if a.g.node]
+    for branch in branches:
+        ops = [n.op_type for n in branch.node]
+        assert "ReduceMax" in ops and ops.count("TopK") == 3, ops
+    sessions = {
+        p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
+        for p in (plain, blocked)
+    }
+    rng = np.random.default_rng(0)
+    checked = 0
+    for rows in (1, 3):
+        scores = rng.integers(0, 4, size=(rows, columns)).astype(np.float32)  # many ties
+        scores[rng.random((rows, columns)) < 0.2] = -np.inf
+        some = np.where(rng.random((1, columns + 1)) < 0.3, -np.inf, 0.0).astype(np.float32)
+        per_row = np.where(rng.random((rows, columns + 1)) < 0.9, -np.inf, 0.0).astype(np.float32)
+        for mask in (np.zeros((0, columns + 1), dtype=np.float32), some, per_row):
+            masked = scores + mask[:, 1:] if len(mask) else scores
+            for k in (1, 2, 5, 14, 15, 16, 31, 59, 60):
+                feed = {"scores": scores, "score_mask": mask, "k": np.array([k], dtype=np.int64)}
+                want_values, want_idx = sessions[plain].run(None, feed)
+                got_values, got_idx = sessions[blocked].run(None, feed)
+                np.testing.assert_array_equal(got_idx, want_idx)
+                np.testing.assert_array_equal(got_values, want_values)
+                order = np.argsort(-masked, axis=1, kind="stable")[:, :k]  # lower index first
+                np.testing.assert_array_equal(got_idx, order)
+                checked += 1
+    assert checked == 2 * 3 * 9
+
+
+def test_block_top_k_leaves_a_graph_it_cannot_block_and_refuses_a_bad_block(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "top_k.onnx"
+    _top_k_graph(path, 37)  # prime: no block size
+    before = path.read_bytes()
+    assert block_top_k(path, 37) is None and path.read_bytes() == before
+    for bad in (5, 37, 0):  # not a divisor, one block, nonsense
+        with pytest.raises(ValueError, match=f"block {bad} does not divide 37 columns"):
+            block_top_k(path, 37, block=bad)
+    assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("width", "min_width", "want"),
+    [
+        (37_000, None, 40),  # sqrt(37,000 / 20) = 43
+        (100_000, None, 80),
+        (235_000, None, 100),
+        (20_000, None, 32),
+        (10_000, None, None),  # below BLOCK_TOP_K_MIN_WIDTH: the rewrite costs more than it saves
+        (37_003, None, None),  # prime
+        (74_006, None, None),  # 2 x 37,003: no divisor within 3x of 61
+        (30, 0, 2),
+    ],
+)
+def test_top_k_block_size(width: int, min_width: int | None, want: int | None) -> None:
+    got = top_k_block_size(width) if min_width is None else top_k_block_size(width, min_width)
+    assert got == want
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {"top_k_in_graph": True},
+        {"top_k_in_graph": True, "incremental": True, "precision": "int8_catalog"},
+    ],
+    ids=["top_k", "incremental_int8"],
+)
+def test_a_large_catalog_export_blocks_its_top_k_and_ranks_as_the_model(
+    variant: dict, tmp_path: Path
+) -> None:
+    """A 20,000-item export gets the block top-k (blocks of 32) in every graph, passes the
+    export's own checks against PyTorch, and the predictor ranks as ``score_last`` does."""
+    import onnx
+
+    num_items = 20_000
+    torch.manual_seed(0)
+    cfg = SASRecConfig(
+        num_items=num_items, max_len=MAX_LEN, d_model=16, n_heads=2, n_layers=1, copy_mechanism=True
+    )
+    model = SASRec(cfg).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, 0.3)
+        model.item_emb.weight[0].zero_()
+    out = export_onnx(
+        model,
+        tiny_vocab(num_items),
+        tmp_path / "export",
+        fallback_items=FALLBACK_ITEMS,
+        variant=ExportVariant(**variant),
+    )
+    meta = json.loads((out / "export_meta.json").read_text())
+    assert meta["top_k_block_size"] == 32
+    names = ["model.onnx"] + ([STEP_FILE] if variant.get("incremental") else [])
+    for name in names:
+        graph = onnx.load(str(out / name)).graph
+        nodes = [*graph.node, *(b for n in graph.node for a in n.attribute for b in a.g.node)]
+        blocks = [n.op_type for n in nodes if n.name.startswith("seqrec_blocks_")]
+        assert blocks.count("ReduceMax") == 2, (name, blocks)  # one per mask branch
+        assert [n.op_type for n in nodes].count("TopK") == 6, name  # 3 per branch
+    rec = SessionRecommender.from_dir(out)
+    rng = np.random.default_rng(0)
+    int8 = variant.get("precision") == "int8_catalog"
+    for length in (1, 2, 5, MAX_LEN, MAX_LEN + 3, 4):  # 4 after 1 and 2: cached steps too
+        session = [str(1000 + int(i)) for i in rng.integers(1, num_items + 1, size=length)]
+        for k in (1, 20, 700):  # 700 > 625 blocks: every block is a candidate
+            got = rec.recommend(session, k=k)
+            idxs = [int(i) - 1000 for i in session][-MAX_LEN:]
+            with torch.inference_mode():
+                ids = torch.from_numpy(encode_prefixes([idxs], MAX_LEN))
+                scores = model.score_last(ids)[0, 1:].numpy()
+            # each item scored as the model scores it, and the k best scores (near-ties between
+            # onnxruntime's and PyTorch's rounding may swap items); int8 moves scores by up to
+            # INT8_SCORE_ATOL, and the k-th best score by no more
+            atol = INT8_SCORE_ATOL if int8 else 1e-5
+            got_scores = np.array([r.score for r in got])
+            own = scores[[int(r.item_id) - 1001 for r in got]]
+            np.testing.assert_allclose(got_scores, own, atol=atol, rtol=0)
+            best = -np.sort(-scores)[:k]
+            np.testing.assert_allclose(got_scores, best, atol=atol, rtol=0)
+            assert len({r.item_id for r in got}) == k
 
 
 def test_predictor_sends_an_empty_mask_without_filters_and_ranks_the_same(inc_export) -> None:

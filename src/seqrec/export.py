@@ -11,7 +11,9 @@ The export directory holds everything the torch-free predictor needs:
     -> ``top_scores`` (batch, k) float32 and ``top_idx`` (batch, k) int64, best first;
     where ``export_meta.json`` has ``empty_score_mask: true`` a (0, C) ``score_mask`` means no
     filter and skips the mask's pass over the scores
-    (``seqrec.incremental.skip_empty_score_mask``);
+    (``seqrec.incremental.skip_empty_score_mask``); ``top_k_block_size`` (an integer m, or
+    null) says that the graph's top-k runs exactly over blocks of m items
+    (``seqrec.incremental.block_top_k``);
 
   in float32, float16 weights or dynamically quantised int8 weights; incremental exports
   (``seqrec.incremental``) add ``model_step.onnx`` and may keep an int8 copy of the item table
@@ -58,7 +60,12 @@ from seqrec.constants import (
     PRECISIONS,
 )
 from seqrec.data.vocab import ItemVocab
-from seqrec.incremental import STEP_FILE, export_incremental, skip_empty_score_mask
+from seqrec.incremental import (
+    STEP_FILE,
+    block_top_k,
+    export_incremental,
+    skip_empty_score_mask,
+)
 from seqrec.models.sasrec import SASRec
 from seqrec.predictor import file_sha256
 from seqrec.sequence import encode_prefixes
@@ -481,6 +488,12 @@ def export_onnx(
             empty_mask = variant.top_k_in_graph and (
                 incremental is not None or skip_empty_score_mask(tmp_dir / MODEL_FILE)
             )
+            # exact two-stage top-k over blocks of items where the catalog size allows
+            top_k_block = incremental.pop("top_k_block_size") if incremental else None
+            if variant.top_k_in_graph and incremental is None:
+                # the top-k reads the real items' scores where the mask rewrite found them
+                width = cfg.num_items + (0 if empty_mask else 1)
+                top_k_block = block_top_k(tmp_dir / MODEL_FILE, width)
             quality = check_variant(
                 cpu_model,
                 tmp_dir / MODEL_FILE,
@@ -523,6 +536,7 @@ def export_onnx(
             "output_names": output_names,
             "variant": asdict(variant),
             "empty_score_mask": empty_mask,
+            "top_k_block_size": top_k_block,
             "d_model": cfg.d_model,
             "n_layers": cfg.n_layers,
             "n_heads": cfg.n_heads,
