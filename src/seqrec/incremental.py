@@ -565,13 +565,16 @@ def block_top_k(path: Path, width: int, block: int | None = None) -> int | None:
     a lower index), and every block ranked ahead of its own block holds one of them (its
     maximum), so its block is among the k chosen; the candidates keep item order, so ``TopK``'s
     tie rule (lower index first) picks the same items. Scores, indices and their order are
-    those of the plain ``TopK`` (tested against it, ties and -inf included).
+    those of the plain ``TopK`` (tested against it, ties and -inf included). This is the exact
+    form of the bucketed top-k of Chern et al., "TPU-KNN: K Nearest Neighbor Search at Peak
+    FLOP/s" (NeurIPS 2022), which keeps only each bucket's maximum and is approximate.
 
     Args:
         path: an ONNX file whose ``TopK`` nodes take (B, ``width``) float scores
             on their last axis, largest first, sorted (the export's top-k graphs); rewritten in
             place when a block size is found.
-        width: number of score columns (the catalog's real items, C - 1).
+        width: number of score columns (C - 1 real items, or C where the scores keep the PAD
+            column).
         block: the block size, a divisor of ``width`` below it; None: :func:`top_k_block_size`.
 
     Returns:
@@ -789,9 +792,11 @@ def export_incremental(
             f"the score mask Add before TopK was not found in {prefill_path} / {step_path} "
             f"(rewritten: {skips}); seqrec.incremental._top_k writes it"
         )
-    blocks = {block_top_k(path, cfg.num_items) for path in (prefill_path, step_path)}
+    blocks = [block_top_k(path, cfg.num_items) for path in (prefill_path, step_path)]
+    if blocks[0] != blocks[1]:  # both top-k read (B, C-1) scores: rewritten alike or not at all
+        raise ValueError(f"block_top_k rewrote {prefill_path} / {step_path} differently: {blocks}")
     report = validate_incremental(model, prefill_path, step_path)
-    report["top_k_block_size"] = blocks.pop() if len(blocks) == 1 else None
+    report["top_k_block_size"] = blocks[0]
     if int8_catalog:
         quantized = quantize_catalog(prefill_path)
         quantize_catalog(step_path)
