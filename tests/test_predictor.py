@@ -290,6 +290,8 @@ def test_from_dir_errors_name_the_file(exported: TinyExport, tmp_path: Path) -> 
         ("input_name", 7, "input_name is 7, expected a string"),
         ("variant", [], r"variant is \[\], expected an object"),
         ("empty_score_mask", "yes", "empty_score_mask is 'yes', expected true or false"),
+        ("top_k_block_size", 1, "top_k_block_size is 1, expected null or an integer >= 2"),
+        ("top_k_block_size", "40", "top_k_block_size is '40', expected null or an integer >= 2"),
         ("format_version", "2", "format_version is '2', expected an integer >= 1"),
         ("incremental", "yes", "incremental is 'yes', expected an object"),
         ("max_len", 10**12, "max_len is 1000000000000, expected at most 65,536"),

@@ -12,8 +12,9 @@ The export directory holds everything the torch-free predictor needs:
     where ``export_meta.json`` has ``empty_score_mask: true`` a (0, C) ``score_mask`` means no
     filter and skips the mask's pass over the scores
     (``seqrec.incremental.skip_empty_score_mask``); ``top_k_block_size`` (an integer m, or
-    null) says that the graph's top-k runs exactly over blocks of m items
-    (``seqrec.incremental.block_top_k``);
+    null) says that the graph's top-k runs over blocks of m items, exactly for scores without
+    NaN (``seqrec.incremental.block_top_k``; the predictor checks such exports' weights for NaN
+    at load);
 
   in float32, float16 weights or dynamically quantised int8 weights; incremental exports
   (``seqrec.incremental``) add ``model_step.onnx`` and may keep an int8 copy of the item table

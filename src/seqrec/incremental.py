@@ -27,6 +27,7 @@ those of the plain export (``seqrec.export``).
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -529,24 +530,26 @@ def skip_empty_score_mask(path: Path) -> bool:
 
 
 BLOCK_TOP_K_MIN_WIDTH = 20_000
-"""Smallest catalog :func:`block_top_k` rewrites for. On the 2-core AMD VM (1 thread, k = 20)
-its 16 extra nodes cost more than they save below about 10,000 items (10,000: 0.028 instead of
-0.015 ms for one session, no gain at batch 64), and win above (37,000: 1.0 instead of 2.8 ms at
-batch 64; 235,000: 3.5 instead of 12.1 ms at batch 64 and 0.05 instead of 0.28 ms for one)."""
+"""Smallest catalog :func:`block_top_k` rewrites for. On the 2-core AMD VM (1 thread, k = 20,
+the ``TopK`` alone) the rewrite cost more than it saved at 10,000 items (0.028 instead of 0.015
+ms for one session, no gain at batch 64) and won at 37,000 (1.0 instead of 2.8 ms at batch 64)
+and 235,000 (3.5 instead of 12.1 ms at batch 64, 0.05 instead of 0.28 ms for one); sizes in
+between were not measured, and the floor is set between the two."""
 
 
 def top_k_block_size(width: int, min_width: int = BLOCK_TOP_K_MIN_WIDTH) -> int | None:
     """The block size :func:`block_top_k` uses for scores of ``width`` columns: the divisor m
     of ``width`` nearest (in ratio) to ``sqrt(width / 20)``, which balances the block maxima's
     top-k (``width / m`` values) against the candidates' (``k * m`` values at k = 20), among
-    those within a factor of 3 of it; None when there is none (blocks need an exact reshape)
-    or ``width`` is below ``min_width``."""
+    those within a factor of 3 of it (``sqrt(width / 20) / 3 <= m <= 3 * sqrt(width / 20)``);
+    None when there is none (blocks need an exact reshape) or ``width`` is below
+    ``min_width``."""
     if width < min_width:
         return None
     target = float(np.sqrt(width / 20))
     divisors = [
         m
-        for m in range(max(2, int(target / 3)), int(3 * target) + 1)
+        for m in range(max(2, math.ceil(target / 3)), math.floor(3 * target) + 1)
         if width % m == 0 and width // m >= 2
     ]
     return min(divisors, key=lambda m: abs(np.log(m / target))) if divisors else None
@@ -565,7 +568,12 @@ def block_top_k(path: Path, width: int, block: int | None = None) -> int | None:
     a lower index), and every block ranked ahead of its own block holds one of them (its
     maximum), so its block is among the k chosen; the candidates keep item order, so ``TopK``'s
     tie rule (lower index first) picks the same items. Scores, indices and their order are
-    those of the plain ``TopK`` (tested against it, ties and -inf included). This is the exact
+    those of the plain ``TopK`` (tested against it, ties, -inf and empty batches included) for
+    scores without NaN. A NaN score is another matter: ``TopK`` ranks it first, but
+    onnxruntime's ``ReduceMax`` may drop it from its block's maximum, so the top-k may come out
+    finite (and without the item). Only damaged weights produce NaN scores in seqrec's graphs,
+    and the predictor refuses an export with non-finite weights at load when its
+    ``top_k_block_size`` is set (``SessionRecommender.from_dir``). This is the exact
     form of the bucketed top-k of Chern et al., "TPU-KNN: K Nearest Neighbor Search at Peak
     FLOP/s" (NeurIPS 2022), which keeps only each bucket's maximum and is approximate.
 
@@ -578,8 +586,9 @@ def block_top_k(path: Path, width: int, block: int | None = None) -> int | None:
         block: the block size, a divisor of ``width`` below it; None: :func:`top_k_block_size`.
 
     Returns:
-        The block size m (record it), or None when :func:`top_k_block_size` finds none or the
-        graph has no such ``TopK``; then the file is unchanged.
+        The block size m (record it), or None when :func:`top_k_block_size` finds none, the
+        graph has no ``TopK``, a ``TopK`` that is not of that kind, an opset below 13, or was
+        rewritten already; then the file is unchanged.
 
     Raises:
         ValueError: ``block`` does not divide ``width`` into two blocks or more.
@@ -613,15 +622,21 @@ def block_top_k(path: Path, width: int, block: int | None = None) -> int | None:
             and (attrs.get("sorted", 1) == 1)
         )
 
-    tops = [(g, n) for g in graphs(proto.graph) for n in g.node if n.op_type == "TopK"]
-    if not tops or not all(plain(n) for _, n in tops):
-        return None
-    opset = next(op.version for op in proto.opset_import if op.domain in ("", "ai.onnx"))
     p = "seqrec_blocks_"  # prefix of every name added here
+    every = [n for g in graphs(proto.graph) for n in g.node]
+    tops = [(g, n) for g in graphs(proto.graph) for n in g.node if n.op_type == "TopK"]
+    opset = next(op.version for op in proto.opset_import if op.domain in ("", "ai.onnx"))
+    if (
+        not tops
+        or not all(plain(n) for _, n in tops)
+        or opset < 13  # Unsqueeze takes its axes as an input from opset 13
+        or any(n.name.startswith(p) for n in every)  # rewritten already
+    ):
+        return None
     num_blocks = width // block
     constants = {
         "shape3": np.array([0, num_blocks, block], dtype=np.int64),  # 0: keep B
-        "shape2": np.array([0, -1], dtype=np.int64),
+        "zero": np.array([0], dtype=np.int64),
         "num_blocks": np.array([num_blocks], dtype=np.int64),
         "block": np.array(block, dtype=np.int64),
         "one": np.array([1], dtype=np.int64),
@@ -665,7 +680,10 @@ def block_top_k(path: Path, width: int, block: int | None = None) -> int | None:
             node("Concat", [p + "one", q + "kb", p + "block1"], q + "expand", axis=0),
             node("Expand", [q + "chosen3", q + "expand"], q + "gather_idx"),  # (B, kb, m)
             node("GatherElements", [q + "blocks", q + "gather_idx"], q + "cand3", axis=1),
-            node("Reshape", [q + "cand3", p + "shape2"], q + "cand"),  # (B, kb * m)
+            node("Mul", [q + "kb", p + "block1"], q + "kbm"),  # (1,) kb * m
+            # (B, kb * m); 0 keeps B, and an explicit width (not -1) also reshapes B = 0
+            node("Concat", [p + "zero", q + "kbm"], q + "cand_shape", axis=0),
+            node("Reshape", [q + "cand3", q + "cand_shape"], q + "cand"),
             helper.make_node(
                 "TopK", [q + "cand", k], [values, q + "pos"], name=q + "top"
             ),  # (B, k) values and candidate positions

@@ -245,6 +245,8 @@ def _check_meta(meta: Any, path: Path) -> None:
         refuse("sha256", "an object of file name -> hex digest")
     if not isinstance(meta.get("empty_score_mask", False), bool):
         refuse("empty_score_mask", "true or false")
+    if meta.get("top_k_block_size") is not None and not is_int(meta["top_k_block_size"], 2):
+        refuse("top_k_block_size", "null or an integer >= 2")
     if meta.get("format_version", 1) < 2 and ("variant" in meta or "incremental" in meta):
         refuse(
             "format_version",
@@ -355,6 +357,48 @@ def prefill_states_graph(
             f"{path}: cannot cut the states graph ({input_name} -> {list(state_names)}) out of "
             f"this prefill graph ({_reason(exc)}); re-export the model"
         ) from exc
+
+
+def _check_finite_weights(paths: Sequence[Path]) -> None:
+    """Refuse graphs whose floating-point weights hold NaN or infinity.
+
+    The load check scores one session and refuses a model that scores NaN or +inf, because
+    ``TopK`` ranks a NaN score first. A top-k over blocks of items
+    (``seqrec.incremental.block_top_k``, ``top_k_block_size`` in the metadata) may leave a NaN
+    out instead, so for those exports the weights themselves are checked: only damaged weights
+    (a bad training run, a broken copy with its hash regenerated) make seqrec's graphs score
+    NaN. Reads each file with the ``onnx`` package (imported here only).
+
+    Raises:
+        ValueError: a weight (initializer) holds NaN or infinity; the message names the file,
+            the initializer and the count.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    def graphs(graph: Any) -> list[Any]:  # the graph and its If branches
+        return [graph] + [
+            sub
+            for node in graph.node
+            for attr in node.attribute
+            if attr.g.node
+            for sub in graphs(attr.g)
+        ]
+
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE}
+    for path in paths:
+        for graph in graphs(onnx.load(str(path)).graph):
+            for tensor in graph.initializer:
+                if tensor.data_type not in floats:
+                    continue
+                bad = int(np.count_nonzero(~np.isfinite(numpy_helper.to_array(tensor))))
+                if bad:
+                    raise ValueError(
+                        f"{path}: the weights {tensor.name!r} hold {bad} NaN or infinite "
+                        "values, so the model would return NaN or infinite scores; it is damaged "
+                        "(a diverged training run, or a broken file whose hash was regenerated): "
+                        "re-export it from a good checkpoint"
+                    )
 
 
 def _check_catalog_width(
@@ -643,7 +687,9 @@ class SessionRecommender:
                 differs from ``num_items`` in the metadata, fallback items outside the vocab, a
                 graph onnxruntime cannot load (damaged file), graph input/output names that do
                 not match the metadata, metadata the graphs cannot run with, or a model that
-                scores NaN or +inf (a session of ``max_len`` items is scored at load); a thread
+                scores NaN or +inf (a session of ``max_len`` items is scored at load; exports
+                with ``top_k_block_size`` also have their weights checked for NaN and
+                infinity); a thread
                 count below 1 or above max(64, 8 per core), or a bad level; ``state_cache_mb``
                 not a finite number >= 0 or too small for one item's state.
         """
@@ -768,6 +814,8 @@ class SessionRecommender:
                 model_path, options, str(meta["input_name"]), state_names
             )
             state_cache = StateCache(max(1, int(state_cache_mb * 2**20)))  # size checked below
+        if meta.get("top_k_block_size") is not None:  # its top-k may leave a NaN out
+            _check_finite_weights([model_path, *([step_path] if step_session else [])])
         recommender = cls(session, item_ids, meta, step_session, state_cache, prefill_states)
         recommender._self_check(meta_path)
         if state_cache is not None:  # n_layers and d_model were checked against the graph
