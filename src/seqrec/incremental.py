@@ -45,6 +45,7 @@ from seqrec.kv_cache import (
     states_from_prefill,
 )
 from seqrec.models.sasrec import SASRec
+from seqrec.predictor import onnx_graphs
 from seqrec.sequence import encode_prefixes
 
 logger = logging.getLogger(__name__)
@@ -604,15 +605,6 @@ def block_top_k(path: Path, width: int, block: int | None = None) -> int | None:
         raise ValueError(f"block {block} does not divide {width} columns into 2 blocks or more")
     proto = onnx.load(str(path))
 
-    def graphs(graph: Any) -> list[Any]:
-        """``graph`` and every subgraph in it (``If`` branches), depth first."""
-        found = [graph]
-        for node in graph.node:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    found += graphs(attr.g)
-        return found
-
     def plain(node: Any) -> bool:
         """A TopK over the last axis of 2-D scores, largest first and sorted."""
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -623,14 +615,14 @@ def block_top_k(path: Path, width: int, block: int | None = None) -> int | None:
         )
 
     p = "seqrec_blocks_"  # prefix of every name added here
-    every = [n for g in graphs(proto.graph) for n in g.node]
-    tops = [(g, n) for g in graphs(proto.graph) for n in g.node if n.op_type == "TopK"]
+    every = [(g, n) for g in onnx_graphs(proto.graph) for n in g.node]
+    tops = [(g, n) for g, n in every if n.op_type == "TopK"]
     opset = next(op.version for op in proto.opset_import if op.domain in ("", "ai.onnx"))
     if (
         not tops
         or not all(plain(n) for _, n in tops)
         or opset < 13  # Unsqueeze takes its axes as an input from opset 13
-        or any(n.name.startswith(p) for n in every)  # rewritten already
+        or any(n.name.startswith(p) for _, n in every)  # rewritten already
     ):
         return None
     num_blocks = width // block

@@ -327,7 +327,11 @@ def _load_graph(path: Path, options: ort.SessionOptions) -> ort.InferenceSession
 
 
 def prefill_states_graph(
-    path: Path, options: ort.SessionOptions, input_name: str, state_names: Sequence[str]
+    path: Path,
+    options: ort.SessionOptions,
+    input_name: str,
+    state_names: Sequence[str],
+    model: Any = None,
 ) -> ort.InferenceSession:
     """An onnxruntime session of the part of the prefill graph ``path`` (``model.onnx`` of an
     incremental export) that computes the states: ``input_name`` (B, L) int64 in, the outputs
@@ -337,7 +341,8 @@ def prefill_states_graph(
     onnxruntime runs every node of a graph whatever outputs are fetched, so the subgraph is cut
     out with ``onnx.utils.Extractor`` (the ``onnx`` package, imported here only, at load). Its
     nodes and weights are the prefill graph's own, so it returns the prefill graph's states, up
-    to float32 rounding where onnxruntime fuses its nodes differently (1 ulp seen).
+    to float32 rounding where onnxruntime fuses its nodes differently (1 ulp seen). ``model``:
+    the file's ``ModelProto`` when the caller has read it already (None: read here).
 
     Raises:
         ValueError: the file has no such inputs and outputs (the message names the file).
@@ -347,7 +352,7 @@ def prefill_states_graph(
     from google.protobuf.message import DecodeError
 
     try:
-        model = onnx.load(str(path))
+        model = onnx.load(str(path)) if model is None else model
         states = onnx.utils.Extractor(model).extract_model([input_name], list(state_names))
         return ort.InferenceSession(
             states.SerializeToString(), options, providers=["CPUExecutionProvider"]
@@ -359,7 +364,17 @@ def prefill_states_graph(
         ) from exc
 
 
-def _check_finite_weights(paths: Sequence[Path]) -> None:
+def onnx_graphs(graph: Any) -> list[Any]:
+    """An ONNX ``GraphProto`` and every subgraph in it (``If`` branches), depth first."""
+    found = [graph]
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                found += onnx_graphs(attr.g)
+    return found
+
+
+def _check_finite_weights(paths: Sequence[Path]) -> dict[Path, Any]:
     """Refuse graphs whose floating-point weights hold NaN or infinity.
 
     The load check scores one session and refuses a model that scores NaN or +inf, because
@@ -369,6 +384,9 @@ def _check_finite_weights(paths: Sequence[Path]) -> None:
     (a bad training run, a broken copy with its hash regenerated) make seqrec's graphs score
     NaN. Reads each file with the ``onnx`` package (imported here only).
 
+    Returns:
+        ``{path: ModelProto}`` of the files read (the states graph is cut from it).
+
     Raises:
         ValueError: a weight (initializer) holds NaN or infinity; the message names the file,
             the initializer and the count.
@@ -376,18 +394,10 @@ def _check_finite_weights(paths: Sequence[Path]) -> None:
     import onnx
     from onnx import numpy_helper
 
-    def graphs(graph: Any) -> list[Any]:  # the graph and its If branches
-        return [graph] + [
-            sub
-            for node in graph.node
-            for attr in node.attribute
-            if attr.g.node
-            for sub in graphs(attr.g)
-        ]
-
     floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE}
-    for path in paths:
-        for graph in graphs(onnx.load(str(path)).graph):
+    models = {path: onnx.load(str(path)) for path in paths}
+    for path, model in models.items():
+        for graph in onnx_graphs(model.graph):
             for tensor in graph.initializer:
                 if tensor.data_type not in floats:
                     continue
@@ -399,6 +409,7 @@ def _check_finite_weights(paths: Sequence[Path]) -> None:
                         "(a diverged training run, or a broken file whose hash was regenerated): "
                         "re-export it from a good checkpoint"
                     )
+    return models
 
 
 def _check_catalog_width(
@@ -809,13 +820,15 @@ class SessionRecommender:
                     f"{incremental.get('step_input_names')}"
                 )
             _check_catalog_width(step_session, step_path, len(item_ids), vocab_path)
+        models: dict[Path, Any] = {}  # graphs read with onnx, each once
+        if meta.get("top_k_block_size") is not None:  # its top-k may leave a NaN out
+            models = _check_finite_weights([model_path, *([step_path] if step_session else [])])
+        if step_session is not None:
             state_names = [n for n in outputs if n in ("present_kv", "present_copy_keys")]
             prefill_states = prefill_states_graph(
-                model_path, options, str(meta["input_name"]), state_names
+                model_path, options, str(meta["input_name"]), state_names, models.get(model_path)
             )
             state_cache = StateCache(max(1, int(state_cache_mb * 2**20)))  # size checked below
-        if meta.get("top_k_block_size") is not None:  # its top-k may leave a NaN out
-            _check_finite_weights([model_path, *([step_path] if step_session else [])])
         recommender = cls(session, item_ids, meta, step_session, state_cache, prefill_states)
         recommender._self_check(meta_path)
         if state_cache is not None:  # n_layers and d_model were checked against the graph
