@@ -524,6 +524,10 @@ def test_a_large_catalog_export_blocks_its_top_k_and_ranks_as_the_model(
     damaged = nan_item_rows(out, tmp_path / "damaged", [5])
     with pytest.raises(ValueError, match=r"the weights 'model.item_emb.weight' hold 16 NaN or"):
         SessionRecommender.from_dir(damaged)
+    # the metadata has no hash: saying "no blocks" does not turn the check off (review)
+    edit_meta(damaged, {"top_k_block_size": None})
+    with pytest.raises(ValueError, match=r"the weights 'model.item_emb.weight' hold 16 NaN or"):
+        SessionRecommender.from_dir(damaged)
 
 
 def test_predictor_sends_an_empty_mask_without_filters_and_ranks_the_same(inc_export) -> None:

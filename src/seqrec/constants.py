@@ -43,3 +43,11 @@ PREFIX_ITEM_IDS: Final[str] = "prefix_item_ids"
 """Raw item ids seen so far in the session, oldest first (list[str])."""
 NEXT_ITEM_ID: Final[str] = "next_item_id"
 """Raw id of the item to predict (str)."""
+
+BLOCK_TOP_K_MIN_WIDTH: Final[int] = 20_000
+"""Smallest catalog ``seqrec.incremental.block_top_k`` rewrites for. On the 2-core AMD VM (1 thread, k = 20,
+the ``TopK`` alone) the rewrite cost more than it saved at 10,000 items (0.028 instead of 0.015
+ms for one session, no gain at batch 64) and won at 37,000 (1.0 instead of 2.8 ms at batch 64)
+and 235,000 (3.5 instead of 12.1 ms at batch 64, 0.05 instead of 0.28 ms for one); sizes in
+between were not measured, and the floor is set between the two. The predictor checks the
+weights of every export of this size for NaN at load (``SessionRecommender.from_dir``)."""

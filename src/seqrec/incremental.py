@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from seqrec.constants import INT8_SCORE_ATOL, PAD_IDX
+from seqrec.constants import BLOCK_TOP_K_MIN_WIDTH, INT8_SCORE_ATOL, PAD_IDX
 from seqrec.kv_cache import (
     PAST_KV_NAME,
     past_kv_feed,
@@ -528,14 +528,6 @@ def skip_empty_score_mask(path: Path) -> bool:
     onnx.checker.check_model(proto)
     onnx.save(proto, str(path))
     return True
-
-
-BLOCK_TOP_K_MIN_WIDTH = 20_000
-"""Smallest catalog :func:`block_top_k` rewrites for. On the 2-core AMD VM (1 thread, k = 20,
-the ``TopK`` alone) the rewrite cost more than it saved at 10,000 items (0.028 instead of 0.015
-ms for one session, no gain at batch 64) and won at 37,000 (1.0 instead of 2.8 ms at batch 64)
-and 235,000 (3.5 instead of 12.1 ms at batch 64, 0.05 instead of 0.28 ms for one); sizes in
-between were not measured, and the floor is set between the two."""
 
 
 def top_k_block_size(width: int, min_width: int = BLOCK_TOP_K_MIN_WIDTH) -> int | None:

@@ -42,6 +42,7 @@ import numpy as np
 import onnxruntime as ort
 
 from seqrec.constants import (
+    BLOCK_TOP_K_MIN_WIDTH,
     FORMAT_VERSION,
     GRAPH_OPTIMIZATION_LEVELS,
     INT8_PRECISIONS,
@@ -380,7 +381,9 @@ def _check_finite_weights(paths: Sequence[Path]) -> dict[Path, Any]:
     The load check scores one session and refuses a model that scores NaN or +inf, because
     ``TopK`` ranks a NaN score first. A top-k over blocks of items
     (``seqrec.incremental.block_top_k``, ``top_k_block_size`` in the metadata) may leave a NaN
-    out instead, so for those exports the weights themselves are checked: only damaged weights
+    out instead, so for exports whose catalog is large enough to get one
+    (:data:`~seqrec.constants.BLOCK_TOP_K_MIN_WIDTH` items or more, whatever the metadata says:
+    it has no hash) the weights themselves are checked: only damaged weights
     (a bad training run, a broken copy with its hash regenerated) make seqrec's graphs score
     NaN. Reads each file with the ``onnx`` package (imported here only).
 
@@ -699,7 +702,7 @@ class SessionRecommender:
                 graph onnxruntime cannot load (damaged file), graph input/output names that do
                 not match the metadata, metadata the graphs cannot run with, or a model that
                 scores NaN or +inf (a session of ``max_len`` items is scored at load; exports
-                with ``top_k_block_size`` also have their weights checked for NaN and
+                of 20,000 items or more also have their weights checked for NaN and
                 infinity); a thread
                 count below 1 or above max(64, 8 per core), or a bad level; ``state_cache_mb``
                 not a finite number >= 0 or too small for one item's state.
@@ -821,7 +824,9 @@ class SessionRecommender:
                 )
             _check_catalog_width(step_session, step_path, len(item_ids), vocab_path)
         models: dict[Path, Any] = {}  # graphs read with onnx, each once
-        if meta.get("top_k_block_size") is not None:  # its top-k may leave a NaN out
+        # a top-k over blocks may leave a NaN out; the catalog size, not the unhashed metadata,
+        # says whether the export may have one
+        if len(item_ids) >= BLOCK_TOP_K_MIN_WIDTH or meta.get("top_k_block_size") is not None:
             models = _check_finite_weights([model_path, *([step_path] if step_session else [])])
         if step_session is not None:
             state_names = [n for n in outputs if n in ("present_kv", "present_copy_keys")]
