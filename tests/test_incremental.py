@@ -273,6 +273,33 @@ def test_export_writes_and_hashes_the_step_graph(inc_export) -> None:
     assert meta["incremental"]["step_input_names"] == want_inputs
 
 
+def test_step_graph_is_lean_after_onnxruntime_optimisation(inc_export, tmp_path: Path) -> None:
+    """The step graph's arithmetic is written so that onnxruntime fuses it: one Gelu node per
+    block (not the five elementwise nodes of the erf form), no scale folded into the attention
+    MatMul (a FusedMatMul with alpha != 1 ran at half speed), and (B, D) rows, so every Linear
+    is a Gemm."""
+    import onnxruntime as ort
+
+    model, out = inc_export
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(tmp_path / "step_optimised.onnx")
+    ort.InferenceSession(str(out / STEP_FILE), options, providers=["CPUExecutionProvider"])
+    nodes = onnx.load(options.optimized_model_filepath).graph.node
+    ops = [node.op_type for node in nodes]
+    assert ops.count("Gelu") == model.cfg.n_layers and "Erf" not in ops
+    alphas = [
+        onnx.helper.get_attribute_value(attr)
+        for node in nodes
+        if node.op_type == "FusedMatMul"
+        for attr in node.attribute
+        if attr.name == "alpha"
+    ]
+    assert ops.count("FusedMatMul") == model.cfg.n_layers and set(alphas) <= {1.0}
+    linears = 4 * model.cfg.n_layers + (3 if model.cfg.copy_mechanism else 0)
+    assert ops.count("Gemm") == linears
+
+
 def test_validation_catches_a_wrong_step_graph(inc_export, tmp_path: Path) -> None:
     model, out = inc_export
     other = _model(model.cfg.copy_mechanism, seed=1)  # same shapes, different weights

@@ -90,54 +90,71 @@ def _heads(model: SASRec) -> tuple[int, int]:
     return heads, model.cfg.d_model // heads
 
 
-def _block(
-    block: nn.Module,
-    hidden: Tensor,
-    attn_bias: Tensor,
-    past_k: Tensor | None,
-    past_v: Tensor | None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """One pre-LN block (``seqrec.models.sasrec.Block`` in eval mode) over new positions.
-
-    With past keys and values (the step graph) the attention is split into the scores against
-    the past and against the new position itself, so the cached states are read in place rather
-    than concatenated with the new position (same softmax, same numbers up to rounding).
+def _block(block: nn.Module, hidden: Tensor, attn_bias: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One pre-LN block (``seqrec.models.sasrec.Block`` in eval mode) over whole sessions (the
+    prefill graph); :func:`_step_block` is the step graph's.
 
     Args:
-        hidden: (B, T, D) float inputs of the T new positions (T = 1 when there are past
-            keys and values: the step graph).
-        attn_bias: (B, 1, T, P + T) float additive mask over past then new key positions.
-        past_k, past_v: (B, H, P, Dh) float keys / values of earlier positions, or None (P = 0).
+        hidden: (B, L, D) float inputs of every position.
+        attn_bias: (B, 1, L, L) float additive causal/padding mask.
 
     Returns:
-        (B, T, D) outputs and the new positions' keys and values, each (B, H, T, Dh).
+        (B, L, D) outputs and every position's keys and values, each (B, H, L, Dh).
     """
     batch, length, d_model = hidden.shape
     heads = block.attn.n_heads
-    qkv = block.attn.qkv(block.ln_attn(hidden))  # (B, T, 3 * D): q, k, v, each H x Dh
-    if past_k is None:
-        q, k, v = qkv.view(batch, length, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-    else:  # the step graph's T = 1: (B, 1, 3 * D) is (B, 3, H, 1, Dh), no transpose needed
-        q, k, v = qkv.view(batch, 3, heads, 1, -1).unbind(1)  # each (B, H, T, Dh)
+    qkv = block.attn.qkv(block.ln_attn(hidden))  # (B, L, 3 * D): q, k, v, each H x Dh
+    q, k, v = qkv.view(batch, length, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
     k, v = k.contiguous(), v.contiguous()  # (torch.export cannot stack the strided views)
     scale = (d_model // heads) ** -0.5
     # F.scaled_dot_product_attention written out: the dynamo exporter lowers SDPA with a
     # reshape/transpose chain for the keys that costs a dozen extra nodes per block
-    if past_k is None or past_v is None:
-        att = (q @ k.transpose(2, 3)) * scale + attn_bias  # (B, H, T, T)
-        out = torch.softmax(att, dim=-1) @ v  # (B, H, T, Dh)
-        out = out.transpose(1, 2)
-    else:
-        # the new position attends to the past keys and to itself; the past is never copied
-        # into a (P + 1)-long tensor (onnxruntime's Concat would copy every cached state)
-        att = torch.cat(
-            [q @ past_k.transpose(2, 3), (q * k).sum(-1, keepdim=True)], dim=-1
-        )  # (B, H, 1, P + 1)
-        weights = torch.softmax(att * scale + attn_bias, dim=-1)
-        out = weights[..., :-1] @ past_v + weights[..., -1:] * v  # (B, H, 1, Dh)
-        out = out.reshape(batch, 1, d_model)
+    att = (q @ k.transpose(2, 3)) * scale + attn_bias  # (B, H, L, L)
+    out = (torch.softmax(att, dim=-1) @ v).transpose(1, 2)  # (B, L, H, Dh)
     hidden = hidden + block.attn.proj(out.reshape(batch, length, d_model))
     hidden = hidden + block.ffn(block.ln_ffn(hidden))
+    return hidden, k, v
+
+
+def _gelu(x: Tensor) -> Tensor:
+    """``nn.GELU()`` (the erf form) written in the operand order that onnxruntime's Gelu fusion
+    recognises (x * (1 + erf(x / sqrt 2)) * 0.5), so the step graph runs one Gelu node instead
+    of five elementwise ones."""
+    return x * (1.0 + torch.erf(x / math.sqrt(2.0))) * 0.5
+
+
+def _step_block(
+    block: nn.Module, hidden: Tensor, past_bias: Tensor, past_k: Tensor, past_v: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One pre-LN block (``seqrec.models.sasrec.Block`` in eval mode) for the one new position
+    of the step graph: the arithmetic of :func:`_block` with past keys and values, written on
+    (B, D) rows (each ``nn.Linear`` exports as one Gemm) and with fewer reshapes, so that the
+    step graph has fewer nodes (onnxruntime spends about 1 us per node on one session's step).
+
+    Args:
+        hidden: (B, D) float inputs of the new position.
+        past_bias: (B, 1, 1, P) float additive mask over the past positions (the new position
+            always attends to itself).
+        past_k, past_v: (B, H, P, Dh) float keys / values of the earlier positions.
+
+    Returns:
+        (B, D) outputs and the new position's keys and values, each (B, H, 1, Dh).
+    """
+    batch, d_model = hidden.shape
+    heads = block.attn.n_heads
+    qkv = block.attn.qkv(block.ln_attn(hidden))  # (B, 3 * D): q, k, v, each H x Dh
+    q, k, v = qkv.view(batch, 3 * heads, 1, d_model // heads).split(heads, dim=1)
+    scale = (d_model // heads) ** -0.5
+    # the new position attends to the past keys and to itself; the past is never copied into a
+    # (P + 1)-long tensor (onnxruntime's Concat would copy every cached state)
+    # the scale after the Concat: onnxruntime would fold it into the MatMul (FusedMatMul's
+    # alpha), which ran the (64, H, 1, P) product at half speed on the AMD VM
+    att = torch.cat([q @ past_k.transpose(2, 3) + past_bias, (q * k).sum(-1, keepdim=True)], -1)
+    weights = torch.softmax(att * scale, dim=-1)  # (B, H, 1, P + 1)
+    out = weights[..., :-1] @ past_v + weights[..., -1:] * v  # (B, H, 1, Dh)
+    hidden = hidden + block.attn.proj(out.reshape(batch, d_model))
+    ffn = block.ffn
+    hidden = hidden + ffn[2](_gelu(ffn[0](block.ln_ffn(hidden))))
     return hidden, k, v
 
 
@@ -215,7 +232,7 @@ class PrefillModel(_IncrementalGraph):
         attn_bias = attn_bias.masked_fill(~is_allowed, torch.finfo(hidden.dtype).min).unsqueeze(1)
         kv: list[Tensor] = []
         for block in model.blocks:
-            hidden, k_new, v_new = _block(block, hidden, attn_bias, None, None)
+            hidden, k_new, v_new = _block(block, hidden, attn_bias)
             kv += [k_new, v_new]
         states = model.ln_out(hidden) * is_real.unsqueeze(-1).to(hidden.dtype)  # (B, L, D)
         last = states[:, -1]  # (B, D)
@@ -251,27 +268,24 @@ class StepModel(_IncrementalGraph):
             [, ``present_copy_keys`` (B, 1, D) for copy models].
         """
         model, cfg = self.model, self.model.cfg
-        # is_real and is_allowed are written as copy_log_probs_from_keys writes them, on the
-        # whole item_ids, so that onnxruntime's common-subexpression pass computes each once
+        # is_real is written as copy_log_probs_from_keys writes it, on the whole item_ids, so
+        # that onnxruntime's common-subexpression pass computes it once
         is_real = item_ids != PAD_IDX  # (B, P + 1)
-        is_real_new = is_real[:, -1:].unsqueeze(-1).to(past_kv[0].dtype)  # (B, 1, 1)
-        position = is_real[:, :-1].to(torch.int64).sum(1, keepdim=True)  # (B, 1)
-        hidden = model.item_emb(item_ids[:, -1:]) * (cfg.d_model**0.5) + model.pos_emb(position)
-        hidden = hidden * is_real_new  # (B, 1, D)
-        length = item_ids.shape[1]
-        is_last = torch.arange(length, device=item_ids.device) == length - 1  # (P + 1,)
-        is_allowed = is_real | is_last.unsqueeze(0)  # (B, P + 1): earlier real items and itself
-        attn_bias = torch.where(is_allowed, 0.0, torch.finfo(hidden.dtype).min)
-        attn_bias = attn_bias[:, None, None, :]  # (B, 1, 1, P + 1) float32
+        is_real_past = is_real[:, :-1]  # (B, P)
+        position = is_real_past.to(torch.int64).sum(1)  # (B,)
+        # the new item is a real item (the predictor never sends PAD last), so its embedding is
+        # not multiplied by is_real as the prefill graph's padded positions are
+        hidden = model.item_emb(item_ids[:, -1]) * (cfg.d_model**0.5) + model.pos_emb(position)
+        past_bias = torch.where(is_real_past, 0.0, torch.finfo(hidden.dtype).min)
+        past_bias = past_bias[:, None, None, :]  # (B, 1, 1, P) float32
         kv: list[Tensor] = []
         for layer, block in enumerate(model.blocks):
-            hidden, k_new, v_new = _block(
-                block, hidden, attn_bias, past_kv[2 * layer], past_kv[2 * layer + 1]
+            hidden, k_new, v_new = _step_block(
+                block, hidden, past_bias, past_kv[2 * layer], past_kv[2 * layer + 1]
             )
             kv += [k_new, v_new]
-        state = model.ln_out(hidden) * is_real_new  # (B, 1, D)
-        last = state[:, 0]  # (B, D)
-        new_key = model.copy_key(state) if cfg.copy_mechanism else None  # (B, 1, D)
+        last = model.ln_out(hidden)  # (B, D)
+        new_key = model.copy_key(last).unsqueeze(1) if cfg.copy_mechanism else None  # (B, 1, D)
         top_scores, top_idx = _top_k(
             model,
             last,
@@ -283,7 +297,9 @@ class StepModel(_IncrementalGraph):
             new_key,
         )
         outputs = [] if new_key is None else [new_key]
-        return (top_scores, top_idx, torch.cat([t.unsqueeze(0) for t in kv]), *outputs)
+        batch, heads, _, head_dim = kv[0].shape
+        present = torch.cat(kv).view(len(kv), batch, heads, 1, head_dim)
+        return (top_scores, top_idx, present, *outputs)
 
 
 class StepModelNoCopy(StepModel):
