@@ -273,21 +273,29 @@ def test_export_writes_and_hashes_the_step_graph(inc_export) -> None:
     assert meta["incremental"]["step_input_names"] == want_inputs
 
 
-def test_step_graph_is_lean_after_onnxruntime_optimisation(inc_export, tmp_path: Path) -> None:
-    """The step graph's arithmetic is written so that onnxruntime fuses it: one Gelu node per
-    block (not the five elementwise nodes of the erf form), no scale folded into the attention
-    MatMul (a FusedMatMul with alpha != 1 ran at half speed), and (B, D) rows, so every Linear
-    is a Gemm."""
+def _optimised_ops(path: Path, tmp_path: Path) -> list[onnx.NodeProto]:
+    """The top-level nodes of ``path`` after onnxruntime's full graph optimisation."""
     import onnxruntime as ort
 
-    model, out = inc_export
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.optimized_model_filepath = str(tmp_path / "step_optimised.onnx")
-    ort.InferenceSession(str(out / STEP_FILE), options, providers=["CPUExecutionProvider"])
-    nodes = onnx.load(options.optimized_model_filepath).graph.node
+    options.optimized_model_filepath = str(tmp_path / f"optimised_{path.name}")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return list(onnx.load(options.optimized_model_filepath).graph.node)
+
+
+def test_graphs_are_lean_after_onnxruntime_optimisation(inc_export, tmp_path: Path) -> None:
+    """The graphs' arithmetic is written so that onnxruntime fuses it: one Gelu (or BiasGelu)
+    node per block in both graphs (not the five elementwise nodes of the erf form); in the step graph no scale
+    folded into the attention MatMul (a FusedMatMul with alpha != 1 ran at half speed) and
+    (B, D) rows, so every Linear is one Gemm."""
+    model, out = inc_export
+    for name in ("model.onnx", STEP_FILE):
+        ops = [node.op_type for node in _optimised_ops(out / name, tmp_path)]
+        gelus = ops.count("Gelu") + ops.count("BiasGelu")  # BiasGelu: MatMul's Add fused too
+        assert gelus == model.cfg.n_layers and "Erf" not in ops, name
+    nodes = _optimised_ops(out / STEP_FILE, tmp_path)
     ops = [node.op_type for node in nodes]
-    assert ops.count("Gelu") == model.cfg.n_layers and "Erf" not in ops
     alphas = [
         onnx.helper.get_attribute_value(attr)
         for node in nodes

@@ -90,6 +90,13 @@ def _heads(model: SASRec) -> tuple[int, int]:
     return heads, model.cfg.d_model // heads
 
 
+def _gelu(x: Tensor) -> Tensor:
+    """``nn.GELU()`` (the erf form) written in the operand order that onnxruntime's Gelu fusion
+    recognises (x * (1 + erf(x / sqrt 2)) * 0.5), so the graphs run one Gelu node instead
+    of five elementwise ones."""
+    return x * (1.0 + torch.erf(x / math.sqrt(2.0))) * 0.5
+
+
 def _block(block: nn.Module, hidden: Tensor, attn_bias: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """One pre-LN block (``seqrec.models.sasrec.Block`` in eval mode) over whole sessions (the
     prefill graph); :func:`_step_block` is the step graph's.
@@ -112,15 +119,9 @@ def _block(block: nn.Module, hidden: Tensor, attn_bias: Tensor) -> tuple[Tensor,
     att = (q @ k.transpose(2, 3)) * scale + attn_bias  # (B, H, L, L)
     out = (torch.softmax(att, dim=-1) @ v).transpose(1, 2)  # (B, L, H, Dh)
     hidden = hidden + block.attn.proj(out.reshape(batch, length, d_model))
-    hidden = hidden + block.ffn(block.ln_ffn(hidden))
+    ffn = block.ffn  # Linear, GELU, Linear
+    hidden = hidden + ffn[2](_gelu(ffn[0](block.ln_ffn(hidden))))
     return hidden, k, v
-
-
-def _gelu(x: Tensor) -> Tensor:
-    """``nn.GELU()`` (the erf form) written in the operand order that onnxruntime's Gelu fusion
-    recognises (x * (1 + erf(x / sqrt 2)) * 0.5), so the step graph runs one Gelu node instead
-    of five elementwise ones."""
-    return x * (1.0 + torch.erf(x / math.sqrt(2.0))) * 0.5
 
 
 def _step_block(
@@ -153,7 +154,7 @@ def _step_block(
     weights = torch.softmax(att * scale, dim=-1)  # (B, H, 1, P + 1)
     out = weights[..., :-1] @ past_v + weights[..., -1:] * v  # (B, H, 1, Dh)
     hidden = hidden + block.attn.proj(out.reshape(batch, d_model))
-    ffn = block.ffn
+    ffn = block.ffn  # Linear, GELU, Linear
     hidden = hidden + ffn[2](_gelu(ffn[0](block.ln_ffn(hidden))))
     return hidden, k, v
 
