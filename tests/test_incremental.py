@@ -256,6 +256,26 @@ def test_variant_needs_top_k_in_graph_and_fp32() -> None:
         ExportVariant(top_k_in_graph=True, precision="fp16", incremental=True)
 
 
+def test_a_context_too_short_for_the_step_graph_is_refused_before_exporting(tmp_path: Path) -> None:
+    """max_len 2 leaves a past axis of exactly one position, which torch.export cannot trace
+    (it used to fail with "Cannot create Dim with inconsistent min=1, max=1" after the prefill
+    graph was written); the export now says what to do instead, and leaves nothing behind."""
+    torch.manual_seed(0)
+    model = SASRec(SASRecConfig(num_items=NUM_ITEMS, max_len=2, d_model=16, n_heads=2)).eval()
+    with pytest.raises(ValueError, match=r"max_len >= 3, got max_len=2; export with variant"):
+        export_onnx(
+            model,
+            tiny_vocab(),
+            tmp_path / "export",
+            variant=ExportVariant(top_k_in_graph=True, incremental=True),
+        )
+    assert list(tmp_path.iterdir()) == []
+    plain = export_onnx(
+        model, tiny_vocab(), tmp_path / "plain", variant=ExportVariant(top_k_in_graph=True)
+    )
+    assert SessionRecommender.from_dir(plain).recommend(["1001", "1002", "1003"], k=3)
+
+
 def test_export_writes_and_hashes_the_step_graph(inc_export) -> None:
     model, out = inc_export
     meta = json.loads((out / "export_meta.json").read_text())

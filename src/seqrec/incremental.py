@@ -256,7 +256,9 @@ class StepModel(_IncrementalGraph):
     ) -> tuple[Tensor, ...]:
         """Args:
             item_ids: (B, P + 1) int64: the cached positions' items (left-padded with PAD_IDX)
-                and the new item last (a real item).
+                and the new item last: a real item, never PAD_IDX (the graph does not mask
+                it, so a PAD there would not score as ``SASRec.score_last``; the predictor
+                only sends known items).
             past_kv: 2 * n_layers tensors (B, H, P, Dh) float32: each block's cached keys, then
                 values (exported as the inputs ``past_kv_0``, ``past_kv_1``, ...), aligned with
                 ``item_ids[:, :-1]``; slots of PAD items are ignored.
@@ -744,11 +746,16 @@ def export_incremental(
         :func:`quantize_catalog` report.
 
     Raises:
-        ValueError: the model is not a ``SASRec`` with the standard blocks, or an exported graph
-            lacks the mask ``Add`` before its ``TopK``.
+        ValueError: the model is not a ``SASRec`` with the standard blocks, its ``max_len`` is
+            below 3, or an exported graph lacks the mask ``Add`` before its ``TopK``.
         seqrec.export.ExportValidationError: a graph differs from ``SASRec.score_last``.
     """
     cfg = model.cfg
+    if cfg.max_len < 3:  # torch.export cannot trace a past axis of 1 to max_len - 1 = 1 positions
+        raise ValueError(
+            f"incremental serving needs max_len >= 3, got max_len={cfg.max_len}; "
+            "export with variant.incremental=false"
+        )
     heads, head_dim = _heads(model)
     names = graph_names(cfg.copy_mechanism, cfg.n_layers)
     num_columns = cfg.num_items + 1
@@ -776,8 +783,6 @@ def export_incremental(
             external_data=False,
             verbose=False,
         )
-        if cfg.max_len < 2:
-            raise ValueError("incremental serving needs max_len >= 2")
         past_dim = torch.export.Dim("past_len", min=1, max=cfg.max_len - 1)
         past_kv = torch.randn(2 * cfg.n_layers, batch, heads, past_len, head_dim, generator=rng)
         inputs: list[Any] = [seq, tuple(past_kv.unbind(0))]
