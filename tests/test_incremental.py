@@ -310,11 +310,12 @@ def test_graphs_are_lean_after_onnxruntime_optimisation(inc_export, tmp_path: Pa
     folded into the attention MatMul (a FusedMatMul with alpha != 1 ran at half speed) and
     (B, D) rows, so every Linear is one Gemm."""
     model, out = inc_export
-    for name in ("model.onnx", STEP_FILE):
-        ops = [node.op_type for node in _optimised_ops(out / name, tmp_path)]
+    graphs = {name: _optimised_ops(out / name, tmp_path) for name in ("model.onnx", STEP_FILE)}
+    for name, graph_nodes in graphs.items():
+        ops = [node.op_type for node in graph_nodes]
         gelus = ops.count("Gelu") + ops.count("BiasGelu")  # BiasGelu: MatMul's Add fused too
         assert gelus == model.cfg.n_layers and "Erf" not in ops, name
-    nodes = _optimised_ops(out / STEP_FILE, tmp_path)
+    nodes = graphs[STEP_FILE]
     ops = [node.op_type for node in nodes]
     alphas = [
         onnx.helper.get_attribute_value(attr)

@@ -90,11 +90,14 @@ def _heads(model: SASRec) -> tuple[int, int]:
     return heads, model.cfg.d_model // heads
 
 
-def _gelu(x: Tensor) -> Tensor:
-    """``nn.GELU()`` (the erf form) written in the operand order that onnxruntime's Gelu fusion
-    recognises (x * (1 + erf(x / sqrt 2)) * 0.5), so the graphs run one Gelu node instead
-    of five elementwise ones."""
-    return x * (1.0 + torch.erf(x / math.sqrt(2.0))) * 0.5
+def _feed_forward(block: nn.Module, hidden: Tensor) -> Tensor:
+    """``hidden + block.ffn(block.ln_ffn(hidden))`` (Linear, GELU, Linear) with the GELU's erf
+    form written in the operand order that onnxruntime's Gelu fusion recognises (x * (1 +
+    erf(x / sqrt 2)) * 0.5), so each graph runs one Gelu (or BiasGelu) node per block instead of
+    five elementwise ones. Any leading shape: (B, L, D) or (B, D)."""
+    ffn = block.ffn
+    x = ffn[0](block.ln_ffn(hidden))
+    return hidden + ffn[2](x * (1.0 + torch.erf(x / math.sqrt(2.0))) * 0.5)
 
 
 def _block(block: nn.Module, hidden: Tensor, attn_bias: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -119,9 +122,7 @@ def _block(block: nn.Module, hidden: Tensor, attn_bias: Tensor) -> tuple[Tensor,
     att = (q @ k.transpose(2, 3)) * scale + attn_bias  # (B, H, L, L)
     out = (torch.softmax(att, dim=-1) @ v).transpose(1, 2)  # (B, L, H, Dh)
     hidden = hidden + block.attn.proj(out.reshape(batch, length, d_model))
-    ffn = block.ffn  # Linear, GELU, Linear
-    hidden = hidden + ffn[2](_gelu(ffn[0](block.ln_ffn(hidden))))
-    return hidden, k, v
+    return _feed_forward(block, hidden), k, v
 
 
 def _step_block(
@@ -154,9 +155,7 @@ def _step_block(
     weights = torch.softmax(att * scale, dim=-1)  # (B, H, 1, P + 1)
     out = weights[..., :-1] @ past_v + weights[..., -1:] * v  # (B, H, 1, Dh)
     hidden = hidden + block.attn.proj(out.reshape(batch, d_model))
-    ffn = block.ffn  # Linear, GELU, Linear
-    hidden = hidden + ffn[2](_gelu(ffn[0](block.ln_ffn(hidden))))
-    return hidden, k, v
+    return _feed_forward(block, hidden), k, v
 
 
 def _top_k(
