@@ -262,7 +262,10 @@ def test_a_context_too_short_for_the_step_graph_is_refused_before_exporting(tmp_
     graph was written); the export now says what to do instead, and leaves nothing behind."""
     torch.manual_seed(0)
     model = SASRec(SASRecConfig(num_items=NUM_ITEMS, max_len=2, d_model=16, n_heads=2)).eval()
-    with pytest.raises(ValueError, match=r"max_len >= 3, got max_len=2; export with variant"):
+    with pytest.raises(
+        ValueError,
+        match=r"max_len >= 3, got max_len=2; export with variant.incremental=false variant.precision=fp32",
+    ):
         export_onnx(
             model,
             tiny_vocab(),

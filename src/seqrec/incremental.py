@@ -753,7 +753,8 @@ def export_incremental(
     if cfg.max_len < 3:  # torch.export cannot trace a past axis of 1 to max_len - 1 = 1 positions
         raise ValueError(
             f"incremental serving needs max_len >= 3, got max_len={cfg.max_len}; "
-            "export with variant.incremental=false"
+            "export with variant.incremental=false variant.precision=fp32 (or fp16, int8: "
+            "int8_catalog is for incremental exports only)"
         )
     heads, head_dim = _heads(model)
     names = graph_names(cfg.copy_mechanism, cfg.n_layers)
