@@ -239,6 +239,35 @@ def test_pad_is_never_returned(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert small.recommend(["1001", "1002", "1003"], k=10, exclude_seen=True) == []
 
 
+def test_top_k_rows_become_recommendations_by_the_documented_rules(
+    rec: SessionRecommender,
+) -> None:
+    """``_recommendation_rows`` turns a graph's (B, K) top-k into recommendations with Python
+    lists (two ``tolist`` calls): raw ids by item index, -inf (excluded) tails dropped, a seen
+    set skipped before the first k are kept, and NaN or +inf anywhere refused, -inf alone
+    not."""
+    inf = np.inf
+    idx = np.array([[3, 1, 2], [2, 3, 1]], dtype=np.int64)
+    scores = np.array([[2.5, 1.0, -inf], [0.5, -1.0, -2.0]], dtype=np.float32)
+    rows = rec._recommendation_rows(idx, scores)
+    assert [[(r.item_id, r.score, r.source) for r in row] for row in rows] == [
+        [("1003", 2.5, "model"), ("1001", 1.0, "model")],
+        [("1002", 0.5, "model"), ("1003", -1.0, "model"), ("1001", -2.0, "model")],
+    ]
+    assert all(type(r) is Recommendation for row in rows for r in row)
+    seen_dropped = rec._recommendation_rows(idx, scores, (1, [{3}, {2, 3}]))
+    assert [_ids(row) for row in seen_dropped] == [["1001"], ["1001"]]
+    for bad in (np.nan, inf):
+        damaged = scores.copy()
+        damaged[1, 2] = bad
+        with pytest.raises(NonFiniteScoresError):
+            rec._recommendation_rows(idx, damaged)
+    plus_and_minus = np.array([[inf, -inf, -inf]], dtype=np.float32)
+    with pytest.raises(NonFiniteScoresError):
+        rec._recommendation_rows(idx[:1], plus_and_minus)
+    assert rec._recommendation_rows(idx[:1], np.full((1, 3), -inf, np.float32)) == [[]]
+
+
 def _copy_export(src: Path, dst: Path) -> Path:
     dst.mkdir()
     for name in ("model.onnx", "item_vocab.json", "export_meta.json"):

@@ -25,6 +25,7 @@ prefill graph's states part out (:func:`prefill_states_graph`).
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import itertools
 import json
@@ -541,6 +542,15 @@ def _check_item_ids(items: Sequence[Any], what: str) -> None:
             ) from exc
 
 
+@functools.lru_cache(maxsize=64)
+def _k_input(k: int) -> np.ndarray:
+    """The top-k graphs' ``k`` input: (1,) int64, read-only, made once per k (a new array per
+    call cost about 8 us right after a graph call on the AMD VM)."""
+    k_arr = np.array([k], dtype=np.int64)
+    k_arr.flags.writeable = False
+    return k_arr
+
+
 def _filter_list(items: Any) -> list[Any] | None:
     """``allow_items`` / ``deny_items`` as a list (read once, even from a generator); None stays
     None.
@@ -640,7 +650,8 @@ class SessionRecommender:
         # load check turns it off to run the whole graph on one session
         self._split_new_session = True
         self._item_ids = list(item_ids)
-        self._item_id_array = np.array(self._item_ids, dtype=object)  # for batch lookups
+        # the raw id of each item index (PAD_IDX has none), for the top-k rows
+        self._id_of_index: tuple[str | None, ...] = (None, *self._item_ids)
         self._index = {item_id: idx for idx, item_id in enumerate(self._item_ids, start=1)}
         self._meta = meta
         self._max_len = int(meta["max_len"])
@@ -1275,7 +1286,7 @@ class SessionRecommender:
             return []
         has_filter = exclude_seen or allow_idxs is not None or deny_idxs is not None
         if self._top_k_in_graph:
-            k_arr = np.array([min(k, self.num_items)], dtype=np.int64)
+            k_arr = _k_input(min(k, self.num_items))
             if not has_filter:  # no mask, or the (1, C) PAD mask broadcast over the batch
                 top_scores, top_idx = self._run_top_k(prefixes, self._unfiltered_mask, k_arr)
                 return self._recommendation_rows(top_idx, top_scores)
@@ -1287,7 +1298,7 @@ class SessionRecommender:
                     # the unmasked top (k + seen items), seen items dropped: the masked top-k
                     # (TopK breaks ties by the lower index, masked or not) without sending or
                     # adding a (B, C) mask
-                    k_arr = np.array([wanted], dtype=np.int64)
+                    k_arr = _k_input(wanted)
                     top_scores, top_idx = self._run_top_k(prefixes, self._unfiltered_mask, k_arr)
                     return self._recommendation_rows(top_idx, top_scores, (k, seen))
             # (B, C): 0 keeps an item, -inf excludes it, by the offline evaluator's rule
@@ -1426,7 +1437,11 @@ class SessionRecommender:
         past: list[SessionState] = states  # type: ignore[assignment]
         past_kv, past_copy_keys = stack_past(past, self._scratch)
         feed = {
-            self._input_name: encode_prefixes(windows, self._max_len),
+            self._input_name: (  # one session: its window as it is (nothing to pad)
+                np.array(windows, dtype=np.int64)
+                if len(windows) == 1
+                else encode_prefixes(windows, self._max_len)
+            ),
             **past_kv_feed(past_kv, self._step_input_names),
             "score_mask": mask,
             "k": k_arr,
@@ -1471,31 +1486,39 @@ class SessionRecommender:
         drop_seen: tuple[int, list[set[int]]] | None = None,
     ) -> list[list[Recommendation]]:
         """Recommendations of a batch from the (B, K) int64 item indices and (B, K) float32
-        scores of a top-k (best first), with one array lookup for all raw ids; items scored
+        scores of a top-k (best first); items scored
         -inf (excluded by the score mask, when fewer than k were left) are left out.
         ``drop_seen`` = (k, B sets of item indices): each row keeps its first k items outside
         its set (a top-k taken unmasked, k + the largest set long)."""
-        if not top_scores.max() < np.inf:  # NaN or +inf anywhere (max propagates NaN)
+        # Python lists from here: two tolist() calls instead of a handful of numpy operations,
+        # each of which costs 10-25 us right after a graph call (the catalog product has
+        # pushed numpy's code and data out of the CPU caches; AMD VM, one-session click stream)
+        scores = top_scores.tolist()  # B lists of K floats
+        # NaN or +inf anywhere: then and only then is the float sum NaN or +inf (K float32
+        # scores sum far below the float64 overflow)
+        if not sum(map(sum, scores)) < math.inf:
             raise NonFiniteScoresError(self._non_finite_message)
-        if drop_seen is not None:
+        idx_rows = top_idx.tolist()  # B lists of K item indices
+        if drop_seen is not None:  # each row: its first k items outside its set
             k, seen = drop_seen
-            kept = [  # (B, k) columns: a row holds at most len(row_seen) seen items
-                [j for j, idx in enumerate(row) if idx not in row_seen][:k]
-                for row, row_seen in zip(top_idx.tolist(), seen, strict=True)
+            pairs = [
+                [pair for pair in zip(idx_row, score_row, strict=True) if pair[0] not in row_seen]
+                for idx_row, score_row, row_seen in zip(idx_rows, scores, seen, strict=True)
             ]
-            rows = np.arange(len(kept))[:, None]
-            top_idx, top_scores = top_idx[rows, kept], top_scores[rows, kept]
-        item_ids = self._item_id_array[top_idx - (PAD_IDX + 1)].tolist()  # (B, K) str
+            idx_rows = [[idx for idx, _ in row[:k]] for row in pairs]
+            scores = [[score for _, score in row[:k]] for row in pairs]
         # tuple.__new__ builds each named tuple from C (what Recommendation._make does), about
         # half the cost of calling the class: 1,280 of them per batch of 64 at k = 20
         new, cls, model = tuple.__new__, itertools.repeat(Recommendation), itertools.repeat("model")
-        rows = [
-            list(map(new, cls, zip(id_row, score_row, model, strict=False)))  # model: endless
-            for id_row, score_row in zip(item_ids, top_scores.tolist(), strict=True)
+        id_of = self._id_of_index.__getitem__  # item index -> raw id
+        rows = [  # (zip stops at the row's end: ``model`` is endless)
+            list(map(new, cls, zip(map(id_of, idx_row), score_row, model, strict=False)))
+            for idx_row, score_row in zip(idx_rows, scores, strict=True)
         ]
-        # rows are sorted best first: a row holds -inf exactly when its last score is -inf
-        for row in np.flatnonzero(top_scores[:, -1] == -np.inf).tolist():
-            rows[row] = [r for r in rows[row] if r.score > -math.inf]
+        for row, score_row in enumerate(scores):
+            # rows are sorted best first: a row holds -inf exactly when its last score is -inf
+            if score_row and score_row[-1] == -math.inf:
+                rows[row] = [r for r in rows[row] if r.score > -math.inf]
         return rows
 
     def _recommendations(self, idxs: list[int], scores: list[float]) -> list[Recommendation]:
