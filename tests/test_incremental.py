@@ -32,6 +32,7 @@ from seqrec.incremental import (
     CATALOG_NAME,
     INT8_SCORE_ATOL,
     STEP_FILE,
+    _step_copy_log_probs,
     block_top_k,
     quantize_catalog,
     skip_empty_score_mask,
@@ -309,9 +310,11 @@ def _optimised_ops(path: Path, tmp_path: Path) -> list[onnx.NodeProto]:
 
 def test_graphs_are_lean_after_onnxruntime_optimisation(inc_export, tmp_path: Path) -> None:
     """The graphs' arithmetic is written so that onnxruntime fuses it: one Gelu (or BiasGelu)
-    node per block in both graphs (not the five elementwise nodes of the erf form); in the step graph no scale
-    folded into the attention MatMul (a FusedMatMul with alpha != 1 ran at half speed) and
-    (B, D) rows, so every Linear is one Gemm."""
+    node per block in both graphs (not the five elementwise nodes of the erf form); in the step
+    graph no scale folded into the attention MatMul (a FusedMatMul with alpha != 1 ran at half
+    speed), (B, D) rows, so every Linear is one Gemm, and the pointer mixture of
+    ``_step_copy_log_probs`` (no mask built from Range/Or, softplus instead of Exp/Log forms,
+    one max-reduction scatter)."""
     model, out = inc_export
     graphs = {name: _optimised_ops(out / name, tmp_path) for name in ("model.onnx", STEP_FILE)}
     for name, graph_nodes in graphs.items():
@@ -330,6 +333,56 @@ def test_graphs_are_lean_after_onnxruntime_optimisation(inc_export, tmp_path: Pa
     assert ops.count("FusedMatMul") == model.cfg.n_layers and set(alphas) <= {1.0}
     linears = 4 * model.cfg.n_layers + (3 if model.cfg.copy_mechanism else 0)
     assert ops.count("Gemm") == linears
+    if model.cfg.copy_mechanism:  # _step_copy_log_probs: no mask built, softplus, max scatter
+        assert "Range" not in ops and "Or" not in ops and "Exp" not in ops
+        assert ops.count("Softplus") == 2
+        (scatter,) = [node for node in nodes if node.op_type == "ScatterElements"]
+        reduction = next(a for a in scatter.attribute if a.name == "reduction")
+        assert onnx.helper.get_attribute_value(reduction) == b"max"
+
+
+@pytest.mark.parametrize("copy_recency", [False, True])
+def test_step_copy_log_probs_equal_the_models(copy_recency: bool) -> None:
+    """The step graph's pointer mixture (``_step_copy_log_probs``: the padding bias as the
+    mask, softplus forms, a max-reduction scatter with padding writing column 0) gives
+    ``SASRec.copy_log_probs_from_keys``' numbers: with left padding, repeated items, item 1
+    (column 0, where padding writes) in a padded session and not, and the recency bias."""
+    torch.manual_seed(3)
+    cfg = SASRecConfig(
+        num_items=40,
+        max_len=MAX_LEN,
+        d_model=16,
+        n_heads=2,
+        n_layers=1,
+        copy_mechanism=True,
+        copy_recency=copy_recency,
+    )
+    model = SASRec(cfg).eval()
+    with torch.no_grad():
+        if copy_recency:
+            model.copy_distance_bias.normal_()
+        item_ids = torch.tensor(
+            [
+                [0, 0, 0, 5, 6, 7],  # padded
+                [0, 1, 9, 1, 9, 3],  # item 1 twice after padding, repeats
+                [0, 0, 4, 8, 2, 1],  # item 1 new, after padding
+                [3, 3, 3, 3, 3, 3],  # one item throughout
+                [0, 0, 0, 0, 0, 2],  # first click: every past slot padded
+            ]
+        )
+        batch, length = item_ids.shape
+        last, logits = torch.randn(batch, 16), 3 * torch.randn(batch, 40)
+        keys, new_key = torch.randn(batch, length - 1, 16), torch.randn(batch, 1, 16)
+        want, want_gate = model.copy_log_probs_from_keys(
+            logits, last, keys, item_ids, split_gate=True, new_key=new_key
+        )
+        bias = torch.where(item_ids[:, :-1] != 0, 0.0, torch.finfo(torch.float32).min)
+        got, got_gate = _step_copy_log_probs(
+            model, logits, last, keys, new_key, item_ids, bias[:, :, None]
+        )
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-6)
+    torch.testing.assert_close(got_gate, want_gate, rtol=0, atol=1e-6)
+    assert got[2, 0] > torch.log_softmax(logits, -1)[2, 0]  # item 1 mixed, not overwritten
 
 
 def test_validation_catches_a_wrong_step_graph(inc_export, tmp_path: Path) -> None:

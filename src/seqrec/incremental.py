@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from seqrec.constants import BLOCK_TOP_K_MIN_WIDTH, INT8_SCORE_ATOL, PAD_IDX
@@ -158,6 +159,65 @@ def _step_block(
     return _feed_forward(block, hidden), k, v
 
 
+def _step_copy_log_probs(
+    model: SASRec,
+    logits: Tensor,
+    last: Tensor,
+    past_keys: Tensor,
+    new_key: Tensor,
+    item_ids: Tensor,
+    past_bias: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """``SASRec.copy_log_probs_from_keys(..., split_gate=True, new_key=new_key)`` for the step
+    graph: the same numbers (up to float rounding) from about 20 fewer ONNX nodes, which
+    onnxruntime dispatches one by one (about 1 us each for one session on the AMD VM).
+
+    - the pointer mask is the attention's padding bias (``past_bias``), added before the new
+      position's logit is appended (instead of a mask built from ``Range``/``Equal``/``Or``);
+    - the 1 / sqrt(D) scale sits in the query's weights (onnxruntime folds the constant
+      product);
+    - log-add-exp and log-sigmoid are written with softplus (a + softplus(b - a) and
+      -softplus(-x); 3 and 5 nodes instead of 8 and 10; onnxruntime's ``Softplus`` is finite
+      for any finite input);
+    - padded positions need no ``Where``: their pointer mass is exactly 0 (their softmax weight
+      underflows to 0), so they write log_gen's own value into column 0, which the scatter's
+      max reduction leaves unchanged (a session item's mixed value is never below its
+      log_gen, so the max keeps it).
+
+    Args:
+        logits: (B, C-1) float generator logits of the real items.
+        last: (B, D) float final state of the new position.
+        past_keys: (B, P, D) float cached pointer keys; new_key: (B, 1, D) the new position's.
+        item_ids: (B, P + 1) int64: the cached positions' items (PAD_IDX where padded), the
+            new (real) item last.
+        past_bias: (B, P, 1) float 0 at real past positions, a large negative value at padded
+            ones (the step graph's attention mask).
+
+    Returns:
+        ``(log p - log(gate), log(gate))``: (B, C-1) and (B, 1) float, as ``split_gate``.
+    """
+    cfg = model.cfg
+    scale = cfg.d_model**-0.5
+    query = F.linear(last, model.copy_query.weight * scale, model.copy_query.bias * scale)
+    query = query.unsqueeze(-1)  # (B, D, 1), scaled
+    att = torch.cat([past_keys @ query + past_bias, new_key @ query], dim=1).squeeze(-1)
+    if cfg.copy_recency:  # (B, P + 1) + (1, P + 1)
+        length = item_ids.shape[1]
+        att = att + model.copy_recency_bias(torch.arange(length)[-1:], length)
+    alpha = torch.softmax(att, dim=-1)  # (B, P + 1): exactly 0 at padded positions
+    # pointer mass of each position's item, summed over its repeats: (B, P + 1), 0 at padding
+    same = (item_ids.unsqueeze(2) == item_ids.unsqueeze(1)).to(alpha.dtype)  # (B, L, L)
+    mass = (same @ alpha.unsqueeze(-1)).squeeze(-1)
+    log_gen = torch.log_softmax(logits, dim=-1)  # (B, C-1)
+    col = (item_ids - (PAD_IDX + 1)).clamp(min=0)  # (B, P + 1); padding: column 0
+    gen = log_gen.gather(1, col)
+    gate_logit = model.copy_gate(last)  # (B, 1)
+    # log(1 - gate) - log(gate) = -x for the gate logit x; logaddexp(a, b) = a + softplus(b - a)
+    mixed = gen + F.softplus(torch.log(mass) - gate_logit - gen)  # >= gen; == gen at padding
+    ranked = log_gen.scatter_reduce(1, col, mixed, "amax", include_self=True)
+    return ranked, -F.softplus(-gate_logit)  # log(sigmoid(x))
+
+
 def _top_k(
     model: SASRec,
     last: Tensor,
@@ -167,20 +227,27 @@ def _top_k(
     k: Tensor,
     catalog: Tensor | None = None,
     new_key: Tensor | None = None,
+    past_bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The best k real items for the last state ``last`` (B, D): ``score_last``'s scores plus the
     mask, top-k. For copy models (``keys`` (B, L, D)) the constant log(gate) of each row is added
     to the k values only (see ``SASRec.copy_log_probs_from_keys``). ``catalog``: the (D, C-1)
     transposed real-item rows of the table as a graph constant of its own (``CATALOG_NAME``, for
     :func:`quantize_catalog`); None reads them from the embedding table. ``new_key`` (B, 1, D):
-    the last position's pointer key when ``keys`` holds only the cached ones (step graph)."""
+    the last position's pointer key when ``keys`` holds only the cached ones (step graph, with
+    its (B, P, 1) padding bias ``past_bias``: :func:`_step_copy_log_probs`)."""
     if catalog is None:
         catalog = model.item_emb.weight[PAD_IDX + 1 :].t()
     logits = last @ catalog  # (B, C-1)
     shift = None
-    if keys is not None:
+    if keys is not None and new_key is not None:  # the step graph
+        assert past_bias is not None
+        logits, shift = _step_copy_log_probs(
+            model, logits, last, keys, new_key, item_ids, past_bias
+        )  # (B, C-1), (B, 1)
+    elif keys is not None:
         logits, shift = model.copy_log_probs_from_keys(
-            logits, last, keys, item_ids, split_gate=True, new_key=new_key
+            logits, last, keys, item_ids, split_gate=True
         )  # (B, C-1), (B, 1)
     count = k[0].item()
     torch._check(count >= 1)
@@ -278,12 +345,12 @@ class StepModel(_IncrementalGraph):
         # the new item is a real item (the predictor never sends PAD last), so its embedding is
         # not multiplied by is_real as the prefill graph's padded positions are
         hidden = model.item_emb(item_ids[:, -1]) * (cfg.d_model**0.5) + model.pos_emb(position)
-        past_bias = torch.where(is_real_past, 0.0, torch.finfo(hidden.dtype).min)
-        past_bias = past_bias[:, None, None, :]  # (B, 1, 1, P) float32
+        past_bias = torch.where(is_real_past, 0.0, torch.finfo(hidden.dtype).min)  # (B, P)
+        attn_bias = past_bias[:, None, None, :]  # (B, 1, 1, P) float32
         kv: list[Tensor] = []
         for layer, block in enumerate(model.blocks):
             hidden, k_new, v_new = _step_block(
-                block, hidden, past_bias, past_kv[2 * layer], past_kv[2 * layer + 1]
+                block, hidden, attn_bias, past_kv[2 * layer], past_kv[2 * layer + 1]
             )
             kv += [k_new, v_new]
         last = model.ln_out(hidden)  # (B, D)
@@ -297,6 +364,7 @@ class StepModel(_IncrementalGraph):
             k,
             self.catalog,
             new_key,
+            past_bias[:, :, None],  # (B, P, 1)
         )
         outputs = [] if new_key is None else [new_key]
         batch, heads, _, head_dim = kv[0].shape
