@@ -53,12 +53,14 @@ def test_readme_predictor_example(exported: TinyExport) -> None:
         code.replace("artifacts/export/synthetic", str(exported.export_dir))
     )
     rec = namespace["rec"]
-    lines = printed.strip().splitlines()
+    *lines, strips_line = printed.strip().splitlines()
     assert len(lines) == 5
     shown = [line.split()[0] for line in lines]
     assert not set(rec.item_ids[:3]) & set(shown)  # exclude_seen and the deny-list
     assert all(line.split()[2] == "model" for line in lines)  # real ids: no fallback
-    assert [len(s) for s in namespace["strips"]] == [3, 3]
+    strips = namespace["strips"]
+    assert [len(s) for s in strips] == [3, 3]
+    assert strips_line == str([[r.item_id for r in strip] for strip in strips])
 
 
 def test_readme_http_examples(exported: TinyExport) -> None:
