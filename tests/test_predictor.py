@@ -239,13 +239,18 @@ def test_pad_is_never_returned(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert small.recommend(["1001", "1002", "1003"], k=10, exclude_seen=True) == []
 
 
+@pytest.mark.parametrize("ids_from", ["numpy array", "tuple"])
 def test_top_k_rows_become_recommendations_by_the_documented_rules(
-    rec: SessionRecommender,
+    rec: SessionRecommender, ids_from: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``_recommendation_rows`` turns a graph's (B, K) top-k into recommendations with Python
-    lists (two ``tolist`` calls): raw ids by item index, -inf (excluded) tails dropped, a seen
+    lists (two ``tolist`` calls): raw ids by item index (gathered from the numpy copy of the
+    ids, or looked up one by one where there is none), -inf (excluded) tails dropped, a seen
     set skipped before the first k are kept, and NaN or +inf anywhere refused, -inf alone
     not."""
+    assert rec._id_array is not None
+    if ids_from == "tuple":
+        monkeypatch.setattr(rec, "_id_array", None)
     inf = np.inf
     idx = np.array([[3, 1, 2], [2, 3, 1]], dtype=np.int64)
     scores = np.array([[2.5, 1.0, -inf], [0.5, -1.0, -2.0]], dtype=np.float32)
@@ -257,6 +262,8 @@ def test_top_k_rows_become_recommendations_by_the_documented_rules(
     assert all(type(r) is Recommendation for row in rows for r in row)
     seen_dropped = rec._recommendation_rows(idx, scores, (1, [{3}, {2, 3}]))
     assert [_ids(row) for row in seen_dropped] == [["1001"], ["1001"]]
+    two_kept = rec._recommendation_rows(idx, scores, (2, [{3}, set()]))
+    assert [_ids(row) for row in two_kept] == [["1001"], ["1002", "1003"]]  # -inf: dropped
     for bad in (np.nan, inf):
         damaged = scores.copy()
         damaged[1, 2] = bad
@@ -266,6 +273,62 @@ def test_top_k_rows_become_recommendations_by_the_documented_rules(
     with pytest.raises(NonFiniteScoresError):
         rec._recommendation_rows(idx[:1], plus_and_minus)
     assert rec._recommendation_rows(idx[:1], np.full((1, 3), -inf, np.float32)) == [[]]
+
+
+def test_ids_numpy_cannot_hold_are_looked_up_one_by_one(rec: SessionRecommender) -> None:
+    """numpy's fixed-width strings drop trailing NUL characters, so a catalog with such an id
+    keeps no numpy copy of its ids and still returns every id exactly."""
+    ids = [*rec.item_ids]
+    ids[2] = "1003\0"
+    odd = SessionRecommender(rec._session, ids, rec.meta)
+    assert odd._id_array is None and rec._id_array is not None
+    idx = np.array([[3, 1]], dtype=np.int64)
+    rows = odd._recommendation_rows(idx, np.array([[2.0, 1.0]], dtype=np.float32))
+    assert _ids(rows[0]) == ["1003\0", "1001"]
+    dropped = odd._recommendation_rows(idx, np.array([[2.0, 1.0]], np.float32), (1, [{1}]))
+    assert _ids(dropped[0]) == ["1003\0"]
+
+
+def test_memo_of_sessions_maps_like_the_catalog_dict(
+    rec: SessionRecommender, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``_encode`` remembers sessions of string ids, so a next click maps only its newest id;
+    what it returns is what the catalog's dict gives (known indices, unknown count) at every
+    click, on a reload, after eviction, and never for ids that are not all strings (``1 ==
+    1.0`` as tuple keys)."""
+    import seqrec.predictor as predictor_mod
+
+    monkeypatch.setattr(predictor_mod, "ENCODING_MEMO_SESSIONS", 3)
+    fresh = SessionRecommender(rec._session, rec.item_ids, rec.meta)
+    index = dict(fresh._index)
+
+    def by_dict(session: list[str]) -> tuple[list[int], int]:
+        known = [index[item] for item in session if item in index]
+        return known, len(session) - len(known)
+
+    visit = ["1001", "nope", "1002", "1003", "zzz", "1001", "1004"]
+    for n in range(1, len(visit) + 1):
+        assert fresh._encode(visit[:n]) == by_dict(visit[:n])
+        assert fresh._encode(visit[:n]) == by_dict(visit[:n])  # the same request again
+        assert len(fresh._encoding_memo) == 1  # each click replaced its previous one
+    # a next click reads the earlier items from the memo, not from the dict
+    fresh._index = {"1005": index["1005"]}
+    assert fresh._encode([*visit, "1005"]) == by_dict([*visit, "1005"])
+    assert fresh._encode([*visit, "1005", "zzz"]) == by_dict([*visit, "1005", "zzz"])
+    fresh._index = index
+    others = [[f"{1001 + i}", f"{1002 + i}"] for i in range(5)]
+    for other in others:
+        assert fresh._encode(other) == by_dict(other)
+    assert len(fresh._encoding_memo) == 3  # bounded: the oldest went first
+    assert tuple(others[-1]) in fresh._encoding_memo and tuple(visit) not in fresh._encoding_memo
+    assert fresh._encode(visit) == by_dict(visit)  # evicted: from the dict again
+    # ids that are not all strings: never remembered, so 1001.0 cannot pass as 1001
+    assert fresh._encode([1001, 1002]) == ([index["1001"], index["1002"]], 0)
+    assert (1001, 1002) not in fresh._encoding_memo
+    with pytest.raises(TypeError, match="float"):
+        fresh._encode([1001.0, 1002])
+    with pytest.raises(TypeError, match="float"):
+        fresh.recommend(["1001", 1002.0])
 
 
 def _copy_export(src: Path, dst: Path) -> Path:

@@ -331,8 +331,9 @@ class StateCache:
         if len(window) < 2:
             return None
         with self._lock:
-            state = self._cache.get(window[:-1])
-            if state is None:
+            try:  # one dict lookup (``LRUCache.get`` makes two: ``in``, then the item)
+                state = self._cache[window[:-1]]
+            except KeyError:
                 whole = self._cache.get(window)
                 state = None if whole is None else whole.without_last()
             if state is None:
@@ -346,7 +347,12 @@ class StateCache:
         contained in it). ``None`` only drops the parent (a window no later request can use);
         states larger than the whole cache are skipped."""
         with self._lock:
-            self._cache.pop(window[:-1], None)
+            # ``del``, not ``pop``: ``LRUCache.pop`` checks, reads (moving it) and deletes; and
+            # try/except, not contextlib.suppress (a context manager per stored state)
+            try:  # noqa: SIM105
+                del self._cache[window[:-1]]
+            except KeyError:
+                pass
             if state is not None and state.nbytes <= self._cache.maxsize:
                 self._cache[window] = state
 
