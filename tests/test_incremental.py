@@ -247,6 +247,29 @@ def test_state_cache_keeps_one_state_per_visit_and_serves_reloads() -> None:
     assert cache.info()["entries"] == 0
 
 
+def test_state_cache_batch_calls_equal_one_by_one_calls() -> None:
+    """``lookup_many`` / ``store_many`` (one lock for a batch) do what ``lookup`` / ``store``
+    do window by window, in order: a window stored after its parent in the same batch drops it,
+    counters and LRU order included."""
+    states = {w: _state(len(w), float(i)) for i, w in enumerate([(1,), (1, 2), (5, 6), (7, 8)])}
+    windows = list(states)
+    one_by_one, batched = StateCache(max_bytes=10_000), StateCache(max_bytes=10_000)
+    for window in windows:
+        one_by_one.store(window, states[window])
+    batched.store_many(windows, [states[w] for w in windows])
+    assert batched.info() == one_by_one.info() and batched.info()["entries"] == 3  # (1,) dropped
+    asked = [(1, 2, 3), (1, 9), (5, 6, 7), (4,), (7, 8), (9, 9, 9)]
+    got = batched.lookup_many(asked)
+    for mine, theirs in zip(got, [one_by_one.lookup(w) for w in asked], strict=True):
+        assert (mine is None) == (theirs is None)
+        assert mine is None or np.array_equal(mine.kv, theirs.kv)
+    assert got[0] is states[(1, 2)] and got[2] is states[(5, 6)] and got[3] is None
+    assert got[4] is not None and got[4].length == 1  # a reload of (7, 8): its first position
+    assert batched.info() == one_by_one.info() == {**batched.info(), "hits": 3, "misses": 2}
+    with pytest.raises(ValueError):
+        batched.store_many([(1, 2)], [])
+
+
 # ------------------------------------------------------------------------------------ export
 
 

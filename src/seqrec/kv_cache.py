@@ -28,13 +28,17 @@ class _Room:
     :meth:`SessionState.extended` appends in place when its state is the longest written so far
     (the usual next click), instead of copying every earlier position again."""
 
-    __slots__ = ("copy_keys", "end", "kv", "lock")
+    __slots__ = ("copy_keys", "end", "kv", "lock", "nbytes", "read_only")
 
     def __init__(self, kv: np.ndarray, copy_keys: np.ndarray | None, end: int) -> None:
         self.kv = kv  # (2 * n_layers, H, capacity, Dh) float32
         self.copy_keys = copy_keys  # (capacity, D) float32 or None
         self.end = end  # positions written
         self.lock = threading.Lock()
+        self.nbytes = int(kv.nbytes + (0 if copy_keys is None else copy_keys.nbytes))
+        # read-only views of the whole buffers, made once: a state's arrays are slices of them,
+        # read-only without setting a flag per state
+        self.read_only = tuple(_read_only(a) for a in (kv, copy_keys))
 
     def claim(self, length: int) -> bool:
         """Reserve position ``length`` for a state of ``length`` positions: True when nothing
@@ -47,13 +51,19 @@ class _Room:
 
     def state(self, length: int) -> SessionState:
         """The read-only state of the first ``length`` positions."""
-        kv = self.kv[:, :, :length]
-        kv.flags.writeable = False
-        copy_keys = None
-        if self.copy_keys is not None:
-            copy_keys = self.copy_keys[:length]
-            copy_keys.flags.writeable = False
-        return SessionState(kv, copy_keys, self)
+        kv, copy_keys = self.read_only
+        return SessionState(
+            kv[:, :, :length], None if copy_keys is None else copy_keys[:length], self
+        )
+
+
+def _read_only(array: np.ndarray | None) -> np.ndarray | None:
+    """A read-only view of ``array`` (None stays None)."""
+    if array is None:
+        return None
+    view = array.view()
+    view.flags.writeable = False
+    return view
 
 
 @dataclass(frozen=True)
@@ -81,8 +91,7 @@ class SessionState:
     def nbytes(self) -> int:
         """Memory held, in bytes: the whole buffers, room included, when the state has room."""
         if self.room is not None:
-            keys = self.room.copy_keys
-            return int(self.room.kv.nbytes + (0 if keys is None else keys.nbytes))
+            return self.room.nbytes
         return int(self.kv.nbytes + (0 if self.copy_keys is None else self.copy_keys.nbytes))
 
     @staticmethod
@@ -328,33 +337,52 @@ class StateCache:
         positions of a state stored for ``window`` itself (the same request again, e.g. a page
         reload, after :meth:`store` dropped the parent).
         """
-        if len(window) < 2:
-            return None
+        return self.lookup_many([window])[0]
+
+    def lookup_many(self, windows: Sequence[tuple[int, ...]]) -> list[SessionState | None]:
+        """:meth:`lookup` of each window, under one acquisition of the lock."""
+        cache = self._cache
+        states: list[SessionState | None] = []
         with self._lock:
-            try:  # one dict lookup (``LRUCache.get`` makes two: ``in``, then the item)
-                state = self._cache[window[:-1]]
-            except KeyError:
-                whole = self._cache.get(window)
-                state = None if whole is None else whole.without_last()
-            if state is None:
-                self.misses += 1
-            else:
-                self.hits += 1
-            return state
+            for window in windows:
+                if len(window) < 2:
+                    states.append(None)
+                    continue
+                try:  # one dict lookup (``LRUCache.get`` makes two: ``in``, then the item)
+                    state = cache[window[:-1]]
+                except KeyError:
+                    whole = cache.get(window)
+                    state = None if whole is None else whole.without_last()
+                if state is None:
+                    self.misses += 1
+                else:
+                    self.hits += 1
+                states.append(state)
+        return states
 
     def store(self, window: tuple[int, ...], state: SessionState | None) -> None:
         """Keep ``state`` for ``window`` and drop the state of ``window[:-1]`` (its parent, now
         contained in it). ``None`` only drops the parent (a window no later request can use);
         states larger than the whole cache are skipped."""
+        self.store_many([window], [state])
+
+    def store_many(
+        self, windows: Sequence[tuple[int, ...]], states: Sequence[SessionState | None]
+    ) -> None:
+        """:meth:`store` of each window and its state, in order, under one acquisition of the
+        lock."""
+        cache = self._cache
+        most = cache.maxsize
         with self._lock:
-            # ``del``, not ``pop``: ``LRUCache.pop`` checks, reads (moving it) and deletes; and
-            # try/except, not contextlib.suppress (a context manager per stored state)
-            try:  # noqa: SIM105
-                del self._cache[window[:-1]]
-            except KeyError:
-                pass
-            if state is not None and state.nbytes <= self._cache.maxsize:
-                self._cache[window] = state
+            for window, state in zip(windows, states, strict=True):
+                # ``del``, not ``pop``: ``LRUCache.pop`` checks, reads (moving it) and deletes;
+                # and try/except, not contextlib.suppress (a context manager per state)
+                try:  # noqa: SIM105
+                    del cache[window[:-1]]
+                except KeyError:
+                    pass
+                if state is not None and state.nbytes <= most:
+                    cache[window] = state
 
     def info(self) -> dict[str, int]:
         """``{"hits", "misses", "entries", "bytes", "max_bytes"}``."""

@@ -35,7 +35,7 @@ import numbers
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
@@ -1453,7 +1453,10 @@ class SessionRecommender:
         cache = self._state_cache
         assert cache is not None and self._step_session is not None
         windows = [tuple(p[-self._max_len :]) for p in prefixes]
-        states = [cache.lookup(w) or (self._no_past() if len(w) == 1 else None) for w in windows]
+        states = [
+            state or (self._no_past() if len(w) == 1 else None)
+            for state, w in zip(cache.lookup_many(windows), windows, strict=True)
+        ]
         step_rows = [row for row, state in enumerate(states) if state is not None]
         full_rows = [row for row, state in enumerate(states) if state is None]
         one_new = len(windows) == 1 and self._split_new_session  # split when it can be
@@ -1507,8 +1510,7 @@ class SessionRecommender:
             new_states = states_from_prefill(
                 outputs[2], outputs[3] if self._is_copy else None, [len(w) for w in windows]
             )
-            for window, state in zip(windows, new_states, strict=True):
-                self._keep(window, lambda state=state: state)
+            self._keep(windows, new_states)
             return outputs[0], outputs[1]
         past: list[SessionState] = states  # type: ignore[assignment]
         past_kv, past_copy_keys = stack_past(past, self._scratch)
@@ -1526,12 +1528,19 @@ class SessionRecommender:
             feed["past_copy_keys"] = past_copy_keys
         # present: (2 * layers, B, H, 1, Dh)
         outputs = self._step_session.run(None, feed, self._run_options)
-        for j, window in enumerate(windows):
-            copy_key = outputs[3][j] if self._is_copy else None
-            self._keep(
-                window,
-                lambda j=j, key=copy_key: past[j].extended(outputs[2][:, j], key, self._max_len),
-            )
+        present, max_len = outputs[2], self._max_len
+        copy_keys = outputs[3] if self._is_copy else itertools.repeat(None)
+        self._keep(
+            windows,
+            [
+                # a window of max_len items: its next click slides it, so its state is not built
+                state.extended(present[:, j], key, max_len) if len(window) < max_len else None
+                # (strict=False: copy_keys may be an endless repeat of None)
+                for j, (window, state, key) in enumerate(
+                    zip(windows, past, copy_keys, strict=False)
+                )
+            ],
+        )
         return outputs[0], outputs[1]
 
     def _no_past(self, one: list[np.ndarray] | None = None) -> SessionState:
@@ -1547,13 +1556,16 @@ class SessionRecommender:
             self._empty_state = states_from_prefill(one[2], copy_keys, [0])[0]
         return self._empty_state
 
-    def _keep(self, window: tuple[int, ...], state: Callable[[], SessionState]) -> None:
-        """Cache the window's state (built by ``state()``) for the next click, unless the
-        window is already ``max_len`` long: then the next click slides the window, every
-        position changes, and no request can use it (only the parent state is dropped, and the
-        state is never built)."""
+    def _keep(self, windows: list[tuple[int, ...]], states: list[SessionState | None]) -> None:
+        """Cache each window's state for its next click, unless the window is already
+        ``max_len`` long: then the next click slides the window, every position changes, and no
+        request can use it (only the parent state is dropped)."""
         assert self._state_cache is not None
-        self._state_cache.store(window, state() if len(window) < self._max_len else None)
+        max_len = self._max_len
+        self._state_cache.store_many(
+            windows,
+            [s if len(w) < max_len else None for w, s in zip(windows, states, strict=True)],
+        )
 
     def _recommendation_rows(
         self,
