@@ -289,6 +289,23 @@ def test_ids_numpy_cannot_hold_are_looked_up_one_by_one(rec: SessionRecommender)
     assert _ids(dropped[0]) == ["1003\0"]
 
 
+def test_a_catalog_whose_id_array_would_be_too_large_builds_none(
+    rec: SessionRecommender, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The numpy copy of the ids is sized before it is built (4 bytes per character of the
+    longest id, per item): one very long id must not allocate a huge array at load."""
+    import seqrec.predictor as predictor_mod
+
+    ids = [*rec.item_ids]
+    ids[0] = "x" * 1000
+    size = 4 * 1000 * (len(ids) + 1)
+    monkeypatch.setattr(predictor_mod, "ID_ARRAY_MAX_BYTES", size - 1)
+    assert SessionRecommender(rec._session, ids, rec.meta)._id_array is None
+    monkeypatch.setattr(predictor_mod, "ID_ARRAY_MAX_BYTES", size)
+    kept = SessionRecommender(rec._session, ids, rec.meta)._id_array
+    assert kept is not None and kept.nbytes == size and kept[1] == "x" * 1000
+
+
 def test_memo_of_sessions_maps_like_the_catalog_dict(
     rec: SessionRecommender, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -322,6 +339,14 @@ def test_memo_of_sessions_maps_like_the_catalog_dict(
     assert len(fresh._encoding_memo) == 3  # bounded: the oldest went first
     assert tuple(others[-1]) in fresh._encoding_memo and tuple(visit) not in fresh._encoding_memo
     assert fresh._encode(visit) == by_dict(visit)  # evicted: from the dict again
+    assert fresh._memo_ids == sum(map(len, fresh._encoding_memo))
+    # bounded in ids too: long sessions push out the oldest, whatever their number
+    monkeypatch.setattr(predictor_mod, "ENCODING_MEMO_IDS", 10)
+    long_visit = [f"{1001 + i % 9}" for i in range(7)]
+    assert fresh._encode(long_visit) == by_dict(long_visit)
+    assert list(fresh._encoding_memo) == [tuple(long_visit)] and fresh._memo_ids == 7
+    assert fresh._encode(long_visit * 2) == by_dict(long_visit * 2)  # 14 ids: not kept
+    assert not fresh._encoding_memo and fresh._memo_ids == 0
     # ids that are not all strings: never remembered, so 1001.0 cannot pass as 1001
     assert fresh._encode([1001, 1002]) == ([index["1001"], index["1002"]], 0)
     assert (1001, 1002) not in fresh._encoding_memo

@@ -3,8 +3,8 @@
 Load once with :meth:`SessionRecommender.from_dir`, then call :meth:`SessionRecommender.recommend`
 from any number of threads: what calls share (the session-state cache, the memo of sessions'
 item indices) is locked, each thread has its own scratch memory for stacking cached states, and
-onnxruntime's ``run`` is thread-safe. ``from_dir`` checks the sha256 of the model and vocabulary files recorded in
-``export_meta.json`` and refuses a pair that does not belong together. Both graph layouts of
+onnxruntime's ``run`` is thread-safe. ``from_dir`` checks the sha256 of the model and
+vocabulary files recorded in ``export_meta.json`` and refuses a pair that does not belong together. Both graph layouts of
 ``seqrec.export`` are served (full scores + numpy top-k, or top-k in the graph); result filters
 (``exclude_seen``, allow-list, deny-list) always go through ``seqrec.filters.mask_scores``, the
 function offline evaluation uses.
@@ -95,9 +95,14 @@ gaps are below 1e-6). The scores of int8-catalog exports may differ by up to
 :data:`~seqrec.constants.INT8_SCORE_ATOL` (one int8 rounding step), as at export."""
 
 ENCODING_MEMO_SESSIONS = 4096
-"""Sessions of string ids whose item indices a recommender remembers (see
+"""Sessions of string ids whose item indices a recommender remembers at most (see
 ``SessionRecommender._encode``): one entry per visit (each click replaces its session's previous
-entry), a few kB each (the tuple of ids and of indices; the id strings it keeps alive)."""
+entry)."""
+
+ENCODING_MEMO_IDS = 262_144
+"""Raw ids the remembered sessions hold at most, all together (the oldest sessions are forgotten
+first): about 20 MiB with ids of up to 64 characters (the service's limit), whatever the
+sessions' lengths; 4,096 visits of 50 clicks take 204,800."""
 
 ID_ARRAY_MAX_BYTES = 64 * 2**20
 """Largest numpy copy of the catalog's ids a recommender keeps for gathering top-k ids (4 bytes
@@ -669,17 +674,18 @@ class SessionRecommender:
         # fixed-width strings drop trailing NUL characters): gathering a top-k's ids from it
         # reads one compact array instead of one scattered string object per item (64 x 20 ids
         # right after streaming 40 MB: 0.23 against 0.72 ms, AMD VM)
-        id_array = np.array(["", *self._item_ids], dtype=np.str_)
+        longest = max(map(len, self._item_ids), default=0)
         self._id_array: np.ndarray | None = None
-        if id_array.nbytes <= ID_ARRAY_MAX_BYTES and not any(
+        if 4 * max(longest, 1) * (len(self._item_ids) + 1) <= ID_ARRAY_MAX_BYTES and not any(
             item_id.endswith("\0") for item_id in self._item_ids
-        ):
-            self._id_array = id_array
+        ):  # (sized before it is built: one very long id would make it huge)
+            self._id_array = np.array(["", *self._item_ids], dtype=np.str_)
         self._index = {item_id: idx for idx, item_id in enumerate(self._item_ids, start=1)}
         # session of string ids -> (its known item indices, its number of unknown ids)
         self._encoding_memo: OrderedDict[tuple[str, ...], tuple[tuple[int, ...], int]] = (
             OrderedDict()
         )
+        self._memo_ids = 0  # raw ids the memo's keys hold, all together
         self._memo_lock = threading.Lock()
         self._meta = meta
         self._max_len = int(meta["max_len"])
@@ -1197,8 +1203,8 @@ class SessionRecommender:
         """The item indices of a session's known ids (oldest first) and the number of its
         unknown ids (left out).
 
-        A session of string ids is remembered (:data:`ENCODING_MEMO_SESSIONS` of them, the
-        oldest forgotten first) with its indices, so the next click of the same session (the
+        A session of string ids is remembered (:data:`ENCODING_MEMO_SESSIONS` sessions and
+        :data:`ENCODING_MEMO_IDS` ids at most, the oldest forgotten first) with its indices, so the next click of the same session (the
         widget sends the whole session every time) maps only its newest id: the catalog's dict
         of ids is large and its entries are out of the CPU caches after each graph call (on the
         AMD VM, 64 sessions of 50 string ids: 1.7 ms through the dict, 0.4 ms from the memo,
@@ -1229,7 +1235,9 @@ class SessionRecommender:
             # the previous click (dropped: this session takes its place), or the same session
             # again (a page reload)
             hit = memo.pop(key[:-1], None) if len(key) > 1 else None
-            if hit is None:
+            if hit is not None:
+                self._memo_ids -= len(key) - 1
+            else:
                 hit = memo.get(key)
                 if hit is not None:
                     memo.move_to_end(key)
@@ -1246,9 +1254,13 @@ class SessionRecommender:
             known_tuple = tuple(i for i in idxs if i != PAD_IDX)
             num_unknown = len(idxs) - len(known_tuple)
         with self._memo_lock:
+            if key not in memo:  # (another thread may have stored it meanwhile)
+                self._memo_ids += len(key)
             memo[key] = (known_tuple, num_unknown)
-            if len(memo) > ENCODING_MEMO_SESSIONS:
-                memo.popitem(last=False)
+            while memo and (
+                len(memo) > ENCODING_MEMO_SESSIONS or self._memo_ids > ENCODING_MEMO_IDS
+            ):
+                self._memo_ids -= len(memo.popitem(last=False)[0])
         return list(known_tuple), num_unknown
 
     def _idxs(self, items: Sequence[str | int] | None) -> np.ndarray | None:
