@@ -339,14 +339,24 @@ def test_memo_of_sessions_maps_like_the_catalog_dict(
     assert len(fresh._encoding_memo) == 3  # bounded: the oldest went first
     assert tuple(others[-1]) in fresh._encoding_memo and tuple(visit) not in fresh._encoding_memo
     assert fresh._encode(visit) == by_dict(visit)  # evicted: from the dict again
-    assert fresh._memo_ids == sum(map(len, fresh._encoding_memo))
-    # bounded in ids too: long sessions push out the oldest, whatever their number
-    monkeypatch.setattr(predictor_mod, "ENCODING_MEMO_IDS", 10)
+    per_id = predictor_mod.MEMO_BYTES_PER_ID
+
+    def size(key: tuple[str, ...]) -> int:
+        return per_id * len(key) + sum(map(len, key))
+
+    assert fresh._memo_bytes == sum(map(size, fresh._encoding_memo))  # grown click by click too
+    # bounded in bytes too: long sessions or long ids push out the oldest, whatever their number
     long_visit = [f"{1001 + i % 9}" for i in range(7)]
+    monkeypatch.setattr(predictor_mod, "ENCODING_MEMO_BYTES", size(tuple(long_visit)))
     assert fresh._encode(long_visit) == by_dict(long_visit)
-    assert list(fresh._encoding_memo) == [tuple(long_visit)] and fresh._memo_ids == 7
-    assert fresh._encode(long_visit * 2) == by_dict(long_visit * 2)  # 14 ids: not kept
-    assert not fresh._encoding_memo and fresh._memo_ids == 0
+    assert list(fresh._encoding_memo) == [tuple(long_visit)]
+    assert fresh._memo_bytes == size(tuple(long_visit))
+    long_ids = ["x" * 10_000, "1001"]
+    assert fresh._encode(long_ids) == by_dict(long_ids)  # larger than the bound: not kept
+    assert not fresh._encoding_memo and fresh._memo_bytes == 0
+    fresh._encode(long_visit)
+    fresh.clear_state_cache()  # forgets the memo too
+    assert not fresh._encoding_memo and fresh._memo_bytes == 0
     # ids that are not all strings: never remembered, so 1001.0 cannot pass as 1001
     assert fresh._encode([1001, 1002]) == ([index["1001"], index["1002"]], 0)
     assert (1001, 1002) not in fresh._encoding_memo

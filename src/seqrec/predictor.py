@@ -99,10 +99,15 @@ ENCODING_MEMO_SESSIONS = 4096
 ``SessionRecommender._encode``): one entry per visit (each click replaces its session's previous
 entry)."""
 
-ENCODING_MEMO_IDS = 262_144
-"""Raw ids the remembered sessions hold at most, all together (the oldest sessions are forgotten
-first): about 20 MiB with ids of up to 64 characters (the service's limit), whatever the
-sessions' lengths; 4,096 visits of 50 clicks take 204,800."""
+ENCODING_MEMO_BYTES = 32 * 2**20
+"""Memory the remembered sessions may hold, all together, in bytes (the oldest sessions are
+forgotten first), counted as :data:`MEMO_BYTES_PER_ID` per id plus one byte per character of
+each id: 4,096 visits of 50 clicks with 6-character ids take about 14 MiB, whatever the ids'
+lengths the bound holds."""
+
+MEMO_BYTES_PER_ID = 72
+"""What one remembered id costs besides its characters: its slot in the session's tuple and in
+the tuple of indices (8 bytes each) and the string object's header (about 49 bytes)."""
 
 ID_ARRAY_MAX_BYTES = 64 * 2**20
 """Largest numpy copy of the catalog's ids a recommender keeps for gathering top-k ids (4 bytes
@@ -682,10 +687,11 @@ class SessionRecommender:
             self._id_array = np.array(["", *self._item_ids], dtype=np.str_)
         self._index = {item_id: idx for idx, item_id in enumerate(self._item_ids, start=1)}
         # session of string ids -> (its known item indices, its number of unknown ids)
-        self._encoding_memo: OrderedDict[tuple[str, ...], tuple[tuple[int, ...], int]] = (
+        # (and the entry's size, counted as ENCODING_MEMO_BYTES says)
+        self._encoding_memo: OrderedDict[tuple[str, ...], tuple[tuple[int, ...], int, int]] = (
             OrderedDict()
         )
-        self._memo_ids = 0  # raw ids the memo's keys hold, all together
+        self._memo_bytes = 0  # what the memo holds, counted as ENCODING_MEMO_BYTES says
         self._memo_lock = threading.Lock()
         self._meta = meta
         self._max_len = int(meta["max_len"])
@@ -1109,7 +1115,11 @@ class SessionRecommender:
         return None if self._state_cache is None else self._state_cache.info()
 
     def clear_state_cache(self) -> None:
-        """Forget every cached session state (and reset the counters); no-op without a cache."""
+        """Forget every cached session state (and reset the counters) and every remembered
+        session's item indices (``_encode``)."""
+        with self._memo_lock:
+            self._encoding_memo.clear()
+            self._memo_bytes = 0
         if self._state_cache is not None:
             self._state_cache.clear()
 
@@ -1204,8 +1214,8 @@ class SessionRecommender:
         unknown ids (left out).
 
         A session of string ids is remembered (:data:`ENCODING_MEMO_SESSIONS` sessions and
-        :data:`ENCODING_MEMO_IDS` ids at most, the oldest forgotten first) with its indices, so the next click of the same session (the
-        widget sends the whole session every time) maps only its newest id: the catalog's dict
+        :data:`ENCODING_MEMO_BYTES` at most, the oldest forgotten first) with its indices, so
+        the next click of the same session (the widget sends the whole session every time) maps only its newest id: the catalog's dict
         of ids is large and its entries are out of the CPU caches after each graph call (on the
         AMD VM, 64 sessions of 50 string ids: 1.7 ms through the dict, 0.4 ms from the memo,
         both right after streaming 40 MB, with fresh string objects as from an HTTP body).
@@ -1236,14 +1246,15 @@ class SessionRecommender:
             # again (a page reload)
             hit = memo.pop(key[:-1], None) if len(key) > 1 else None
             if hit is not None:
-                self._memo_ids -= len(key) - 1
+                self._memo_bytes -= hit[2]
             else:
                 hit = memo.get(key)
                 if hit is not None:
                     memo.move_to_end(key)
                     return list(hit[0]), hit[1]
-        if hit is not None:
-            known_tuple, num_unknown = hit
+        if hit is not None:  # the parent's size plus the newest id's: no pass over the session
+            known_tuple, num_unknown, size = hit
+            size += MEMO_BYTES_PER_ID + len(key[-1])
             newest = index_get(key[-1], PAD_IDX)
             if newest == PAD_IDX:
                 num_unknown += 1
@@ -1253,14 +1264,17 @@ class SessionRecommender:
             idxs = list(map(index_get, key, itertools.repeat(PAD_IDX)))
             known_tuple = tuple(i for i in idxs if i != PAD_IDX)
             num_unknown = len(idxs) - len(known_tuple)
+            size = MEMO_BYTES_PER_ID * len(key) + sum(map(len, key))
         with self._memo_lock:
-            if key not in memo:  # (another thread may have stored it meanwhile)
-                self._memo_ids += len(key)
-            memo[key] = (known_tuple, num_unknown)
+            replaced = memo.get(key)  # (another thread may have stored it meanwhile)
+            if replaced is not None:
+                self._memo_bytes -= replaced[2]
+            memo[key] = (known_tuple, num_unknown, size)
+            self._memo_bytes += size
             while memo and (
-                len(memo) > ENCODING_MEMO_SESSIONS or self._memo_ids > ENCODING_MEMO_IDS
+                len(memo) > ENCODING_MEMO_SESSIONS or self._memo_bytes > ENCODING_MEMO_BYTES
             ):
-                self._memo_ids -= len(memo.popitem(last=False)[0])
+                self._memo_bytes -= memo.popitem(last=False)[1][2]
         return list(known_tuple), num_unknown
 
     def _idxs(self, items: Sequence[str | int] | None) -> np.ndarray | None:
