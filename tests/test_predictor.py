@@ -289,6 +289,29 @@ def test_ids_numpy_cannot_hold_are_looked_up_one_by_one(rec: SessionRecommender)
     assert _ids(dropped[0]) == ["1003\0"]
 
 
+def test_catalog_ids_spelled_like_bools_or_floats_do_not_take_such_ids(
+    rec: SessionRecommender,
+) -> None:
+    """A catalog whose ids include "True" and "1.0": the bool True and the float 1.0 are still
+    refused (``str(True) == "True"`` would have found the item), in sessions and in filters,
+    while the strings themselves and ints work as usual."""
+    ids = [*rec.item_ids]
+    ids[0], ids[1] = "True", "1.0"  # indices 1 and 2
+    odd = SessionRecommender(rec._session, ids, rec.meta)
+    assert odd._encode(["True", "1.0", ids[2]]) == ([1, 2, 3], 0)
+    assert odd._encode([1, "1.0"]) == ([2], 1)  # the int 1 is the id "1": not in this catalog
+    for bad, named in ((True, "bool True"), (1.0, "float 1.0"), (np.float32(1.0), "float32")):
+        for session in ([bad], ["True", bad], [7, bad]):
+            with pytest.raises(TypeError, match=rf"^session: .*got {named}"):
+                odd.recommend(session)
+        with pytest.raises(TypeError, match=rf"^allow_items: .*got {named}.* at position 1"):
+            odd.recommend(["True"], allow_items=["1.0", bad])
+        with pytest.raises(TypeError, match=rf"^deny_items: .*got {named}.* at position 0"):
+            odd.recommend(["True"], deny_items=[bad])
+    recs = odd.recommend(["True", np.int64(5)], k=3, deny_items=["1.0", np.str_("True")])
+    assert recs and not {"True", "1.0"} & set(_ids(recs))
+
+
 def test_a_catalog_whose_id_array_would_be_too_large_builds_none(
     rec: SessionRecommender, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -364,6 +387,13 @@ def test_memo_of_sessions_maps_like_the_catalog_dict(
         fresh._encode([1001.0, 1002])
     with pytest.raises(TypeError, match="float"):
         fresh.recommend(["1001", 1002.0])
+
+    class UnhashableType(type):  # instances are fine; their type cannot go in a set
+        __hash__ = None  # type: ignore[assignment]
+
+    odd = UnhashableType("Odd", (), {})()
+    with pytest.raises(TypeError, match=r"^session: .*got Odd .* at position 1"):
+        fresh.recommend(["1001", odd])
 
 
 def _copy_export(src: Path, dst: Path) -> Path:
@@ -580,6 +610,13 @@ def test_vocabulary_ids_and_file_kinds_are_checked(exported: TinyExport, tmp_pat
             match=rf"item_vocab.json: item_ids\[{position}\] is .*, expected a non-empty",
         ):
             SessionRecommender.from_dir(directory, verify_integrity=False)
+    as_list = _copy_export(exported.export_dir, tmp_path / "as_list")  # the ids without the object
+    (as_list / "item_vocab.json").write_text(json.dumps(vocab["item_ids"]))
+    with pytest.raises(
+        ValueError, match=r"item_vocab.json: expected a JSON object with pad_idx and item_ids, got "
+        r"list \['1001'"
+    ):  # fmt: skip
+        SessionRecommender.from_dir(as_list, verify_integrity=False)
     pad_false = _copy_export(exported.export_dir, tmp_path / "pad_false")
     (pad_false / "item_vocab.json").write_text(json.dumps({**vocab, "pad_idx": False}))
     with pytest.raises(ValueError, match=r"item_vocab.json: pad_idx is False, expected 0"):
@@ -624,8 +661,10 @@ def test_integer_ids_too_long_for_str_are_named(rec: SessionRecommender) -> None
     """``str(10**5000)`` raises Python's bare "Exceeds the limit (4300 digits)" ValueError."""
     with pytest.raises(ValueError, match=r"session: the item id at position 1 is an integer of "):
         rec.recommend(["1001", 10**5000])
-    with pytest.raises(ValueError, match=r"allow_items / deny_items: the item id at position 0"):
+    with pytest.raises(ValueError, match=r"^deny_items: the item id at position 0"):
         rec.recommend(["1001"], deny_items=[10**5000])
+    with pytest.raises(ValueError, match=r"^allow_items: the item id at position 1"):
+        rec.recommend(["1001"], allow_items=["1002", 10**5000])
 
 
 def test_from_dir_checks_that_the_metadata_fits_its_graphs(
@@ -1049,6 +1088,12 @@ def test_cli_filters(exported: TinyExport, capsys: pytest.CaptureFixture[str]) -
     assert cli_main([*args, "--allow", "9998", "--deny", "1002", "zz"]) == 0
     payload = json.loads(capsys.readouterr().out)
     assert (payload["recommendations"], payload["num_unknown_filter_items"]) == ([], 2)
+    # before the items, "--" ends the deny-list (documented in --help and the README)
+    directory = str(exported.export_dir)
+    assert cli_main([directory, "--k", "3", "--json", "--deny", "1002", "--", "1001"]) == 0
+    before = json.loads(capsys.readouterr().out)
+    assert cli_main([directory, "1001", "--deny", "1002", "--k", "3", "--json"]) == 0
+    assert before == json.loads(capsys.readouterr().out) and "1002" not in str(before)
     assert (
         payload["model_version"]
         == json.loads((exported.export_dir / "export_meta.json").read_text())["model_version"]
@@ -1070,8 +1115,10 @@ def test_argument_types_are_named(rec: SessionRecommender, exported: TinyExport)
     for bad, named in bad_ids:
         with pytest.raises(TypeError, match=rf"session: .*got {named}.* at position 1"):
             rec.recommend(["1001", bad])  # type: ignore[list-item]
-        with pytest.raises(TypeError, match=r"allow_items / deny_items: .* at position 0"):
+        with pytest.raises(TypeError, match=r"^deny_items: .* at position 0"):
             rec.recommend(["1001"], deny_items=[bad])  # type: ignore[list-item]
+        with pytest.raises(TypeError, match=r"^allow_items: .* at position 0"):
+            rec.recommend(["1001"], allow_items=[bad])  # type: ignore[list-item]
     ok = rec.recommend_with_info([1001, np.int64(1002), np.str_("1003")], k=3)
     assert ok[1].num_known == 3 and ok[1].num_unknown == 0
     # a set or dict has no "oldest first": refused rather than ranked in hash order
@@ -1091,8 +1138,10 @@ def test_argument_types_are_named(rec: SessionRecommender, exported: TinyExport)
         deny_items=(i for i in ["1003"]),
     )  # fmt: skip
     assert generated == lists
-    with pytest.raises(TypeError, match="allow_items / deny_items must be collections of item ids"):
+    with pytest.raises(TypeError, match="^deny_items must be a collection of item ids"):
         rec.recommend(["1001"], deny_items=1003)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="^allow_items must be a sequence of item ids, not a str"):
+        rec.recommend(["1001"], allow_items="1002")
     with pytest.raises(TypeError, match="not a mapping"):  # its keys are not meant as ids
         rec.recommend(["1001"], allow_items={"1002": 1})  # type: ignore[arg-type]
     # a flat list of ids given as a batch: the message says what a batch is, not "no order"

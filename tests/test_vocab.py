@@ -40,3 +40,12 @@ def test_load_rejects_other_json(tmp_path: Path) -> None:
     path.write_text('{"items": []}')
     with pytest.raises(ValueError, match="not an item vocabulary"):
         ItemVocab.load(path)
+
+
+def test_empty_ids_are_refused_with_their_position() -> None:
+    """An export's item_vocab.json may not hold "", so a vocab with it could be trained on but
+    never served: refused where it is made."""
+    with pytest.raises(ValueError, match=r"ItemVocab: item id 1 \(0-based\) is the empty string"):
+        ItemVocab(["7", "", "8"])
+    with pytest.raises(ValueError, match="empty string"):
+        ItemVocab.fit(["7", "", "7"])

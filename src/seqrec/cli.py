@@ -4,6 +4,9 @@ Usage::
 
     python -m seqrec.cli artifacts/export/synthetic 1234 987 --k 10 [--exclude-seen] [--json]
         [--allow 11 12 ...] [--deny 13 ...] [--num-threads 1]
+
+``--allow`` and ``--deny`` take every id that follows them: put them after the session's items,
+or end their lists with ``--`` (``--deny 13 -- 1234 987``).
 """
 
 from __future__ import annotations
@@ -67,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="extend",  # a repeated --allow adds to the list (it replaced it)
         metavar="ITEM",
         default=None,
-        help="only these items may be recommended (allow-list; repeat to add more)",
+        help="only these items may be recommended (allow-list; repeat to add more). Put it "
+        "after the session's items, or end its list with --: it takes every id that follows",
     )
     parser.add_argument(
         "--deny",
@@ -75,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="extend",
         metavar="ITEM",
         default=None,
-        help="never recommend these items (repeat to add more)",
+        help="never recommend these items (repeat to add more; after the items, or end its "
+        "list with --, as --allow)",
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument(

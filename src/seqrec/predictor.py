@@ -114,6 +114,17 @@ ID_ARRAY_MAX_BYTES = 64 * 2**20
 per character of the longest id, per item); above it the ids are looked up one by one."""
 
 _ONLY_STR = {str}
+_STR_OR_INT = frozenset((str, int))
+
+
+def _id_types(items: Sequence[Any]) -> set[type] | None:
+    """The set of the ids' exact types; None when a type cannot be hashed (a metaclass with
+    ``__hash__ = None``), which :func:`_check_item_ids` then names."""
+    try:
+        return set(map(type, items))
+    except TypeError:
+        return None
+
 
 FALLBACK_SCORE = 0.0
 """Score given to popularity-fallback recommendations; their order is their rank."""
@@ -541,8 +552,10 @@ def _verify_hashes(directory: Path, meta: dict[str, Any], with_step: bool = True
 
 def _check_item_ids(items: Sequence[Any], what: str) -> None:
     """Refuse ids that are neither strings nor integers (a float id such as 1001.0, e.g. from a
-    pandas column with missing values, would otherwise become the unknown id "1001.0"). Called
-    only when some id of ``items`` is not in the catalog, so the all-known path pays nothing.
+    pandas column with missing values, would otherwise become the unknown id "1001.0", and a
+    catalog id "1.0" or "True" would take the float 1.0 or the bool True). Called before the
+    catalog lookup when some id is not exactly a ``str`` or an ``int`` (numpy ids, bools,
+    floats...), so sessions of plain strings or ints pay one ``set(map(type, ...))``.
 
     Raises:
         TypeError: naming ``what``, the position and the value.
@@ -574,26 +587,21 @@ def _k_input(k: int) -> np.ndarray:
     return k_arr
 
 
-def _filter_list(items: Any) -> list[Any] | None:
-    """``allow_items`` / ``deny_items`` as a list (read once, even from a generator); None stays
-    None.
+def _filter_list(items: Any, what: str) -> list[Any] | None:
+    """``allow_items`` or ``deny_items`` (named by ``what``) as a list (read once, even from a
+    generator); None stays None.
 
     Raises:
-        TypeError: a single string, or not a collection of ids (e.g. a bare id).
+        TypeError: a single string, or not a collection of ids (e.g. a bare id), naming ``what``.
     """
     if items is None:
         return None
     if isinstance(items, str | bytes):
-        raise TypeError("allow_items / deny_items must be sequences of item ids, not a string")
+        raise TypeError(f"{what} must be a sequence of item ids, not a string")
     if isinstance(items, Mapping):
-        raise TypeError(
-            f"allow_items / deny_items must be collections of item ids, not a mapping: "
-            f"{items!r:.80}"
-        )
+        raise TypeError(f"{what} must be a collection of item ids, not a mapping: {items!r:.80}")
     if not hasattr(items, "__iter__"):
-        raise TypeError(
-            f"allow_items / deny_items must be collections of item ids, got {items!r:.80}"
-        )
+        raise TypeError(f"{what} must be a collection of item ids, got {items!r:.80}")
     return list(items)
 
 
@@ -800,7 +808,12 @@ class SessionRecommender:
             _verify_hashes(directory, meta, with_step=state_cache_mb > 0)
 
         vocab = _read_json(vocab_path)
-        if not isinstance(vocab, dict) or not isinstance(vocab.get("item_ids"), list):
+        if not isinstance(vocab, dict):
+            raise ValueError(
+                f"{vocab_path}: expected a JSON object with pad_idx and item_ids, got "
+                f"{type(vocab).__name__} {vocab!r:.40}"
+            )
+        if not isinstance(vocab.get("item_ids"), list):
             raise ValueError(f"{vocab_path}: missing key 'item_ids' (a list of raw ids)")
         if vocab.get("pad_idx") != PAD_IDX or type(vocab.get("pad_idx")) is not int:
             raise ValueError(
@@ -1229,7 +1242,12 @@ class SessionRecommender:
         """
         index_get = self._index.get
         memo = self._encoding_memo
-        if not session or set(map(type, session)) != _ONLY_STR:
+        types = _id_types(session)
+        if not session or types != _ONLY_STR:
+            if types is None or not types <= _STR_OR_INT:
+                # bool, float, numpy ids...: refused or accepted here, before the lookup, so a
+                # catalog id "True" or "1.0" cannot take the id True or 1.0
+                _check_item_ids(session, "session")
             try:
                 idxs = list(map(index_get, map(str, session), itertools.repeat(PAD_IDX)))
             except ValueError:  # str() of an integer of more than 4,300 digits
@@ -1237,7 +1255,6 @@ class SessionRecommender:
                 raise
             if PAD_IDX not in idxs:
                 return idxs, 0
-            _check_item_ids(session, "session")  # unknown ids: checked, then left out
             known = [i for i in idxs if i != PAD_IDX]
             return known, len(idxs) - len(known)
         key = tuple(session)
@@ -1277,19 +1294,20 @@ class SessionRecommender:
                 self._memo_bytes -= memo.popitem(last=False)[1][2]
         return list(known_tuple), num_unknown
 
-    def _idxs(self, items: Sequence[str | int] | None) -> np.ndarray | None:
-        """(N,) int64 indices of the known raw ids in ``items``; None stays None."""
+    def _idxs(self, items: Sequence[str | int] | None, what: str) -> np.ndarray | None:
+        """(N,) int64 indices of the known raw ids in ``items`` (errors name ``what``); None
+        stays None."""
         if items is None:
             return None
+        types = _id_types(items)
+        if types is None or not types <= _STR_OR_INT:
+            _check_item_ids(items, what)  # before the lookup, as in _encode
         try:
             idxs = [self._index.get(str(item), PAD_IDX) for item in items]
         except ValueError:  # str() of an integer of more than 4,300 digits
-            _check_item_ids(items, "allow_items / deny_items")
+            _check_item_ids(items, what)
             raise
-        known = [i for i in idxs if i != PAD_IDX]
-        if len(known) < len(idxs):
-            _check_item_ids(items, "allow_items / deny_items")
-        return np.array(known, dtype=np.int64)
+        return np.array([i for i in idxs if i != PAD_IDX], dtype=np.int64)
 
     def recommend_batch_with_info(
         self,
@@ -1319,8 +1337,10 @@ class SessionRecommender:
         ):
             raise TypeError(f"sessions must be a sequence of sessions, got {sessions!r:.80}")
         sessions = list(sessions)  # read once, even from a generator
-        allow_items, deny_items = _filter_list(allow_items), _filter_list(deny_items)
-        allow_idxs, deny_idxs = self._idxs(allow_items), self._idxs(deny_items)
+        allow_items = _filter_list(allow_items, "allow_items")
+        deny_items = _filter_list(deny_items, "deny_items")
+        allow_idxs = self._idxs(allow_items, "allow_items")
+        deny_idxs = self._idxs(deny_items, "deny_items")
         unknown_filter_items = sum(
             len(items) - len(idxs)
             for items, idxs in ((allow_items, allow_idxs), (deny_items, deny_idxs))

@@ -20,7 +20,17 @@ class ItemVocab:
     """
 
     def __init__(self, item_ids: Sequence[str]) -> None:
+        """Args:
+            item_ids: raw ids in index order (``item_ids[i]`` gets index ``i + 1``).
+
+        Raises:
+            ValueError: an empty id (which an export's ``item_vocab.json`` may not hold, so
+                such a vocab could be trained on but never served), naming its position;
+                duplicate ids.
+        """
         ids = [str(i) for i in item_ids]
+        if "" in ids:
+            raise ValueError(f"ItemVocab: item id {ids.index('')} (0-based) is the empty string")
         if len(set(ids)) != len(ids):
             raise ValueError("ItemVocab: duplicate item ids")
         self._ids: list[str] = ids
