@@ -21,7 +21,9 @@ count it measures, in one process and one run:
   with zero errors. Every phase is bounded in time and request count.
 
 Results: ``<out-dir>/latency.json``, ``latency.md`` and ``latency.png``. Numbers depend on the
-machine and on whatever else runs on it: the report records the CPU, core count and load average.
+machine and on whatever else runs on it: the report records the CPU, core count, load average,
+and the CPU time the hypervisor gave to other guests ("steal", Linux guests) over the whole run
+and during every timed row and HTTP phase.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 
 log = logging.getLogger("bench_latency")
 
@@ -117,6 +120,22 @@ def _stats_ms(samples_s: list[float]) -> dict[str, float]:
     }
 
 
+def cpu_steal_pct(before: Any, after: Any) -> float | None:
+    """Percent of all CPUs' time between two ``psutil.cpu_times()`` readings that the hypervisor
+    gave to other guests ("steal": this virtual machine wanted to run and could not; /proc/stat,
+    10 ms ticks). None where the platform reports no steal (not a Linux guest). Guest time is
+    left out of the total, as psutil's own ``cpu_percent`` does (Linux counts it in user time
+    too). A slow row with steal well above 0 was slowed by the machine, not by the code."""
+    if not hasattr(before, "steal") or not hasattr(after, "steal"):
+        return None
+
+    def total(times: Any) -> float:
+        return float(sum(times)) - getattr(times, "guest", 0.0) - getattr(times, "guest_nice", 0.0)
+
+    elapsed = total(after) - total(before)
+    return 100.0 * (after.steal - before.steal) / elapsed if elapsed > 0 else 0.0
+
+
 def time_calls(
     fn: Callable[[int], Any],
     budget_s: float,
@@ -134,6 +153,7 @@ def time_calls(
         fn(i)
     samples: list[float] = []
     with frozen_heap():
+        cpu_before = psutil.cpu_times()
         deadline = time.perf_counter() + budget_s
         i = 0
         while i < max_calls and (i < min_calls or time.perf_counter() < deadline):
@@ -143,7 +163,8 @@ def time_calls(
             fn(i)
             samples.append(time.perf_counter() - start)
             i += 1
-    return _stats_ms(samples)
+        steal = cpu_steal_pct(cpu_before, psutil.cpu_times())
+    return {**_stats_ms(samples), "cpu_steal_pct": steal}
 
 
 @contextlib.contextmanager
@@ -630,6 +651,7 @@ async def _load(
     latencies: list[float] = []
     errors: dict[str, int] = {}
     counter = iter(range(max_requests))
+    cpu_before = psutil.cpu_times()
     start = time.perf_counter() + 0.05
     stop = start + duration_s
 
@@ -657,6 +679,7 @@ async def _load(
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     elapsed_s = time.perf_counter() - start
+    steal = cpu_steal_pct(cpu_before, psutil.cpu_times())
     stats = _stats_ms(latencies) if latencies else {}
     return {
         "concurrency": concurrency,
@@ -667,6 +690,7 @@ async def _load(
         "error_kinds": errors,
         "requests_per_s": len(latencies) / elapsed_s if elapsed_s > 0 else 0.0,
         **stats,
+        "cpu_steal_pct": steal,
     }
 
 
@@ -871,7 +895,9 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         "",
         f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores; load average "
         f"before {', '.join(f'{x:.2f}' for x in report['machine']['load_avg_1_5_15'])}, after "
-        f"{', '.join(f'{x:.2f}' for x in report['load_avg_after'])}. "
+        f"{', '.join(f'{x:.2f}' for x in report['load_avg_after'])}; "
+        f"CPU steal over the run {_fmt(report.get('cpu_steal_pct'), 2)} % (time the hypervisor "
+        "gave to other guests; per row in the steal % columns). "
         f"Model: random SASRec, d_model {report['args']['d_model']}, "
         f"{report['args']['n_layers']} layers, max_len {report['args']['max_len']}, copy "
         f"mechanism {'on' if report['args'].get('copy_mechanism') else 'off'}, k = "
@@ -889,8 +915,8 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         "once, same threads, same run).",
         "",
         "| items | threads | session len | implementation | p50 ms | p95 ms | p99 ms | p50 x floor "
-        "| p99 x floor p50 | top-20 overlap |",
-        "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| p99 x floor p50 | top-20 overlap | steal % |",
+        "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         if r["case"] != "single":
@@ -899,15 +925,15 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
             f"| {r['num_items']} | {r['threads']} | {_fmt(r.get('session_len'))} | {r['impl']} | "
             f"{_fmt(r['p50_ms'])} | {_fmt(r['p95_ms'])} | {_fmt(r['p99_ms'])} | "
             f"{_fmt(r.get('x_floor_p50'), 2)} | {_fmt(r.get('x_floor_p99'), 2)} | "
-            f"{_fmt(r.get('top_k_overlap'), 4)} |"
+            f"{_fmt(r.get('top_k_overlap'), 4)} | {_fmt(r.get('cpu_steal_pct'), 2)} |"
         )
     lines += [
         "",
         "## Batch of 64 sessions",
         "",
         "| items | threads | session len | implementation | p50 ms | p99 ms | sessions/s | "
-        "p50 x floor |",
-        "|---:|---:|---:|---|---:|---:|---:|---:|",
+        "p50 x floor | steal % |",
+        "|---:|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         if r["case"] != "batch64":
@@ -915,7 +941,7 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         lines.append(
             f"| {r['num_items']} | {r['threads']} | {_fmt(r.get('session_len'))} | {r['impl']} | "
             f"{_fmt(r['p50_ms'])} | {_fmt(r['p99_ms'])} | {_fmt(r['sessions_per_s'], 0)} | "
-            f"{_fmt(r.get('x_floor_p50'), 2)} |"
+            f"{_fmt(r.get('x_floor_p50'), 2)} | {_fmt(r.get('cpu_steal_pct'), 2)} |"
         )
     http = report.get("http")
     if http:
@@ -944,8 +970,8 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
             ),
             "",
             "| phase | concurrency | target req/s | duration s | requests | errors | req/s | p50 ms "
-            "| p99 ms |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| p99 ms | steal % |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         phases = [("closed loop", http["closed_loop"]), ("fixed rate", http["fixed_rate"])]
         phases += [("ladder", step) for step in http["ladder"]]
@@ -954,7 +980,7 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
                 f"| {name} | {p['concurrency']} | {_fmt(p['target_rate_per_s'])} | "
                 f"{p['duration_s']} | {p['requests']} | {p['errors']} | "
                 f"{_fmt(p['requests_per_s'], 0)} | {_fmt(p.get('p50_ms'), 2)} | "
-                f"{_fmt(p.get('p99_ms'), 2)} |"
+                f"{_fmt(p.get('p99_ms'), 2)} | {_fmt(p.get('cpu_steal_pct'), 2)} |"
             )
         lines.append("")
         lines.append(
@@ -1062,6 +1088,11 @@ def targets(report: dict[str, Any]) -> list[str]:
             f"{fixed['requests_per_s']:.0f} req/s achieved, p99 {fixed.get('p99_ms', float('nan')):.2f}"
             f" ms, {fixed['errors']} errors ({'met' if ok else 'NOT met'}); highest rate held: "
             + (f"{http['highest_rate_held']} req/s" if http["highest_rate_held"] else "none")
+            + (
+                f"; CPU steal during the phase {fixed['cpu_steal_pct']:.2f} %"
+                if fixed.get("cpu_steal_pct") is not None
+                else ""
+            )
         )
     return out
 
@@ -1317,6 +1348,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     machine = machine_info()
+    cpu_at_start = psutil.cpu_times()
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="seqrec_bench_") as tmp:
         work_dir = Path(tmp)
@@ -1340,6 +1372,7 @@ def main(argv: list[str] | None = None) -> int:
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "machine": machine,
         "load_avg_after": list(os.getloadavg()),
+        "cpu_steal_pct": cpu_steal_pct(cpu_at_start, psutil.cpu_times()),
         "results": results,
         "http": http,
     }

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
+from collections import namedtuple
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -58,6 +61,36 @@ def test_quick_benchmark_writes_reports(tmp_path: Path) -> None:
     assert sum("int8 catalog" in t for t in breakdown) == 2
     assert "| items | threads |" in (out / "latency.md").read_text()
     assert (out / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the VM's CPU steal is recorded per row, per HTTP phase and for the run (a Linux guest)
+    steals = [r["cpu_steal_pct"] for r in report["results"]]
+    steals += [report["http"]["fixed_rate"]["cpu_steal_pct"], report["cpu_steal_pct"]]
+    assert all(0.0 <= steal <= 100.0 for steal in steals)
+    assert "steal %" in (out / "latency.md").read_text()
+    assert "CPU steal during the phase" in report["targets"][-1]
+
+
+def _bench_module() -> ModuleType:
+    spec = importlib.util.spec_from_file_location(
+        "bench_latency", REPO_ROOT / "scripts" / "bench_latency.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cpu_steal_is_the_share_of_all_cpu_time_outside_guest_time() -> None:
+    """Steal over the time between two /proc/stat readings; guest time is already inside user
+    time on Linux, so it is not counted twice; no steal field (not a Linux guest): None."""
+    cpu_steal_pct = _bench_module().cpu_steal_pct
+    times = namedtuple("times", "user nice system idle iowait irq softirq steal guest guest_nice")
+    before = times(100.0, 0.0, 10.0, 500.0, 1.0, 0.0, 0.0, 2.0, 0.0, 0.0)
+    # 20 s of CPU time pass: 12 user (3 of them guest), 4 idle, 1 system, 3 steal
+    after = times(112.0, 0.0, 11.0, 504.0, 1.0, 0.0, 0.0, 5.0, 3.0, 0.0)
+    assert cpu_steal_pct(before, after) == pytest.approx(100.0 * 3 / 20)
+    assert cpu_steal_pct(before, before) == 0.0
+    no_steal = namedtuple("no_steal", "user system idle")
+    assert cpu_steal_pct(no_steal(1.0, 1.0, 1.0), no_steal(2.0, 1.0, 1.0)) is None
 
 
 def test_from_json_recomputes_targets_without_measuring(tmp_path: Path) -> None:
