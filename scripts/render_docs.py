@@ -225,7 +225,13 @@ def latency_summary(results: Path) -> str:
             f"HTTP (`seqrec-serve`, loopback, load generator on the same cores; {flow}): "
             f"{_offered(fixed, args)} -> "
             f"{fixed['requests_per_s']:.0f} req/s served, p99 {fixed['p99_ms']:.1f} ms, "
-            f"{fixed['errors']} errors; highest rate holding p99 < "
+            f"{fixed['errors']} errors"
+            + (
+                f" (CPU steal during the phase: {fixed['cpu_steal_pct']:.1f} % of the VM's time)"
+                if fixed.get("cpu_steal_pct") is not None
+                else ""
+            )
+            + "; highest rate holding p99 < "
             f"{args.get('http_p99_target_ms', 20):.0f} ms with zero errors: "
             f"{http.get('highest_rate_held') or 'none of the ladder'} req/s."
         )
@@ -262,7 +268,13 @@ def latency_summary(results: Path) -> str:
         f"{size:,} items, d_model {args['d_model']}, {args['n_layers']} layers, session of "
         f"{length} items, copy mechanism {'on' if args.get('copy_mechanism') else 'off'}; "
         f"{machine['cpu']}, {machine['cores']} cores, load average "
-        f"{machine['load_avg_1_5_15'][0]:.2f} at start. Source: `docs/results/latency.json`, "
+        f"{machine['load_avg_1_5_15'][0]:.2f} at start"
+        + (
+            f", CPU steal {rep['cpu_steal_pct']:.1f} % over the run"
+            if rep.get("cpu_steal_pct") is not None
+            else ""
+        )
+        + ". Source: `docs/results/latency.json`, "
         f"written by `python scripts/bench_latency.py{flags}`"
         + (f" (`make bench BENCH_ARGS='{flags.strip()}'`)." if flags else " (`make bench`).")
     )
