@@ -122,10 +122,17 @@ def _stats_ms(samples_s: list[float]) -> dict[str, float]:
 
 def cpu_steal_pct(before: Any, after: Any) -> float | None:
     """Percent of all CPUs' time between two ``psutil.cpu_times()`` readings that the hypervisor
-    gave to other guests ("steal": this virtual machine wanted to run and could not; /proc/stat,
-    10 ms ticks). None where the platform reports no steal (not a Linux guest). Guest time is
-    left out of the total, as psutil's own ``cpu_percent`` does (Linux counts it in user time
-    too). A slow row with steal well above 0 was slowed by the machine, not by the code."""
+    gave to other guests ("steal": this virtual machine wanted to run and could not). None where
+    the platform reports no steal (not a Linux guest) or no time passed between the readings.
+    Guest time is left out of the total, as psutil's own ``cpu_percent`` does (Linux counts it
+    in user time too).
+
+    Limits: /proc/stat counts in 10 ms ticks, so a row of about a second reads 0 unless several
+    ticks were stolen (a 60 s phase on 2 CPUs resolves about 0.01 points); the share is of every
+    CPU, idle ones included, so a one-thread row on 2 CPUs sees up to twice the steal it shows;
+    and it says nothing of other guests' use of the shared caches and memory bandwidth. High
+    steal in a slow row says the machine took time away; low steal does not prove the code was
+    slow."""
     if not hasattr(before, "steal") or not hasattr(after, "steal"):
         return None
 
@@ -133,7 +140,7 @@ def cpu_steal_pct(before: Any, after: Any) -> float | None:
         return float(sum(times)) - getattr(times, "guest", 0.0) - getattr(times, "guest_nice", 0.0)
 
     elapsed = total(after) - total(before)
-    return 100.0 * (after.steal - before.steal) / elapsed if elapsed > 0 else 0.0
+    return 100.0 * (after.steal - before.steal) / elapsed if elapsed > 0 else None
 
 
 def time_calls(
@@ -897,7 +904,9 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         f"before {', '.join(f'{x:.2f}' for x in report['machine']['load_avg_1_5_15'])}, after "
         f"{', '.join(f'{x:.2f}' for x in report['load_avg_after'])}; "
         f"CPU steal over the run {_fmt(report.get('cpu_steal_pct'), 2)} % (time the hypervisor "
-        "gave to other guests; per row in the steal % columns). "
+        "gave to other guests, as a share of both CPUs; per row in the steal % columns, in 10 ms "
+        "ticks, so short rows read 0; it does not show other guests' use of caches and memory "
+        "bandwidth). "
         f"Model: random SASRec, d_model {report['args']['d_model']}, "
         f"{report['args']['n_layers']} layers, max_len {report['args']['max_len']}, copy "
         f"mechanism {'on' if report['args'].get('copy_mechanism') else 'off'}, k = "

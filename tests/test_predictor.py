@@ -1084,7 +1084,10 @@ def test_cli_filters(exported: TinyExport, capsys: pytest.CaptureFixture[str]) -
     assert payload["num_unknown_filter_items"] == 0
     # unknown filter ids are counted, not silently dropped (table and JSON)
     assert cli_main([*args[:-1], "--allow", "9998", "9999"]) == 0
-    assert "2 --allow/--deny item(s) not in the catalog, ignored" in capsys.readouterr().out
+    assert (
+        "2 --allow/--deny item(s) not in the catalog (ignored; an --allow list of only such ids allows nothing)"
+        in (capsys.readouterr().out)
+    )
     assert cli_main([*args, "--allow", "9998", "--deny", "1002", "zz"]) == 0
     payload = json.loads(capsys.readouterr().out)
     assert (payload["recommendations"], payload["num_unknown_filter_items"]) == ([], 2)
@@ -1094,6 +1097,23 @@ def test_cli_filters(exported: TinyExport, capsys: pytest.CaptureFixture[str]) -
     before = json.loads(capsys.readouterr().out)
     assert cli_main([directory, "1001", "--deny", "1002", "--k", "3", "--json"]) == 0
     assert before == json.loads(capsys.readouterr().out) and "1002" not in str(before)
+    # an option after "--" would be read as an item: refused, not silently scored as an unknown id
+    with pytest.raises(SystemExit) as exited:
+        cli_main([directory, "--deny", "1002", "--", "1001", "--k", "3"])
+    assert exited.value.code == 2
+    assert "'--k' is among the session items: after -- every argument is an item" in (
+        capsys.readouterr().err
+    )
+    # --allow took every id: the message says why no item is left
+    with pytest.raises(SystemExit) as exited:
+        cli_main([directory, "--allow", "1002", "1001"])
+    assert exited.value.code == 2
+    assert "required: ITEM (--allow and --deny take every id after them" in (
+        capsys.readouterr().err
+    )
+    with pytest.raises(SystemExit):
+        cli_main([directory])
+    assert "required: ITEM\n" in capsys.readouterr().err  # no hint without --allow/--deny
     assert (
         payload["model_version"]
         == json.loads((exported.export_dir / "export_meta.json").read_text())["model_version"]
@@ -1119,6 +1139,16 @@ def test_argument_types_are_named(rec: SessionRecommender, exported: TinyExport)
             rec.recommend(["1001"], deny_items=[bad])  # type: ignore[list-item]
         with pytest.raises(TypeError, match=r"^allow_items: .* at position 0"):
             rec.recommend(["1001"], allow_items=[bad])  # type: ignore[list-item]
+    # in a batch of several sessions the error also says which session
+    with pytest.raises(TypeError, match=r"^sessions\[2\]: session: .*got float 2.0 at position 1"):
+        rec.recommend_batch([["1001"], ["1002"], ["1003", 2.0]])
+    with pytest.raises(ValueError, match=r"^sessions\[1\]: session: the item id at position 0"):
+        rec.recommend_batch([["1001"], [10**5000]])
+    # a 0-d numpy array has __iter__ but cannot be iterated: named, not numpy's bare message
+    with pytest.raises(TypeError, match=r"^a session must be a sequence of item ids, got arr"):
+        rec.recommend(np.array(1001))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^allow_items must be a collection of item ids, got a"):
+        rec.recommend(["1001"], allow_items=np.array(1002))  # type: ignore[arg-type]
     ok = rec.recommend_with_info([1001, np.int64(1002), np.str_("1003")], k=3)
     assert ok[1].num_known == 3 and ok[1].num_unknown == 0
     # a set or dict has no "oldest first": refused rather than ranked in hash order

@@ -45,7 +45,9 @@ def test_load_rejects_other_json(tmp_path: Path) -> None:
 def test_empty_ids_are_refused_with_their_position() -> None:
     """An export's item_vocab.json may not hold "", so a vocab with it could be trained on but
     never served: refused where it is made."""
-    with pytest.raises(ValueError, match=r"ItemVocab: item id 1 \(0-based\) is the empty string"):
+    with pytest.raises(
+        ValueError, match=r"ItemVocab: the item id at position 1 \(0-based\) is the empty"
+    ):
         ItemVocab(["7", "", "8"])
     with pytest.raises(ValueError, match="empty string"):
         ItemVocab.fit(["7", "", "7"])

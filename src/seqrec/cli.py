@@ -6,7 +6,8 @@ Usage::
         [--allow 11 12 ...] [--deny 13 ...] [--num-threads 1]
 
 ``--allow`` and ``--deny`` take every id that follows them: put them after the session's items,
-or end their lists with ``--`` (``--deny 13 -- 1234 987``).
+or put the items last, after ``--`` (``--deny 13 -- 1234 987``; options go before ``--``: an
+option name among the items is refused).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from seqrec.predictor import (
     NonFiniteScoresError,
@@ -46,9 +48,24 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a hint when no session item is left: ``--allow``/``--deny`` took them."""
+
+    given: Sequence[str] = ()
+    """The arguments being parsed (set by :func:`main`)."""
+
+    def error(self, message: str) -> NoReturn:
+        if "required: ITEM" in message and {"--allow", "--deny"} & set(self.given):
+            message += (
+                " (--allow and --deny take every id after them: put them after the items, or "
+                "put the items last, after --)"
+            )
+        super().error(message)
+
+
+def build_parser() -> _Parser:
     """The argument parser of :func:`main`."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="seqrec-recommend",
         description="Recommend the next items for a session of raw item ids (oldest first).",
     )
@@ -70,8 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="extend",  # a repeated --allow adds to the list (it replaced it)
         metavar="ITEM",
         default=None,
-        help="only these items may be recommended (allow-list; repeat to add more). Put it "
-        "after the session's items, or end its list with --: it takes every id that follows",
+        help="only these items may be recommended (allow-list; repeat to add more). It takes "
+        "every id that follows: put it after the session's items, or put the items last, "
+        "after -- (EXPORT_DIR --allow 11 12 -- 1234 987)",
     )
     parser.add_argument(
         "--deny",
@@ -79,8 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="extend",
         metavar="ITEM",
         default=None,
-        help="never recommend these items (repeat to add more; after the items, or end its "
-        "list with --, as --allow)",
+        help="never recommend these items (repeat to add more); like --allow, it takes every id "
+        "that follows",
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument(
@@ -97,7 +115,8 @@ def _format_table(recs: Sequence[Recommendation], info: RecommendInfo) -> str:
         f"session: {info.num_known} known, {info.num_unknown} unknown item(s)"
         + ("; no known item, popularity fallback" if info.used_fallback else "")
         + (
-            f"; {info.num_unknown_filter_items} --allow/--deny item(s) not in the catalog, ignored"
+            f"; {info.num_unknown_filter_items} --allow/--deny item(s) not in the catalog "
+            "(ignored; an --allow list of only such ids allows nothing)"
             if info.num_unknown_filter_items
             else ""
         ),
@@ -135,7 +154,16 @@ def main(argv: list[str] | None = None) -> int:
         1 when the model scores the session NaN or +inf or the output cannot be written
         (messages go to stderr, no traceback).
     """
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    parser.given = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    options = set(parser._option_string_actions)  # --k, --allow, ... (-h included)
+    misplaced = [item for item in args.items if item in options]
+    if misplaced:  # after "--" argparse reads everything as an item
+        parser.error(
+            f"{misplaced[0]!r} is among the session items: after -- every argument is an item, "
+            "so put options before --"
+        )
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         recommender = SessionRecommender.from_dir(args.export_dir, num_threads=args.num_threads)

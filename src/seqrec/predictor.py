@@ -602,7 +602,12 @@ def _filter_list(items: Any, what: str) -> list[Any] | None:
         raise TypeError(f"{what} must be a collection of item ids, not a mapping: {items!r:.80}")
     if not hasattr(items, "__iter__"):
         raise TypeError(f"{what} must be a collection of item ids, got {items!r:.80}")
-    return list(items)
+    try:
+        return list(items)
+    except TypeError as exc:  # e.g. a 0-d numpy array, which has __iter__ but cannot iterate
+        raise TypeError(
+            f"{what} must be a collection of item ids, got {items!r:.80} ({exc})"
+        ) from None
 
 
 def _graph_optimization_level(name: str) -> ort.GraphOptimizationLevel:
@@ -1191,8 +1196,12 @@ class SessionRecommender:
         fallback was used.
 
         Raises:
-            ValueError: if k < 1.
-            TypeError: if a session is a single string instead of a sequence of ids.
+            ValueError: if k < 1, or an integer id has more than 4,300 digits.
+            TypeError: if a session is a single string instead of a sequence of ids, or an id
+                is not a string or an integer (the message names ``session``, ``allow_items``
+                or ``deny_items``, the position and, in a batch of several sessions, the
+                session: ``sessions[2]: ...``).
+            NonFiniteScoresError: the model scored NaN or +inf (see :meth:`recommend`).
         """
         if isinstance(session, str | bytes):
             raise TypeError("a session must be a sequence of item ids, not a single string")
@@ -1216,8 +1225,12 @@ class SessionRecommender:
             round its last bits differently, about 1e-6).
 
         Raises:
-            ValueError: if k < 1.
-            TypeError: if a session is a single string instead of a sequence of ids.
+            ValueError: if k < 1, or an integer id has more than 4,300 digits.
+            TypeError: if a session is a single string instead of a sequence of ids, or an id
+                is not a string or an integer (the message names ``session``, ``allow_items``
+                or ``deny_items``, the position and, in a batch of several sessions, the
+                session: ``sessions[2]: ...``).
+            NonFiniteScoresError: the model scored NaN or +inf (see :meth:`recommend`).
         """
         results = self.recommend_batch_with_info(sessions, k, exclude_seen, allow_items, deny_items)
         return [recs for recs, _ in results]
@@ -1324,8 +1337,12 @@ class SessionRecommender:
         the others get the (filtered) fallback.
 
         Raises:
-            ValueError: if k < 1.
-            TypeError: if a session is a single string instead of a sequence of ids.
+            ValueError: if k < 1, or an integer id has more than 4,300 digits.
+            TypeError: if a session is a single string instead of a sequence of ids, or an id
+                is not a string or an integer (the message names ``session``, ``allow_items``
+                or ``deny_items``, the position and, in a batch of several sessions, the
+                session: ``sessions[2]: ...``).
+            NonFiniteScoresError: the model scored NaN or +inf (see :meth:`recommend`).
         """
         if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
             raise ValueError(f"k must be an integer >= 1, got {k!r}")
@@ -1360,8 +1377,20 @@ class SessionRecommender:
                 raise TypeError(
                     f"a session must be a sequence of item ids, got {session!r:.80}{hint}"
                 )
-            session = sessions[row] = list(session)  # iterators are read once
-            known, num_unknown = self._encode(session)
+            try:
+                session = sessions[row] = list(session)  # iterators are read once
+            except TypeError as exc:  # e.g. a 0-d numpy array: __iter__, but no iteration
+                raise TypeError(
+                    f"a session must be a sequence of item ids, got {session!r:.80} ({exc})"
+                ) from None
+            try:
+                known, num_unknown = self._encode(session)
+            except (TypeError, ValueError) as exc:
+                if len(sessions) == 1:
+                    raise
+                # which session of the batch: "sessions[2]: session: ... at position 1"
+                kind = TypeError if isinstance(exc, TypeError) else ValueError
+                raise kind(f"sessions[{row}]: {exc}") from None
             encoded.append(known)
             infos.append(
                 RecommendInfo(

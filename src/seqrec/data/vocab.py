@@ -30,7 +30,9 @@ class ItemVocab:
         """
         ids = [str(i) for i in item_ids]
         if "" in ids:
-            raise ValueError(f"ItemVocab: item id {ids.index('')} (0-based) is the empty string")
+            raise ValueError(
+                f"ItemVocab: the item id at position {ids.index('')} (0-based) is the empty string"
+            )
         if len(set(ids)) != len(ids):
             raise ValueError("ItemVocab: duplicate item ids")
         self._ids: list[str] = ids
