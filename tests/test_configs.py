@@ -1,4 +1,5 @@
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from hydra.utils import instantiate
@@ -39,3 +40,22 @@ def test_model_and_trainer_instantiate(compose_cfg: Callable[..., DictConfig]) -
         cfg.trainer, logger=False, callbacks=[instantiate(c) for c in cfg.callbacks.values()]
     )
     assert trainer.max_epochs == cfg.trainer.max_epochs
+
+
+def test_a_missing_checkpoint_is_named(
+    tmp_path: Path, compose_cfg: Callable[..., DictConfig]
+) -> None:
+    """evaluate / export with a wrong ckpt_path: our message, not fsspec's from inside Lightning."""
+    from seqrec.pipeline import resolve_ckpt
+
+    missing = tmp_path / "nope.ckpt"
+    cfg = compose_cfg("eval", [f"ckpt_path={missing}"])
+    with pytest.raises(FileNotFoundError, match=rf"ckpt_path={missing}: not found \(expected a"):
+        resolve_ckpt(cfg)
+    cfg = compose_cfg("eval", [f"ckpt_path={tmp_path}"])
+    with pytest.raises(FileNotFoundError, match=r": a directory \(expected a .ckpt file\)"):
+        resolve_ckpt(cfg)
+    (tmp_path / "ok.ckpt").write_bytes(b"")
+    assert resolve_ckpt(compose_cfg("eval", [f"ckpt_path={tmp_path / 'ok.ckpt'}"])) == (
+        tmp_path / "ok.ckpt"
+    )

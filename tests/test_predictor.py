@@ -617,6 +617,18 @@ def test_vocabulary_ids_and_file_kinds_are_checked(exported: TinyExport, tmp_pat
         r"list \['1001'"
     ):  # fmt: skip
         SessionRecommender.from_dir(as_list, verify_integrity=False)
+    # a repeated id is named with both positions; the int 1001 and the string "1001" are one id
+    repeated = _copy_export(exported.export_dir, tmp_path / "repeated")
+    ids = vocab["item_ids"]
+    for repeat, where in (
+        ([*ids[:4], ids[1], *ids[5:]], r"\[1\] and item_ids\[4\]"),
+        ([1001, *ids[1:-1], "1001"], r"\[0\] and item_ids\[29\]"),
+    ):
+        (repeated / "item_vocab.json").write_text(json.dumps({**vocab, "item_ids": repeat}))
+        with pytest.raises(
+            ValueError, match=rf"item_vocab.json: duplicate item id '\d+' at item_ids{where}"
+        ):
+            SessionRecommender.from_dir(repeated, verify_integrity=False)
     pad_false = _copy_export(exported.export_dir, tmp_path / "pad_false")
     (pad_false / "item_vocab.json").write_text(json.dumps({**vocab, "pad_idx": False}))
     with pytest.raises(ValueError, match=r"item_vocab.json: pad_idx is False, expected 0"):
@@ -1083,6 +1095,9 @@ def test_cli_filters(exported: TinyExport, capsys: pytest.CaptureFixture[str]) -
     ]
     assert payload["num_unknown_filter_items"] == 0
     # unknown filter ids are counted, not silently dropped (table and JSON)
+    assert cli_main([*args[:-1], "--allow", "9998", "9999"]) == 0
+    table = capsys.readouterr().out
+    assert table.rstrip().endswith("(no item left after --exclude-seen / --allow / --deny)")
     assert cli_main([*args[:-1], "--allow", "9998", "9999"]) == 0
     assert (
         "2 --allow/--deny item(s) not in the catalog (ignored; an --allow list of only such ids allows nothing)"

@@ -51,3 +51,10 @@ def test_empty_ids_are_refused_with_their_position() -> None:
         ItemVocab(["7", "", "8"])
     with pytest.raises(ValueError, match="empty string"):
         ItemVocab.fit(["7", "", "7"])
+
+
+def test_duplicate_ids_are_named_with_their_positions() -> None:
+    with pytest.raises(ValueError, match=r"duplicate item id '8' at positions 1 and 3 \(0-based\)"):
+        ItemVocab(["7", "8", "9", "8", "7"])
+    with pytest.raises(ValueError, match=r"duplicate item id '7' at positions 0 and 1"):
+        ItemVocab([7, "7"])  # type: ignore[list-item]

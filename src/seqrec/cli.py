@@ -125,6 +125,8 @@ def _format_table(recs: Sequence[Recommendation], info: RecommendInfo) -> str:
     for rank, rec in enumerate(recs, start=1):
         score = f"{rec.score:10.4f}" if rec.source == "model" else f"{'-':>10}"
         lines.append(f"{rank:>4}  {rec.item_id:<20} {score}")
+    if not recs:  # only filters can leave nothing
+        lines.append("(no item left after --exclude-seen / --allow / --deny)")
     return "\n".join(lines)
 
 

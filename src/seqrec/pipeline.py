@@ -557,10 +557,16 @@ def resolve_ckpt(cfg: DictConfig) -> Path:
     """``cfg.ckpt_path`` if set, else the best checkpoint of the latest train run on ``cfg.data``.
 
     Raises:
-        FileNotFoundError: no checkpoint given and no train run recorded for this data set.
+        FileNotFoundError: no checkpoint given and no train run recorded for this data set, or
+            the given local ``ckpt_path`` is not a file (named, instead of fsspec's error from
+            deep inside Lightning's loader; URLs such as ``s3://...`` are left to fsspec).
     """
     if cfg.get("ckpt_path"):
-        return Path(cfg.ckpt_path)
+        path = Path(cfg.ckpt_path)
+        if "://" not in str(cfg.ckpt_path) and not path.is_file():  # (remote URLs: fsspec's)
+            what = "a directory" if path.is_dir() else "not found"
+            raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path}: {what} (expected a .ckpt file)")
+        return path
     pointer = _latest_pointer(cfg)
     if not pointer.is_file():
         raise FileNotFoundError(

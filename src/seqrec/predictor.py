@@ -838,8 +838,15 @@ class SessionRecommender:
                 f"{vocab_path} has {len(item_ids)} items but {meta_path} says "
                 f"num_items={meta['num_items']}"
             )
-        if len(set(item_ids)) != len(item_ids):
-            raise ValueError(f"{vocab_path}: duplicate item ids")
+        if len(set(item_ids)) != len(item_ids):  # name the first repeat (1001 and "1001" too)
+            first: dict[str, int] = {}
+            for position, item in enumerate(item_ids):
+                if item in first:
+                    raise ValueError(
+                        f"{vocab_path}: duplicate item id {item!r:.80} at item_ids[{first[item]}]"
+                        f" and item_ids[{position}]"
+                    )
+                first[item] = position
         known = set(item_ids)
         unknown_fallback = [str(i) for i in meta["fallback_items"] if str(i) not in known]
         if unknown_fallback:

@@ -25,8 +25,8 @@ class ItemVocab:
 
         Raises:
             ValueError: an empty id (which an export's ``item_vocab.json`` may not hold, so
-                such a vocab could be trained on but never served), naming its position;
-                duplicate ids.
+                such a vocab could be trained on but never served), naming its position; a
+                duplicate id, naming it and its two positions.
         """
         ids = [str(i) for i in item_ids]
         if "" in ids:
@@ -34,7 +34,11 @@ class ItemVocab:
                 f"ItemVocab: the item id at position {ids.index('')} (0-based) is the empty string"
             )
         if len(set(ids)) != len(ids):
-            raise ValueError("ItemVocab: duplicate item ids")
+            position = int(pd.Index(ids).duplicated().argmax())  # the first repeat
+            raise ValueError(
+                f"ItemVocab: duplicate item id {ids[position]!r:.80} at positions "
+                f"{ids.index(ids[position])} and {position} (0-based)"
+            )
         self._ids: list[str] = ids
         self._index = pd.Index(ids)
 
