@@ -1203,12 +1203,7 @@ class SessionRecommender:
         fallback was used.
 
         Raises:
-            ValueError: if k < 1, or an integer id has more than 4,300 digits.
-            TypeError: if a session is a single string instead of a sequence of ids, or an id
-                is not a string or an integer (the message names ``session``, ``allow_items``
-                or ``deny_items``, the position and, in a batch of several sessions, the
-                session: ``sessions[2]: ...``).
-            NonFiniteScoresError: the model scored NaN or +inf (see :meth:`recommend`).
+            ValueError, TypeError, NonFiniteScoresError: as :meth:`recommend_batch_with_info`.
         """
         if isinstance(session, str | bytes):
             raise TypeError("a session must be a sequence of item ids, not a single string")
@@ -1232,12 +1227,7 @@ class SessionRecommender:
             round its last bits differently, about 1e-6).
 
         Raises:
-            ValueError: if k < 1, or an integer id has more than 4,300 digits.
-            TypeError: if a session is a single string instead of a sequence of ids, or an id
-                is not a string or an integer (the message names ``session``, ``allow_items``
-                or ``deny_items``, the position and, in a batch of several sessions, the
-                session: ``sessions[2]: ...``).
-            NonFiniteScoresError: the model scored NaN or +inf (see :meth:`recommend`).
+            ValueError, TypeError, NonFiniteScoresError: as :meth:`recommend_batch_with_info`.
         """
         results = self.recommend_batch_with_info(sessions, k, exclude_seen, allow_items, deny_items)
         return [recs for recs, _ in results]
