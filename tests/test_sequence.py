@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from seqrec.sequence import encode_prefix, encode_prefixes
+from seqrec.sequence import encode_prefix, encode_prefixes, first_repeat
 
 
 def test_keeps_most_recent_and_left_pads() -> None:
@@ -32,3 +32,9 @@ def test_batch_accepts_tuples_arrays_and_empty_sessions() -> None:
     assert batch.dtype == np.int64
     assert batch.tolist() == [[0, 7, 8, 9], [3, 4, 5, 6], [0, 0, 0, 0], [0, 0, 0, 4]]
     assert encode_prefixes([], max_len=3).shape == (0, 1)
+
+
+def test_first_repeat_gives_the_positions_of_the_first_id_seen_twice() -> None:
+    assert first_repeat(["a", "b", "c"]) is None and first_repeat([]) is None
+    assert first_repeat(["a", "b", "c", "b", "a"]) == (1, 3)  # "b" repeats before "a" does
+    assert first_repeat(["x", "x"]) == (0, 1)

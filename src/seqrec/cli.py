@@ -49,13 +49,27 @@ def _positive_int(text: str) -> int:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, with a hint when no session item is left: ``--allow``/``--deny`` took them."""
+    """argparse, with the two mistakes that ``--allow``/``--deny`` (``nargs="+"``) invite:
+    they took every id (a hint on the missing-ITEM error), and an option written after ``--``,
+    which argparse reads as a session item (refused)."""
 
-    given: Sequence[str] = ()
-    """The arguments being parsed (set by :func:`main`)."""
+    _given: Sequence[str] = ()
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        self._given = list(sys.argv[1:] if args is None else args)
+        parsed, extras = super().parse_known_args(args, namespace)
+        misplaced = [item for item in parsed.items if item in self._option_string_actions]
+        if misplaced:  # --k, --allow, ... (-h too) after "--"
+            self.error(
+                f"{misplaced[0]!r} is among the session items: after -- every argument is an "
+                "item, so put options before --"
+            )
+        return parsed, extras
 
     def error(self, message: str) -> NoReturn:
-        if "required: ITEM" in message and {"--allow", "--deny"} & set(self.given):
+        if "required: ITEM" in message and {"--allow", "--deny"} & set(self._given):
             message += (
                 " (--allow and --deny take every id after them: put them after the items, or "
                 "put the items last, after --)"
@@ -156,16 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         1 when the model scores the session NaN or +inf or the output cannot be written
         (messages go to stderr, no traceback).
     """
-    parser = build_parser()
-    parser.given = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
-    options = set(parser._option_string_actions)  # --k, --allow, ... (-h included)
-    misplaced = [item for item in args.items if item in options]
-    if misplaced:  # after "--" argparse reads everything as an item
-        parser.error(
-            f"{misplaced[0]!r} is among the session items: after -- every argument is an item, "
-            "so put options before --"
-        )
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         recommender = SessionRecommender.from_dir(args.export_dir, num_threads=args.num_threads)

@@ -64,7 +64,7 @@ from seqrec.kv_cache import (
     state_bytes_per_item,
     states_from_prefill,
 )
-from seqrec.sequence import encode_prefixes
+from seqrec.sequence import encode_prefixes, first_repeat
 
 logger = logging.getLogger(__name__)
 
@@ -838,15 +838,13 @@ class SessionRecommender:
                 f"{vocab_path} has {len(item_ids)} items but {meta_path} says "
                 f"num_items={meta['num_items']}"
             )
-        if len(set(item_ids)) != len(item_ids):  # name the first repeat (1001 and "1001" too)
-            first: dict[str, int] = {}
-            for position, item in enumerate(item_ids):
-                if item in first:
-                    raise ValueError(
-                        f"{vocab_path}: duplicate item id {item!r:.80} at item_ids[{first[item]}]"
-                        f" and item_ids[{position}]"
-                    )
-                first[item] = position
+        repeat = first_repeat(item_ids)  # of the str ids: 1001 and "1001" are one id
+        if repeat is not None:
+            first, second = repeat
+            raise ValueError(
+                f"{vocab_path}: duplicate item id {item_ids[second]!r:.80} at item_ids[{first}] "
+                f"and item_ids[{second}]"
+            )
         known = set(item_ids)
         unknown_fallback = [str(i) for i in meta["fallback_items"] if str(i) not in known]
         if unknown_fallback:

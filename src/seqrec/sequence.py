@@ -9,6 +9,17 @@ import numpy as np
 from seqrec.constants import PAD_IDX
 
 
+def first_repeat(ids: Sequence[str]) -> tuple[int, int] | None:
+    """The positions (first, second) of the first id that occurs twice in ``ids`` (0-based), or
+    None when every id is distinct. Used to name a duplicate in a vocabulary (``ItemVocab``, an
+    export's ``item_vocab.json``) instead of only saying there is one."""
+    first: dict[str, int] = {}
+    for position, item in enumerate(ids):
+        if first.setdefault(item, position) != position:
+            return first[item], position
+    return None
+
+
 def encode_prefix(item_idxs: Sequence[int] | np.ndarray, max_len: int) -> np.ndarray:
     """Keep the most recent ``max_len`` item indices and left-pad with ``PAD_IDX``.
 

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from seqrec.constants import PAD_IDX
+from seqrec.sequence import first_repeat
 
 
 class ItemVocab:
@@ -33,11 +34,12 @@ class ItemVocab:
             raise ValueError(
                 f"ItemVocab: the item id at position {ids.index('')} (0-based) is the empty string"
             )
-        if len(set(ids)) != len(ids):
-            position = int(pd.Index(ids).duplicated().argmax())  # the first repeat
+        repeat = first_repeat(ids)
+        if repeat is not None:
+            first, second = repeat
             raise ValueError(
-                f"ItemVocab: duplicate item id {ids[position]!r:.80} at positions "
-                f"{ids.index(ids[position])} and {position} (0-based)"
+                f"ItemVocab: duplicate item id {ids[second]!r:.80} at positions {first} and "
+                f"{second} (0-based)"
             )
         self._ids: list[str] = ids
         self._index = pd.Index(ids)
