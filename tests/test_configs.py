@@ -55,6 +55,12 @@ def test_a_missing_checkpoint_is_named(
     cfg = compose_cfg("eval", [f"ckpt_path={tmp_path}"])
     with pytest.raises(FileNotFoundError, match=r": a directory \(expected a .ckpt file\)"):
         resolve_ckpt(cfg)
+    # evaluate checks the path before it loads (here: generates) the data set
+    from seqrec.pipeline import evaluate
+
+    with pytest.raises(FileNotFoundError, match=rf"ckpt_path={missing}: not found"):
+        evaluate(compose_cfg("eval", ["data=synthetic", f"ckpt_path={missing}"]))
+    assert not any(tmp_path.rglob("*.parquet")) and not any(tmp_path.rglob("*.txt"))
     (tmp_path / "ok.ckpt").write_bytes(b"")
     assert resolve_ckpt(compose_cfg("eval", [f"ckpt_path={tmp_path / 'ok.ckpt'}"])) == (
         tmp_path / "ok.ckpt"

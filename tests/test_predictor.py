@@ -1097,7 +1097,7 @@ def test_cli_filters(exported: TinyExport, capsys: pytest.CaptureFixture[str]) -
     # unknown filter ids are counted, not silently dropped (table and JSON)
     assert cli_main([*args[:-1], "--allow", "9998", "9999"]) == 0
     table = capsys.readouterr().out
-    assert table.rstrip().endswith("(no item left after --exclude-seen / --allow / --deny)")
+    assert table.rstrip().endswith("(no item left after --allow)")  # the filters given
     assert cli_main([*args[:-1], "--allow", "9998", "9999"]) == 0
     assert (
         "2 --allow/--deny item(s) not in the catalog (ignored; an --allow list of only such ids allows nothing)"
@@ -1159,6 +1159,9 @@ def test_argument_types_are_named(rec: SessionRecommender, exported: TinyExport)
         rec.recommend_batch([["1001"], ["1002"], ["1003", 2.0]])
     with pytest.raises(ValueError, match=r"^sessions\[1\]: session: the item id at position 0"):
         rec.recommend_batch([["1001"], [10**5000]])
+    for bad_session in (None, 5, "1001", np.array("1001")):  # a whole session of the wrong kind
+        with pytest.raises(TypeError, match=r"^sessions\[2\]: a session must be a sequence of"):
+            rec.recommend_batch([["1001"], ["1002"], bad_session])  # type: ignore[list-item]
     # a 0-d numpy array has __iter__ but cannot be iterated: named, not numpy's bare message
     with pytest.raises(TypeError, match=r"^a session must be a sequence of item ids, got arr"):
         rec.recommend(np.array(1001))  # type: ignore[arg-type]

@@ -124,7 +124,11 @@ def build_parser() -> _Parser:
     return parser
 
 
-def _format_table(recs: Sequence[Recommendation], info: RecommendInfo) -> str:
+def _format_table(
+    recs: Sequence[Recommendation], info: RecommendInfo, filters: Sequence[str] = ()
+) -> str:
+    """The recommendations as a ranked table; ``filters``: the filter options given (named when
+    they left no item)."""
     lines = [
         f"session: {info.num_known} known, {info.num_unknown} unknown item(s)"
         + ("; no known item, popularity fallback" if info.used_fallback else "")
@@ -140,7 +144,7 @@ def _format_table(recs: Sequence[Recommendation], info: RecommendInfo) -> str:
         score = f"{rec.score:10.4f}" if rec.source == "model" else f"{'-':>10}"
         lines.append(f"{rank:>4}  {rec.item_id:<20} {score}")
     if not recs:  # only filters can leave nothing
-        lines.append("(no item left after --exclude-seen / --allow / --deny)")
+        lines.append(f"(no item left after {' / '.join(filters) or 'the filters'})")
     return "\n".join(lines)
 
 
@@ -191,7 +195,19 @@ def main(argv: list[str] | None = None) -> int:
     text = (
         _format_json(recs, info, recommender.model_version)
         if args.json
-        else _format_table(recs, info)
+        else _format_table(
+            recs,
+            info,
+            [
+                flag
+                for flag, used in (
+                    ("--exclude-seen", args.exclude_seen),
+                    ("--allow", args.allow is not None),
+                    ("--deny", args.deny is not None),
+                )
+                if used
+            ],
+        )
     )
     try:
         if sys.stdout is None:  # started with stdout closed (`>&-`)

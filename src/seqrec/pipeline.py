@@ -645,6 +645,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("num_threads"):
         torch.set_num_threads(int(cfg.num_threads))
     ks = [int(k) for k in cfg.ks]
+    ckpt = resolve_ckpt(cfg)  # a wrong path fails now, not after the data is loaded
     datamodule = instantiate(cfg.data.datamodule)
     examples = datamodule.examples(cfg.split)
     train_sessions = datamodule.train_sessions()
@@ -658,7 +659,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     def filtered(score_fn):  # noqa: ANN001, ANN202 - the filters SessionRecommender applies
         return filtered_scorer(score_fn, exclude_seen, allow_idxs, deny_idxs)
 
-    ckpt = resolve_ckpt(cfg)
     module = load_module(ckpt)
     start = time.perf_counter()
     results["SASRec"] = evaluate_scorer(

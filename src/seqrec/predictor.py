@@ -610,6 +610,30 @@ def _filter_list(items: Any, what: str) -> list[Any] | None:
         ) from None
 
 
+def _session_list(session: Any) -> list[Any]:
+    """One session of a batch as a list (read once, even from a generator).
+
+    Raises:
+        TypeError: a string, a set or dict (no "oldest first"), or not a sequence of ids (a bare
+            id, a 0-d numpy array).
+    """
+    if isinstance(session, str | bytes | AbstractSet | Mapping) or not hasattr(
+        session, "__iter__"
+    ):  # an unordered set or dict has no "oldest first"
+        hint = (
+            " (ids oldest first: a set or dict has no order)"
+            if isinstance(session, AbstractSet | Mapping)
+            else " (a session is a list of ids; recommend_batch takes a list of sessions)"
+        )
+        raise TypeError(f"a session must be a sequence of item ids, got {session!r:.80}{hint}")
+    try:
+        return list(session)
+    except TypeError as exc:  # e.g. a 0-d numpy array: __iter__, but no iteration
+        raise TypeError(
+            f"a session must be a sequence of item ids, got {session!r:.80} ({exc})"
+        ) from None
+
+
 def _graph_optimization_level(name: str) -> ort.GraphOptimizationLevel:
     """onnxruntime's level for one of :data:`GRAPH_OPTIMIZATION_LEVELS`.
 
@@ -1361,24 +1385,8 @@ class SessionRecommender:
         encoded: list[list[int]] = []
         infos: list[RecommendInfo] = []
         for row, session in enumerate(sessions):
-            if isinstance(session, str | bytes | AbstractSet | Mapping) or not hasattr(
-                session, "__iter__"
-            ):  # an unordered set or dict has no "oldest first"
-                hint = (
-                    " (ids oldest first: a set or dict has no order)"
-                    if isinstance(session, AbstractSet | Mapping)
-                    else " (a session is a list of ids; recommend_batch takes a list of sessions)"
-                )
-                raise TypeError(
-                    f"a session must be a sequence of item ids, got {session!r:.80}{hint}"
-                )
             try:
-                session = sessions[row] = list(session)  # iterators are read once
-            except TypeError as exc:  # e.g. a 0-d numpy array: __iter__, but no iteration
-                raise TypeError(
-                    f"a session must be a sequence of item ids, got {session!r:.80} ({exc})"
-                ) from None
-            try:
+                session = sessions[row] = _session_list(session)  # iterators are read once
                 known, num_unknown = self._encode(session)
             except (TypeError, ValueError) as exc:
                 if len(sessions) == 1:
